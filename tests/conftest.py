@@ -1,0 +1,19 @@
+"""Test-wide settings: never touch the network, keep caches inside the test's temp dirs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own revdeq cache dir unless it sets one itself."""
+    monkeypatch.setenv("REVDEQ_CACHE_DIR", str(tmp_path_factory.mktemp("revdeq-cache")))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-datasets-cache")))

@@ -1,0 +1,79 @@
+"""The `revdeq` entrypoint.
+
+Each command lives in its own module and registers itself on `app`; heavy libraries (torch,
+transformers, datasets) are imported inside the command functions so `revdeq --help` and shell
+completion stay fast. `main()` is the one place that turns errors into exit codes:
+
+    0    success
+    2    bad input: a `UserError` (one readable line on stderr, no traceback)
+    130  interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from revdeq_cli import __version__
+
+app = typer.Typer(
+    name="revdeq",
+    help="Reversible Deep Equilibrium Models: train, generate, evaluate, inspect and convert.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"revdeq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Reversible Deep Equilibrium Models (RevDEQ): exact, constant-memory gradients for implicit-depth models."""
+
+
+def _register_commands() -> None:
+    # Importing a command module registers it on `app`; the modules import nothing heavy at import time.
+    import importlib
+
+    for name in ("train", "generate", "eval", "inspect", "convert"):
+        try:
+            importlib.import_module(f"revdeq_cli.cli.{name}_cmd")
+        except ModuleNotFoundError as err:  # a command still being written must not break the others
+            if err.name != f"revdeq_cli.cli.{name}_cmd":
+                raise
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; map `UserError` to exit 2 and Ctrl-C to exit 130."""
+    import click
+
+    from revdeq_cli.errors import UserError
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except UserError as err:
+        typer.echo(f"revdeq: error: {err}", err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        typer.echo("revdeq: interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except click.ClickException as err:  # usage errors: click already words them; exit code 2
+        err.show()
+        sys.exit(err.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -36,10 +36,11 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", "-V", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        False, "--version", "-V", callback=_version_callback, is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
-    """Reversible Deep Equilibrium Models (RevDEQ): exact, constant-memory gradients for implicit-depth models."""
+    """Reversible Deep Equilibrium Models (RevDEQ): exact, constant-memory gradients."""
 
 
 def _register_commands() -> None:
@@ -58,22 +59,12 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; map `UserError` to exit 2 and Ctrl-C to exit 130."""
-    import click
-
+    """Run the CLI. Typer already maps usage errors to exit 2 and Ctrl-C to exit 130; a `UserError`
+    raised anywhere below becomes its one line on stderr and exit 2, without a traceback."""
     from revdeq_cli.errors import UserError
 
     try:
-        code = app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=True)
     except UserError as err:
         typer.echo(f"revdeq: error: {err}", err=True)
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        typer.echo("revdeq: interrupted", err=True)
-        sys.exit(130)
-    except click.exceptions.Exit as exit_:
-        sys.exit(exit_.exit_code)
-    except click.ClickException as err:  # usage errors: click already words them; exit code 2
-        err.show()
-        sys.exit(err.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)

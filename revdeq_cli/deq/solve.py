@@ -1,0 +1,116 @@
+"""`solve`: find `z* = f(z*, x)` with a solver, differentiate it with a gradient method."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from revdeq_cli.deq.adjoints import (
+    BackwardStats,
+    ImplicitAdjoint,
+    PhantomAdjoint,
+    ReversibleAdjoint,
+    UnrolledAdjoint,
+)
+from revdeq_cli.deq.problem import AutocastState, Problem
+from revdeq_cli.deq.solvers import Reversible, Solver
+from revdeq_cli.deq.state import State, StateSpec
+
+Adjoint = UnrolledAdjoint | ReversibleAdjoint | ImplicitAdjoint | PhantomAdjoint
+
+
+@dataclass
+class Solution:
+    """The result of `solve`.
+
+    z:        the returned state, same structure, shapes and dtypes as z0.
+    steps:    solver steps taken (<= max_steps; fewer when the residual fell below tol).
+    residual: [B] float64, the final per-sample relative residual ||z - f(z)|| / (1e-5 + ||f(z)||).
+    nfe:      forward evaluations of f (Reversible: 1 + 2 * steps; others 1 + steps, plus the extra
+              evaluations Implicit (1) and Phantom (k) attach to the graph).
+    trace:    the largest per-sample residual after each step (len == steps).
+    backward: statistics of the backward pass, filled in when it runs (see `BackwardStats`).
+    """
+
+    z: State
+    steps: int
+    residual: Tensor
+    nfe: int
+    trace: list[float]
+    backward: BackwardStats
+
+    @property
+    def max_residual(self) -> float:
+        return float(self.residual.max())
+
+
+def solve(
+    f: Callable[[State, Any], State],
+    z0: State,
+    x: Any = None,
+    *,
+    solver: Solver,
+    adjoint: Adjoint | None = None,
+    tol: float | None = 1e-3,
+    max_steps: int = 8,
+    params: Iterable[Tensor] | None = None,
+) -> Solution:
+    """Solve `z = f(z, x)` from `z0` and return a `Solution` whose `z` carries the gradient `adjoint` defines.
+
+    f:         `f(z, x) -> state` of the same structure as z. An `nn.Module` (its parameters get gradients)
+               or any callable; a callable that uses tensors requiring grad must list them in `params`.
+    z0:        a Tensor or tuple of Tensors, batch in dim 0 (often zeros). Its dtypes are f's compute
+               dtypes; the solver's `state_dtype` (Reversible: float64) holds the iterates.
+    x:         the input injection, passed to f unchanged: a Tensor, a (nested) tuple/list/dict of Tensors
+               or None. Its tensor leaves receive gradients.
+    solver:    Picard, Relaxed, Anderson, Broyden or Reversible.
+    adjoint:   UnrolledAdjoint, ReversibleAdjoint (Reversible only), ImplicitAdjoint or PhantomAdjoint.
+               Default: ReversibleAdjoint for the Reversible solver, ImplicitAdjoint otherwise.
+    tol:       stop once the largest per-sample relative residual is below tol; None runs exactly
+               `max_steps` steps (a fixed evaluation schedule, as cached generation needs).
+    max_steps: at most this many solver steps (>= 1).
+
+    Under `torch.no_grad()` nothing is recorded. Raises ValueError for bad arguments or an f whose output
+    does not match z, and `SolverDivergedError` (naming the step) when the residual becomes non-finite.
+    """
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0 (or None for a fixed number of steps), got {tol!r}")
+    if not isinstance(solver, Solver):
+        raise ValueError(f"solver must be Picard, Relaxed, Anderson, Broyden or Reversible, got {solver!r}")
+    if adjoint is None:
+        adjoint = ReversibleAdjoint() if isinstance(solver, Reversible) else ImplicitAdjoint()
+    if isinstance(adjoint, ReversibleAdjoint) and not isinstance(solver, Reversible):
+        raise ValueError(
+            f"ReversibleAdjoint needs the Reversible solver, got {type(solver).__name__}: use UnrolledAdjoint, "
+            "ImplicitAdjoint or PhantomAdjoint with it"
+        )
+
+    spec = StateSpec.of(z0)
+    state_dtype = solver.state_dtype or _promote(spec.dtypes)
+    device = (z0[0] if isinstance(z0, tuple) else z0).device
+    problem = Problem(f=f, x=x, spec=spec, state_dtype=state_dtype, autocast=AutocastState.capture(device.type))
+    if params is None:
+        params = f.parameters() if isinstance(f, nn.Module) else ()
+    grad_params = [p for p in params if p.requires_grad]
+    with problem.arithmetic():
+        z0_flat = spec.flatten(z0, state_dtype)
+
+    out = adjoint.run(problem, solver, z0_flat, grad_params, tol, max_steps)
+    with problem.arithmetic():
+        z = spec.unflatten(out.z)
+    it = out.iteration
+    return Solution(z=z, steps=it.steps, residual=it.residual, nfe=problem.nfe, trace=it.trace, backward=out.backward)
+
+
+def _promote(dtypes: tuple[torch.dtype, ...]) -> torch.dtype:
+    result = dtypes[0]
+    for d in dtypes[1:]:
+        result = torch.promote_types(result, d)
+    return result

@@ -1,0 +1,250 @@
+"""Fixed-point solvers: each an object with `init` and `step` over flat [B, D] states.
+
+Every solver state carries `z` (the current iterate) and `fz = f(z)`, so the relative residual
+`||z - f(z)|| / (1e-5 + ||f(z)||)` is known after every step at no extra evaluation. Evaluation counts:
+
+    Picard, Relaxed, Anderson, Broyden   1 + N   (f(z0), then one per step)
+    Reversible                           1 + 2N  (f(z0), then f(y[n+1]) and f(z[n+1]) per step)
+
+The arithmetic is plain torch, so autograd can run through it (`UnrolledAdjoint`). All solvers except
+`Reversible` are the classic-DEQ baselines; `Reversible` is the algebraically invertible two-state
+iteration of McCallum, Arora & Foster (2025), DESIGN §1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from revdeq_cli.deq.problem import Problem
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """Accept `torch.float64` or its name ("float64"); None passes through."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"state_dtype must be one of {sorted(_DTYPES)}, got {value!r}")
+    return _DTYPES[value]
+
+
+def _check_beta(beta: float, name: str, allow_one: bool = True) -> float:
+    beta = float(beta)
+    if not 0.0 < beta < 2.0 or (not allow_one and beta == 1.0):
+        rule = "in (0, 2) and != 1 (the reversal divides by 1 - beta)" if not allow_one else "in (0, 2)"
+        raise ValueError(f"{name}: beta must be {rule}, got {beta}")
+    return beta
+
+
+@dataclass
+class IterateState:
+    """State of the single-iterate solvers: the iterate `z` and `fz = f(z)`, both [B, D]."""
+
+    z: Tensor
+    fz: Tensor
+
+
+class Solver:
+    """A fixed-point solver: `init(problem, z0)` then repeated `step(problem, state)`.
+
+    `state_dtype` is the dtype of the iterates and update arithmetic (None: the dtype of z0)."""
+
+    state_dtype: torch.dtype | None = None
+
+    def init(self, problem: Problem, z0: Tensor) -> IterateState:
+        return IterateState(z=z0, fz=problem.evaluate(z0))
+
+    def step(self, problem: Problem, state: IterateState) -> IterateState:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Picard(Solver):
+    """`z <- f(z)`. Converges when f is a contraction."""
+
+    state_dtype: torch.dtype | None = None
+
+    def step(self, problem: Problem, state: IterateState) -> IterateState:
+        z = state.fz
+        return IterateState(z=z, fz=problem.evaluate(z))
+
+
+@dataclass(frozen=True)
+class Relaxed(Solver):
+    """`z <- (1 - beta) z + beta f(z)`: damped Picard, beta in (0, 2)."""
+
+    beta: float = 0.5
+    state_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "beta", _check_beta(self.beta, "Relaxed"))
+
+    def step(self, problem: Problem, state: IterateState) -> IterateState:
+        with problem.arithmetic():
+            z = (1 - self.beta) * state.z + self.beta * state.fz
+        return IterateState(z=z, fz=problem.evaluate(z))
+
+
+@dataclass
+class AndersonState(IterateState):
+    history_z: list[Tensor] = field(default_factory=list)
+    history_fz: list[Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Anderson(Solver):
+    """Anderson acceleration with memory `m` and mixing `beta`.
+
+    The mixing weights solve the regularised least-squares problem
+    `min_a ||sum_i a_i (f(z_i) - z_i)||^2 + lam ||a||^2` subject to `sum_i a_i = 1` (per sample); the
+    regularisation keeps the bordered system non-singular even when the residuals are linearly dependent
+    or zero, and a failed solve falls back to the pseudo-inverse instead of raising.
+    """
+
+    m: int = 5
+    beta: float = 1.0
+    lam: float = 1e-4
+    state_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.m < 1:
+            raise ValueError(f"Anderson: memory m must be >= 1, got {self.m}")
+        object.__setattr__(self, "beta", _check_beta(self.beta, "Anderson"))
+
+    def init(self, problem: Problem, z0: Tensor) -> AndersonState:
+        return AndersonState(z=z0, fz=problem.evaluate(z0))
+
+    def step(self, problem: Problem, state: AndersonState) -> AndersonState:
+        # Lists, not in-place buffers, so autograd can run through the mixing (UnrolledAdjoint).
+        hz = (state.history_z + [state.z])[-self.m :]
+        hf = (state.history_fz + [state.fz])[-self.m :]
+        with problem.arithmetic():
+            if len(hz) == 1:
+                z = (1 - self.beta) * state.z + self.beta * state.fz
+            else:
+                X, F = torch.stack(hz, dim=1), torch.stack(hf, dim=1)  # [B, n, D]
+                alpha = self._weights(F - X)  # [B, n]
+                mix_f = torch.einsum("bn,bnd->bd", alpha, F)
+                mix_z = torch.einsum("bn,bnd->bd", alpha, X)
+                z = self.beta * mix_f + (1 - self.beta) * mix_z
+        return AndersonState(z=z, fz=problem.evaluate(z), history_z=hz, history_fz=hf)
+
+    def _weights(self, G: Tensor) -> Tensor:
+        B, n, _ = G.shape
+        GG = G @ G.transpose(1, 2)  # [B, n, n]
+        scale = 1.0 + GG.diagonal(dim1=1, dim2=2).mean(dim=1).detach()
+        eye = torch.eye(n, dtype=G.dtype, device=G.device)
+        H = torch.zeros(B, n + 1, n + 1, dtype=G.dtype, device=G.device)
+        H[:, 0, 1:] = 1
+        H[:, 1:, 0] = 1
+        H[:, 1:, 1:] = GG + self.lam * scale[:, None, None] * eye
+        rhs = torch.zeros(B, n + 1, 1, dtype=G.dtype, device=G.device)
+        rhs[:, 0] = 1
+        sol, info = torch.linalg.solve_ex(H, rhs)
+        if bool((info != 0).any()):
+            sol = torch.linalg.pinv(H) @ rhs
+        return sol[:, 1:, 0]
+
+
+@dataclass
+class BroydenState(IterateState):
+    us: list[Tensor] = field(default_factory=list)
+    vs: list[Tensor] = field(default_factory=list)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(dim=1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class Broyden(Solver):
+    """Quasi-Newton root finding on `g(z) = f(z) - z` with Broyden's ("good") rank-one updates.
+
+    The inverse Jacobian of g starts at `-I` (so the first step is a Picard step) and keeps the last
+    `memory` rank-one updates `B = -I + sum_i u_i v_i^T`, per sample. Steps have unit length (no line
+    search), as in the DEQ reference implementation.
+    """
+
+    memory: int = 32
+    state_dtype: torch.dtype | None = None
+
+    def init(self, problem: Problem, z0: Tensor) -> BroydenState:
+        return BroydenState(z=z0, fz=problem.evaluate(z0))
+
+    def _apply_inverse(self, us: list[Tensor], vs: list[Tensor], v: Tensor) -> Tensor:
+        out = -v
+        for u, w in zip(us, vs, strict=True):
+            out = out + u * _dot(w, v)
+        return out
+
+    def _apply_inverse_t(self, us: list[Tensor], vs: list[Tensor], s: Tensor) -> Tensor:
+        out = -s
+        for u, w in zip(us, vs, strict=True):
+            out = out + w * _dot(u, s)
+        return out
+
+    def step(self, problem: Problem, state: BroydenState) -> BroydenState:
+        with problem.arithmetic():
+            g = state.fz - state.z
+            dz = -self._apply_inverse(state.us, state.vs, g)
+            z = state.z + dz
+        fz = problem.evaluate(z)
+        with problem.arithmetic():
+            dg = (fz - z) - g
+            Bdg = self._apply_inverse(state.us, state.vs, dg)
+            sB = self._apply_inverse_t(state.us, state.vs, dz)
+            den = _dot(sB, dg)
+            ok = den.abs() > 1e-12
+            u = torch.where(ok, (dz - Bdg) / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(dz))
+        us = (state.us + [u])[-self.memory :]
+        vs = (state.vs + [sB])[-self.memory :]
+        return BroydenState(z=z, fz=fz, us=us, vs=vs)
+
+
+@dataclass
+class ReversibleState(IterateState):
+    """The two coupled iterates of the reversible scheme: `y` and `z` (with `fz = f(z)`)."""
+
+    y: Tensor = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Reversible(Solver):
+    """The reversible two-state iteration (DESIGN §1), from `y0 = z0`:
+
+        y[n+1] = (1 - beta) * y[n] + beta * f(z[n])
+        z[n+1] = (1 - beta) * z[n] + beta * f(y[n+1])
+
+    Every step inverts algebraically, which is what `ReversibleAdjoint` exploits. `beta` in (0, 2),
+    != 1. `state_dtype` (default float64) holds y, z and the update arithmetic, while f runs in the
+    dtype of z0: the reversal divides by (1 - beta) every step, so rounding errors grow roughly like
+    ((1 + beta * Lip(f)) / |1 - beta|)^N, and float64 states keep them negligible.
+    """
+
+    beta: float = 0.5
+    state_dtype: torch.dtype | None = torch.float64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "beta", _check_beta(self.beta, "Reversible", allow_one=False))
+        object.__setattr__(self, "state_dtype", as_dtype(self.state_dtype))
+
+    def init(self, problem: Problem, z0: Tensor) -> ReversibleState:
+        return ReversibleState(z=z0, fz=problem.evaluate(z0), y=z0)
+
+    def step(self, problem: Problem, state: ReversibleState) -> ReversibleState:
+        b = self.beta
+        with problem.arithmetic():
+            y = (1 - b) * state.y + b * state.fz
+        fy = problem.evaluate(y)
+        with problem.arithmetic():
+            z = (1 - b) * state.z + b * fy
+        return ReversibleState(z=z, fz=problem.evaluate(z), y=y)
+
+
+def with_state_dtype(solver: Solver, dtype: torch.dtype | str | None) -> Solver:
+    """A copy of `solver` whose iterates live in `dtype`."""
+    return replace(solver, state_dtype=as_dtype(dtype))  # type: ignore[type-var]

@@ -1,0 +1,84 @@
+"""Key/value caches for incremental decoding of a RevDEQ language model.
+
+**Exact cache** (`mode="exact"`). In the full-sequence solve with a fixed number of steps (`tol=None`), the
+k-th evaluation of f at position t attends to the keys/values that the same k-th evaluation computed at
+positions <= t, and the solver update is elementwise in the position. So one new token can be run through
+the same evaluations for its own position only, with cache layer k holding the keys/values of evaluation k:
+the cache a (1 + 2N)-layer explicit model keeps (N reversible steps). Its logits equal full recomputation to
+float rounding, whether or not the solver converged. Prefill and every decode step must use the same solver
+settings; the cache records them and refuses a change. The explicit baseline uses the same cache with one
+layer per block.
+
+**Fixed-point cache** (`mode="fixed_point"`). Layer 0 holds the keys/values of the final states z* only (1
+layer instead of 1 + 2N); each new token is solved to tolerance against them. It is exact only when every
+solve converged (a converged z* satisfies z* = f(z*), whose attention sees the final states of earlier
+positions), so its outputs are approximate. It is the only cache for Anderson/Broyden, whose updates mix
+positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+
+class RevDEQCache(DynamicCache):
+    """A `DynamicCache` whose layer k holds the keys/values [B, heads, S, d] of the k-th evaluation of f
+    (mode "exact") or of the final states (mode "fixed_point", one layer).
+
+    `settings` records the solver settings the cache was filled with (set at prefill); `num_evaluations`
+    the number of evaluations of f per solve (exact mode)."""
+
+    def __init__(self, mode: str = "exact") -> None:
+        super().__init__()
+        if mode not in ("exact", "fixed_point"):
+            raise ValueError(f"mode must be 'exact' or 'fixed_point', got {mode!r}")
+        self.mode = mode
+        self.settings: tuple[Any, ...] | None = None
+        self.num_evaluations: int | None = None
+
+    def claim(self, settings: tuple[Any, ...]) -> None:
+        """Record the solver settings at prefill; afterwards refuse different ones (the cached keys/values
+        would no longer belong to the same computation)."""
+        if self.settings is None or self.get_seq_length() == 0:
+            self.settings = settings
+            self.num_evaluations = None
+        elif settings != self.settings:
+            raise ValueError(
+                f"cache: filled with solver settings {self.settings}, now called with {settings}; "
+                "start a new cache (or generate call) after changing the solver settings"
+            )
+
+    def past_keys_values(self) -> tuple[Tensor, Tensor] | None:
+        """Layer 0's keys and values, or None while empty (fixed-point mode)."""
+        if not self.layers or self.get_seq_length() == 0:
+            return None
+        return self.layers[0].keys, self.layers[0].values
+
+
+class EvaluationKeyValues:
+    """A `KeyValueHook` that gives the k-th call (evaluation of f, or block k) cache layer k: it appends the
+    new keys/values there and returns all of that layer's keys/values."""
+
+    def __init__(self, cache: RevDEQCache) -> None:
+        self.cache = cache
+        self.calls = 0
+
+    def __call__(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.cache.update(keys, values, self.calls)
+        self.calls += 1
+        return out
+
+
+class PastKeyValues:
+    """A `KeyValueHook` that attends over fixed past keys/values followed by the new ones (stores nothing)."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        self.keys = keys
+        self.values = values
+
+    def __call__(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)

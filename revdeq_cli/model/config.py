@@ -1,0 +1,193 @@
+"""`RevDEQConfig`: the Hugging Face configuration of a RevDEQ language model and its baselines.
+
+One config describes three kinds of model (DESIGN §2–§3):
+
+* a Reversible DEQ (`solver="reversible"`, `adjoint="reversible"`): the paper's model;
+* a classic DEQ (`solver="anderson"|"broyden"|"picard"|"relaxed"`, `adjoint="implicit"|"phantom"|"unrolled"`);
+* an explicit transformer (`solver="explicit"`, `num_hidden_layers=L` untied blocks): an ordinary GPT.
+
+The solver settings (`solver`, `adjoint`, `beta`, `tol`, `max_steps`, `inference_max_steps`, `inference_tol`,
+`state_dtype`, `anderson_m`, `phantom_steps`, `implicit_*`) are read from `model.config` on every forward
+call, so they can be changed on a loaded model without rebuilding it; `check()` runs again at call time.
+Impossible values raise `revdeq_cli.errors.ConfigError` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+from revdeq_cli import deq
+from revdeq_cli.errors import ConfigError
+from revdeq_cli.model.presets import PRESETS
+
+SOLVERS = (*deq.SOLVERS, "explicit")
+ADJOINTS = deq.ADJOINTS
+STATE_DTYPES = ("float64", "float32")
+CACHE_MODES = ("exact", "fixed_point")
+# Solvers whose update is elementwise in the state, so position t of the full-sequence solve depends only on
+# positions <= t at every evaluation: for them the per-evaluation key/value cache is exact. Anderson and
+# Broyden mix the whole [T*H] state with global coefficients, so they use the fixed-point cache instead.
+POSITIONWISE_SOLVERS = ("reversible", "picard", "relaxed", "explicit")
+
+
+class RevDEQConfig(PreTrainedConfig):
+    r"""Configuration of [`RevDEQForCausalLM`].
+
+    Architecture: `vocab_size`, `hidden_size` (width H), `num_attention_heads` (must divide H),
+    `intermediate_size` (MLP width, 4H by default), `max_position_embeddings` (context length),
+    `num_hidden_layers` (1 for a DEQ; L stacked untied blocks for `solver="explicit"`), `bias` (biases in the
+    attention and MLP linears), `layer_norm_eps`, `dropout` (default 0; dropout breaks the exactness of the
+    reversible gradient unless its mask is replayed, so keep it 0 for exact gradients), `tie_word_embeddings`
+    (head untied by default), `initializer_range`.
+
+    Solver: `solver`, `adjoint` (gradient method), `beta` (relaxation, in (0, 2); != 1 for the reversible
+    solver), `tol` (training stop tolerance on the relative residual; None = always `max_steps`), `max_steps`
+    (training), `inference_max_steps` (steps in eval mode and generation; None = `max_steps`), `inference_tol`
+    (eval-mode stop tolerance; None = always `inference_max_steps`, which is what makes cached generation
+    equal to full recomputation), `state_dtype` (dtype the solver keeps its iterates and update arithmetic in,
+    float64 by default as in the paper; f always computes in the model dtype), `anderson_m`, `implicit_tol`,
+    `implicit_max_steps`, `phantom_steps`, `phantom_beta`.
+
+    Generation: `cache_mode` = "exact" (keys/values per evaluation of f; equals full recomputation to float
+    rounding) or "fixed_point" (keys/values of the final states only; exact only at convergence).
+    """
+
+    model_type = "revdeq"
+
+    vocab_size: int = 50304
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 448
+    num_hidden_layers: int = 1
+    bias: bool = True
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    solver: str = "reversible"
+    adjoint: str = "reversible"
+    beta: float = 0.5
+    tol: float | None = 1e-3
+    max_steps: int = 4
+    inference_max_steps: int | None = None
+    inference_tol: float | None = None
+    state_dtype: str = "float64"
+    anderson_m: int = 5
+    implicit_tol: float = 1e-4
+    implicit_max_steps: int = 20
+    phantom_steps: int = 1
+    phantom_beta: float = 1.0
+
+    cache_mode: str = "exact"
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        super().__post_init__(**kwargs)
+        self.check()
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RevDEQConfig:
+        """A preset (`tiny`, `small`, `base`, `paper`) with `overrides` applied, e.g. `vocab_size=256`."""
+        if name not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # ------------------------------------------------------------------ derived settings
+    @property
+    def is_deq(self) -> bool:
+        """True for a weight-tied equilibrium model, False for the explicit (stacked) baseline."""
+        return self.solver != "explicit"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def eval_max_steps(self) -> int:
+        """Solver steps in eval mode and generation (`inference_max_steps`, else `max_steps`)."""
+        return self.max_steps if self.inference_max_steps is None else self.inference_max_steps
+
+    @property
+    def generation_cache_mode(self) -> str:
+        """The cache `generate` uses: "exact" needs a position-wise solver, otherwise "fixed_point"."""
+        if self.cache_mode == "exact" and self.solver not in POSITIONWISE_SOLVERS:
+            return "fixed_point"
+        return self.cache_mode
+
+    # ------------------------------------------------------------------ validation
+    def check(self) -> None:
+        """Raise `ConfigError` (naming the field and the fix) if this config cannot work."""
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "num_hidden_layers"):
+            _positive_int(name, getattr(self, name))
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"num_attention_heads: {self.num_attention_heads} heads do not divide hidden_size "
+                f"{self.hidden_size}; choose a divisor of hidden_size"
+            )
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
+            raise ConfigError(f"layer_norm_eps: must be > 0, got {self.layer_norm_eps!r}")
+        self.check_solver()
+
+    def check_solver(self) -> None:
+        """The solver part of `check()`; also run on every forward call (settings may change after loading)."""
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"solver: unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if self.cache_mode not in CACHE_MODES:
+            raise ConfigError(f"cache_mode: must be one of {', '.join(CACHE_MODES)}, got {self.cache_mode!r}")
+        if self.solver == "explicit":
+            return
+        if self.num_hidden_layers != 1:
+            raise ConfigError(
+                f"num_hidden_layers: a DEQ has one weight-tied block (got {self.num_hidden_layers}); "
+                "set num_hidden_layers: 1, or solver: explicit for a stacked transformer"
+            )
+        if self.adjoint not in ADJOINTS:
+            raise ConfigError(f"adjoint: unknown gradient method {self.adjoint!r}; choose one of {', '.join(ADJOINTS)}")
+        if self.adjoint == "reversible" and self.solver != "reversible":
+            raise ConfigError(
+                f"adjoint: the reversible gradient needs solver: reversible (got solver: {self.solver}); "
+                "use adjoint: implicit, phantom or unrolled"
+            )
+        if not _is_real(self.beta) or not 0.0 < self.beta < 2.0:
+            raise ConfigError(f"beta: must be in (0, 2), got {self.beta!r}")
+        if self.solver == "reversible" and self.beta == 1.0:
+            raise ConfigError("beta: 1 makes the reversible step impossible to invert; use e.g. 0.5")
+        for name in ("tol", "inference_tol"):
+            value = getattr(self, name)
+            if value is not None and (not _is_real(value) or not value > 0):
+                raise ConfigError(f"{name}: must be > 0 or null (no early stop), got {value!r}")
+        _positive_int("max_steps", self.max_steps)
+        if self.inference_max_steps is not None:
+            _positive_int("inference_max_steps", self.inference_max_steps)
+        if self.state_dtype not in STATE_DTYPES:
+            raise ConfigError(f"state_dtype: must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}")
+        _positive_int("anderson_m", self.anderson_m)
+        _positive_int("implicit_max_steps", self.implicit_max_steps)
+        _positive_int("phantom_steps", self.phantom_steps)
+        if not _is_real(self.phantom_beta) or not 0.0 < self.phantom_beta < 2.0:
+            raise ConfigError(f"phantom_beta: must be in (0, 2), got {self.phantom_beta!r}")
+        if not _is_real(self.implicit_tol) or not self.implicit_tol > 0:
+            raise ConfigError(f"implicit_tol: must be > 0, got {self.implicit_tol!r}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name}: must be a positive integer, got {value!r}")

@@ -1,0 +1,307 @@
+"""`RevDEQForCausalLM`: the Reversible DEQ language model (and its baselines) as a Hugging Face model.
+
+    x      = wte(input_ids) + wpe(positions)                     [B, T, H]
+    z*     = deq.solve(f, 0, x)          f = Block (block.py)     [B, T, H]
+    logits = lm_head(ln_f(z*))                                   [B, T, V]
+
+For `solver="explicit"` the model is an ordinary GPT: z = x, then `num_hidden_layers` untied blocks with no
+further input injection (x enters once, as the initial state).
+
+Which solve runs:
+
+* training mode (`model.train()`): `tol`, `max_steps`, the configured gradient method;
+* eval mode: `inference_tol` (default None: no early stop) and `inference_max_steps`, so the full
+  recomputation does exactly the work of the cached path;
+* with a cache (`use_cache=True`, as `generate` does): exact mode always runs exactly
+  `inference_max_steps` steps (see cache.py); fixed-point mode solves to `inference_tol` (else `tol`).
+
+Every solver setting is read from `self.config` at call time. State-dict names: `wte.weight` [V, H],
+`wpe.weight` [P, H], `blocks.{i}.*` (one block for a DEQ; names in block.py), `ln_f.weight`/`ln_f.bias`,
+`lm_head.weight` [V, H] (absent from the file when tied to `wte.weight`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Cache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from revdeq_cli import deq
+from revdeq_cli.errors import UserError
+from revdeq_cli.model.block import MLP, AttentionMask, Block, CausalSelfAttention
+from revdeq_cli.model.cache import EvaluationKeyValues, PastKeyValues, RevDEQCache
+from revdeq_cli.model.config import RevDEQConfig
+
+
+@dataclass
+class SolverStats:
+    """What the equilibrium solve of one forward call did (explicit model: `steps` = `nfe` = layers)."""
+
+    steps: int
+    residual: float  # max over the batch of the final relative residual; nan for the explicit model
+    nfe: int  # forward evaluations of f
+    backward: Any = None  # deq.BackwardStats, filled in when loss.backward() runs; None if not a DEQ
+
+
+@dataclass
+class RevDEQCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` (loss, logits, cache) plus the solver statistics of this call."""
+
+    solver_steps: int | None = None
+    solver_residual: float | None = None
+    solver_nfe: int | None = None
+    solver_backward: Any = None
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        """The cache under its transformers-v4 name (v5 calls it `cache`)."""
+        return self.cache
+
+
+class RevDEQPreTrainedModel(PreTrainedModel):
+    config_class = RevDEQConfig
+    config: RevDEQConfig
+    base_model_prefix = "revdeq"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 initialisation: N(0, initializer_range), output projections scaled by 1/sqrt(2 * layers)."""
+        super()._init_weights(module)
+        if isinstance(module, (CausalSelfAttention, MLP)):
+            std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+
+
+class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
+    """A causal language model whose body is one equilibrium block (or L stacked blocks, `solver="explicit"`).
+
+    `forward(input_ids [B, T] long, ...)` returns `RevDEQCausalLMOutput`; `generate(...)` works as for any
+    Hugging Face causal LM, with the per-evaluation key/value cache of cache.py."""
+
+    _tied_weights_keys = {"lm_head.weight": "wte.weight"}
+
+    def __init__(self, config: RevDEQConfig):
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.wte = nn.Embedding(config.vocab_size, hidden)
+        self.wpe = nn.Embedding(config.max_position_embeddings, hidden)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(hidden, config.num_attention_heads, config.intermediate_size, dropout=config.dropout,
+                  bias=config.bias, eps=config.layer_norm_eps)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.ln_f = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+        self.last_solver_stats: SolverStats | None = None
+        self.post_init()
+
+    # ------------------------------------------------------------------ HF plumbing
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def num_parameters_split(self) -> dict[str, int]:
+        """Parameter counts: total (a tied head counted once), embedding (token + position embeddings) and
+        non-embedding (everything else, an untied head included)."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        embedding = self.wte.weight.numel() + self.wpe.weight.numel()
+        return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> RevDEQCausalLMOutput | tuple:
+        r"""Logits [B, T, V] for `input_ids` [B, T] (long).
+
+        `labels` [B, T]: Hugging Face convention, shifted inside (position t predicts labels[t+1]).
+        `shift_labels` [B, T]: already aligned targets (position t predicts shift_labels[t]). -100 is ignored;
+        `loss` is the mean cross-entropy over the remaining targets (computed in float32).
+        `cache` (`past_key_values` is accepted as the old name): continue from it; `use_cache` (default: True
+        iff a cache is given) makes and returns one. `attention_mask` [B, past + T]: 1 = token, 0 = padding.
+        `logits_to_keep` > 0 computes logits for the last that many positions only (ignored with labels)."""
+        config = self.config
+        config.check_solver()
+        if input_ids is None:
+            raise ValueError("input_ids is required (inputs_embeds is not supported by RevDEQForCausalLM)")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
+        if labels is not None and shift_labels is not None:
+            raise ValueError("pass either labels (shifted inside) or shift_labels (already aligned), not both")
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = cache is not None
+        cache = self._cache_for_call(cache) if use_cache else None
+        past = cache.get_seq_length() if cache is not None else 0
+        length = input_ids.shape[1]
+        if attention_mask is not None and attention_mask.shape[-1] != past + length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions, expected {past + length} "
+                f"({past} cached + {length} new)"
+            )
+
+        positions = self._positions(input_ids, past, attention_mask, position_ids)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        mask = AttentionMask.build(past, length, attention_mask, x.device)
+
+        if not config.is_deq:
+            z, stats = self._run_explicit(x, mask, cache)
+        elif cache is None:
+            z, stats = self._solve_full(x, mask)
+        elif cache.mode == "exact":
+            z, stats = self._solve_exact_cached(x, mask, cache)
+        else:
+            z, stats = self._solve_fixed_point_cached(x, mask, cache)
+        self.last_solver_stats = stats
+
+        hidden = self.ln_f(z)
+        if labels is None and shift_labels is None and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = _lm_loss(logits, labels, shift_labels)
+
+        out = RevDEQCausalLMOutput(
+            loss=loss, logits=logits, cache=cache, solver_steps=stats.steps, solver_residual=stats.residual,
+            solver_nfe=stats.nfe, solver_backward=stats.backward,
+        )
+        use_dict = return_dict if return_dict is not None else config.return_dict
+        return out if use_dict else out.to_tuple()
+
+    # ------------------------------------------------------------------ pieces of forward
+    def _positions(self, input_ids: Tensor, past: int, attention_mask: Tensor | None,
+                   position_ids: Tensor | None) -> Tensor:
+        """Position ids [B, T]: given, or counted over non-padding tokens, or past..past+T-1."""
+        batch, length = input_ids.shape
+        if position_ids is None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                position_ids = torch.arange(past, past + length, device=input_ids.device).expand(batch, -1)
+        limit = self.config.max_position_embeddings
+        if length and int(position_ids.max()) >= limit:
+            raise UserError(
+                f"input_ids: {int(position_ids.max()) + 1} positions exceed the context length "
+                f"max_position_embeddings={limit}; shorten the input (or max_new_tokens)"
+            )
+        return position_ids
+
+    def _cache_for_call(self, cache: Cache | None) -> RevDEQCache:
+        """The cache to use: ours as given, a new one for None or an empty foreign cache (generate makes a
+        DynamicCache with one layer per `num_hidden_layers`; ours needs one per evaluation of f)."""
+        if isinstance(cache, RevDEQCache):
+            return cache
+        if cache is None or cache.get_seq_length() == 0:
+            return RevDEQCache("exact" if not self.config.is_deq else self.config.generation_cache_mode)
+        raise ValueError(
+            f"cache: a filled {type(cache).__name__} was not made by this model; pass None or a RevDEQCache"
+        )
+
+    def _run_explicit(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache | None) -> tuple[Tensor, SolverStats]:
+        hook = EvaluationKeyValues(cache) if cache is not None else None
+        z = x
+        for block in self.blocks:
+            z = block(z, None, mask, hook)
+        layers = len(self.blocks)
+        return z, SolverStats(steps=layers, residual=float("nan"), nfe=layers)
+
+    def _solve_full(self, x: Tensor, mask: AttentionMask) -> tuple[Tensor, SolverStats]:
+        config = self.config
+        if self.training:
+            tol, steps = config.tol, config.max_steps
+        else:
+            tol, steps = config.inference_tol, config.eval_max_steps
+        return self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=self._adjoint())
+
+    def _solve_exact_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache) -> tuple[Tensor, SolverStats]:
+        """Exactly `inference_max_steps` steps; evaluation k reads and extends cache layer k."""
+        config = self.config
+        steps = config.eval_max_steps
+        cache.claim(("exact", config.solver, config.beta, steps, config.state_dtype))
+        hook = EvaluationKeyValues(cache)
+        # Unrolled: if gradients are wanted, autograd follows the cached evaluations as they happened.
+        z, stats = self._solve(x, mask, hook, tol=None, max_steps=steps, adjoint=deq.UnrolledAdjoint())
+        if cache.num_evaluations is None:
+            cache.num_evaluations = hook.calls
+        elif hook.calls != cache.num_evaluations:
+            raise RuntimeError(
+                f"cache: this solve evaluated f {hook.calls} times but the cache holds {cache.num_evaluations} "
+                "evaluations; the cached keys/values no longer match"
+            )
+        return z, stats
+
+    def _solve_fixed_point_cached(self, x: Tensor, mask: AttentionMask,
+                                  cache: RevDEQCache) -> tuple[Tensor, SolverStats]:
+        """Solve the new positions to tolerance against the cached final-state keys/values, then cache theirs."""
+        config = self.config
+        tol = config.inference_tol if config.inference_tol is not None else config.tol
+        cache.claim(("fixed_point", config.solver))
+        past = cache.past_keys_values()
+        hook = PastKeyValues(*past) if past is not None else None
+        z, stats = self._solve(x, mask, hook, tol=tol, max_steps=config.eval_max_steps,
+                               adjoint=deq.UnrolledAdjoint())
+        block = self.blocks[0]
+        keys, values = block.attn.keys_values(block.attention_input(z, x))
+        cache.update(keys, values, 0)
+        return z, stats
+
+    def _solve(self, x: Tensor, mask: AttentionMask, hook: Any, *, tol: float | None, max_steps: int,
+               adjoint: deq.Adjoint) -> tuple[Tensor, SolverStats]:
+        block = self.blocks[0]
+
+        def f(z: Tensor, x: Tensor) -> Tensor:
+            return block(z, x, mask, hook)
+
+        sol = deq.solve(f, torch.zeros_like(x), x, solver=self._solver(), adjoint=adjoint, tol=tol,
+                        max_steps=max_steps, params=list(block.parameters()))
+        return sol.z, SolverStats(steps=sol.steps, residual=sol.max_residual, nfe=sol.nfe, backward=sol.backward)
+
+    def _solver(self) -> deq.Solver:
+        c = self.config
+        return deq.make_solver(c.solver, beta=c.beta, state_dtype=c.state_dtype, anderson_m=c.anderson_m)
+
+    def _adjoint(self) -> deq.Adjoint:
+        c = self.config
+        return deq.make_adjoint(c.adjoint, implicit_tol=c.implicit_tol, implicit_max_steps=c.implicit_max_steps,
+                                phantom_steps=c.phantom_steps, phantom_beta=c.phantom_beta)
+
+
+def _lm_loss(logits: Tensor, labels: Tensor | None, shift_labels: Tensor | None) -> Tensor | None:
+    """Mean next-token cross-entropy (float32) over targets != -100; None without targets."""
+    if labels is not None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    elif shift_labels is not None:
+        targets = shift_labels
+    else:
+        return None
+    if targets.shape != logits.shape[:2]:
+        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match logits {tuple(logits.shape[:2])}")
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
+                           ignore_index=-100)

@@ -1,0 +1,496 @@
+"""Settings of a training run: five pydantic sections, merged from four layers, validated before any work.
+
+Sections (each a pydantic model; unknown keys are errors):
+
+    model   preset, architecture fields (None = the preset's value)
+    solver  solver / adjoint names, beta, tol, max_steps, state_dtype, ...
+    data    dataset, tokenizer, seq_len, offline
+    train   steps/epochs/tokens, batch, optimiser, schedule, precision, device, eval/save cadence, resume
+    log     progress display, log cadence, TensorBoard
+
+Layers, lowest precedence first (`resolve_settings`):
+
+    1. the preset (`model.preset`, default "tiny"): fills every model and solver field left unset
+    2. a YAML file (`--config`): sectioned (`train: {lr: 3e-4}`), dotted (`train.lr: 3e-4`) or the earlier
+       port's flat keys (below), in any mix
+    3. environment: `REVDEQ_<SECTION>__<KEY>=value`, e.g. `REVDEQ_TRAIN__LR=3e-4` (values parse as YAML)
+    4. command line: `--set section.key=value` (repeatable), then the dedicated flags (`--lr`, ...)
+
+The run ends at whichever of train.max_steps, train.epochs, train.max_tokens comes first; when no layer
+sets any of them, train.max_steps = DEFAULT_MAX_STEPS (400: the no-flags run takes a few CPU minutes).
+
+A value that fails validation raises `revdeq_cli.errors.ConfigError` naming the dotted field, the reason and
+where the value came from, e.g. ``train.lr: must be > 0 (got -1.0, from REVDEQ_TRAIN__LR)``.
+
+Key aliases for the earlier PyTorch port's flat YAML (../shared/fixtures/revdeq-pytorch/default.yaml):
+
+    hidden_size                  -> model.hidden_size
+    num_heads                    -> model.num_attention_heads
+    intermediate_size            -> model.intermediate_size
+    max_position_embeddings      -> model.max_position_embeddings
+    vocab_size                   -> model.vocab_size (must be >= the tokenizer's; the embedding is padded)
+    num_layers                   -> model.num_hidden_layers
+    dropout                      -> model.dropout
+    num_fixed_point_iterations   -> solver.max_steps
+    fixed_point_tol              -> solver.tol
+    beta                         -> solver.beta
+    use_reversible               -> true: solver.solver=reversible, solver.adjoint=reversible;
+                                    false: solver.solver=relaxed, solver.adjoint=unrolled (the same damped
+                                    iteration, differentiated by autograd through every step)
+    num_epochs                   -> train.epochs
+    max_steps                    -> train.max_steps
+    batch_size                   -> train.batch_size (micro-batch per process)
+    gradient_accumulation_steps  -> train.grad_accum
+    learning_rate                -> train.lr
+    weight_decay                 -> train.weight_decay
+    warmup_steps                 -> train.warmup_steps
+    max_grad_norm                -> train.grad_clip
+    seed                         -> train.seed
+    output_dir                   -> train.out_dir
+    fp16 / bf16                  -> train.precision = fp16 / bf16 (both true is an error)
+    eval_steps                   -> train.eval_every
+    save_steps                   -> train.save_every
+    save_total_limit             -> train.keep_last
+    logging_steps                -> log.log_every
+    tokenizer                    -> data.tokenizer
+    dataloader_num_workers, report_to, logging_dir
+                                 -> accepted with a warning and ignored (the token data is an in-memory
+                                    array, so there are no loader workers; TensorBoard is always written
+                                    unless log.tensorboard=false)
+
+Importing this module is cheap (pydantic and yaml only); filling in a preset imports `revdeq_cli.model`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from revdeq_cli.errors import ConfigError
+
+ENV_PREFIX = "REVDEQ_"
+DEFAULT_MAX_STEPS = 400  # the no-flags run: a few minutes on a 2-core CPU
+
+
+class SettingsWarning(UserWarning):
+    """A setting was accepted but has no effect (e.g. the earlier port's `report_to`)."""
+
+SOLVER_NAMES = ("reversible", "picard", "relaxed", "anderson", "broyden", "explicit")
+ADJOINT_NAMES = ("reversible", "unrolled", "implicit", "phantom")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    """Architecture. Every field but `preset` defaults to None, meaning "the preset's value"; after
+    `resolve_settings` all of them are filled in (except `vocab_size`: None = the tokenizer's size)."""
+
+    preset: str = "tiny"
+    vocab_size: int | None = Field(None, gt=0)
+    hidden_size: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    max_position_embeddings: int | None = Field(None, gt=0)
+    num_hidden_layers: int | None = Field(None, gt=0)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    tie_word_embeddings: bool | None = None
+    bias: bool | None = None
+    layer_norm_eps: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelSettings:
+        if self.hidden_size and self.num_attention_heads and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.num_attention_heads: {self.num_attention_heads} heads do not divide "
+                f"model.hidden_size {self.hidden_size}; pick a divisor"
+            )
+        return self
+
+
+class SolverSettings(_Section):
+    """Fixed-point solver and gradient method (see `revdeq_cli.deq`). None = the preset's value."""
+
+    solver: Literal[SOLVER_NAMES] | None = None  # type: ignore[valid-type]
+    adjoint: Literal[ADJOINT_NAMES] | None = None  # type: ignore[valid-type]
+    beta: float | None = Field(None, gt=0.0, lt=2.0)
+    tol: float | None = Field(None, ge=0.0)  # 0 = never stop early: always max_steps steps (config tol=None)
+    max_steps: int | None = Field(None, gt=0)
+    inference_max_steps: int | None = Field(None, gt=0)  # None = max_steps
+    state_dtype: Literal["float64", "float32"] | None = None
+    anderson_m: int | None = Field(None, gt=0)
+    phantom_steps: int | None = Field(None, gt=0)
+    implicit_max_steps: int | None = Field(None, gt=0)
+    implicit_tol: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SolverSettings:
+        if self.beta is not None and self.beta == 1.0 and self.solver in (None, "reversible"):
+            raise ValueError(
+                "solver.beta: must not be 1 for the reversible solver (its reversal divides by 1 - beta); "
+                "use e.g. 0.5 or 0.8"
+            )
+        if self.adjoint == "reversible" and self.solver not in (None, "reversible"):
+            raise ValueError(
+                f"solver.adjoint: 'reversible' needs solver.solver=reversible (got {self.solver!r}); "
+                "use adjoint unrolled, implicit or phantom"
+            )
+        return self
+
+
+class DataSettings(_Section):
+    """What to train on (see `revdeq_cli.data.prepare_corpus`)."""
+
+    dataset: str = "pydoc"
+    dataset_config: str | None = None
+    tokenizer: str = "byte"
+    seq_len: int = Field(128, gt=1)
+    offline: bool = False
+    max_vocab_size: int | None = Field(None, gt=0)
+    cache_dir: str | None = None
+
+
+class TrainSettings(_Section):
+    """The loop. `batch_size` is the micro-batch per process; the effective batch per optimiser step is
+    batch_size * grad_accum * world_size sequences. The run stops at whichever of max_steps, epochs and
+    max_tokens comes first (at least one must be set)."""
+
+    out_dir: str | None = None  # None = runs/<dataset>-<timestamp>
+    max_steps: int | None = Field(None, gt=0)  # None with epochs/max_tokens also None: DEFAULT_MAX_STEPS
+    epochs: float | None = Field(None, gt=0.0)
+    max_tokens: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = Field(0.1, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    warmup_steps: int = Field(40, ge=0)
+    schedule: Literal["cosine", "plateau", "constant"] = "cosine"
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)  # lr *= factor when val loss stalls
+    plateau_patience: int = Field(2, ge=0)  # evaluations without improvement before a cut
+    grad_clip: float = Field(1.0, ge=0.0)  # max global grad norm; 0 = no clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 0
+    eval_every: int = Field(100, ge=0)  # 0 = only at the end
+    eval_batches: int | None = Field(None, gt=0)  # cap on validation batches during training; None = all
+    save_every: int = Field(200, ge=0)  # 0 = only at the end (and on Ctrl-C)
+    keep_last: int = Field(3, gt=0)
+    resume: str | None = None  # None | "auto" | PATH
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSettings:
+        if self.max_steps is None and self.epochs is None and self.max_tokens is None:
+            raise ValueError("train.max_steps: set at least one of train.max_steps, train.epochs, "
+                             "train.max_tokens so the run can end")
+        if self.warmup_steps and self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"train.warmup_steps: {self.warmup_steps} is more than train.max_steps "
+                             f"{self.max_steps}; lower it")
+        dev = self.device
+        if dev not in ("auto", "cpu", "mps", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+            raise ValueError(f"train.device: unknown device {dev!r}; use auto, cpu, cuda, cuda:N or mps")
+        return self
+
+
+class LogSettings(_Section):
+    """What the run shows and records."""
+
+    progress: Literal["auto", "rich", "plain"] = "auto"  # auto: rich on a terminal, plain lines otherwise
+    log_every: int = Field(10, gt=0)  # plain-line and TensorBoard cadence, in optimiser steps
+    tensorboard: bool = True
+
+
+class Settings(_Section):
+    """All settings of a run. `Settings().model_dump()` is the YAML written to the run's config.yaml."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    solver: SolverSettings = Field(default_factory=SolverSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Settings:
+        mpe = self.model.max_position_embeddings
+        if mpe is not None and self.data.seq_len > mpe:
+            raise ValueError(f"data.seq_len: {self.data.seq_len} is longer than "
+                             f"model.max_position_embeddings {mpe}; lower it or raise the other")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+    def model_config_overrides(self) -> dict[str, Any]:
+        """Keyword arguments for `RevDEQConfig.from_preset(self.model.preset, vocab_size=..., **kw)`:
+        every model and solver field that is set (vocab_size and preset excluded)."""
+        out = {k: v for k, v in self.model.model_dump().items()
+               if k not in ("preset", "vocab_size") and v is not None}
+        out.update({k: v for k, v in self.solver.model_dump().items() if v is not None})
+        if out.get("tol") == 0:
+            out["tol"] = None  # the model's spelling of "never stop early"
+        return out
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelSettings, "solver": SolverSettings, "data": DataSettings,
+    "train": TrainSettings, "log": LogSettings,
+}
+
+# Earlier port's flat keys -> dotted keys (a callable maps the value itself; see the module docstring).
+ALIASES: dict[str, str] = {
+    "hidden_size": "model.hidden_size",
+    "num_heads": "model.num_attention_heads",
+    "intermediate_size": "model.intermediate_size",
+    "max_position_embeddings": "model.max_position_embeddings",
+    "vocab_size": "model.vocab_size",
+    "num_layers": "model.num_hidden_layers",
+    "dropout": "model.dropout",
+    "num_fixed_point_iterations": "solver.max_steps",
+    "fixed_point_tol": "solver.tol",
+    "beta": "solver.beta",
+    "num_epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "learning_rate": "train.lr",
+    "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps",
+    "max_grad_norm": "train.grad_clip",
+    "seed": "train.seed",
+    "output_dir": "train.out_dir",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last",
+    "logging_steps": "log.log_every",
+    "tokenizer": "data.tokenizer",
+}
+IGNORED_KEYS = ("dataloader_num_workers", "report_to", "logging_dir")
+
+
+def _alias_entries(key: str, value: Any, source: str) -> list[tuple[str, Any]]:
+    """Translate one flat key of the earlier port into (dotted key, value) pairs."""
+    if key in ALIASES:
+        return [(ALIASES[key], value)]
+    if key == "use_reversible":
+        if not isinstance(value, bool):
+            raise ConfigError(f"use_reversible: must be true or false (got {value!r}, from {source})")
+        return [("solver.solver", "reversible" if value else "relaxed"),
+                ("solver.adjoint", "reversible" if value else "unrolled")]
+    if key in ("fp16", "bf16"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false (got {value!r}, from {source})")
+        return [(f"__flag__.{key}", value)]
+    if key in IGNORED_KEYS:
+        warnings.warn(f"{key} (from {source}) has no meaning in revdeq and is ignored", SettingsWarning, stacklevel=2)
+        return []
+    raise ConfigError(_unknown_key_message(key, source))
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    section, _, field = key.partition(".")
+    if field and section in SECTIONS:
+        known = list(SECTIONS[section].model_fields)
+        close = difflib.get_close_matches(field, known, n=1)
+        hint = f"did you mean {section}.{close[0]}?" if close else f"known keys: {', '.join(known)}"
+        return f"{key}: unknown setting (from {source}); {hint}"
+    candidates = list(SECTIONS) + list(ALIASES) + [f"{s}.{f}" for s, m in SECTIONS.items() for f in m.model_fields]
+    close = difflib.get_close_matches(key, candidates, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"sections are {', '.join(SECTIONS)}"
+    return f"{key}: unknown setting (from {source}); {hint}"
+
+
+def flatten(mapping: Mapping[str, Any], source: str) -> list[tuple[str, Any]]:
+    """Turn one layer (sectioned, dotted or flat-alias keys) into a list of (dotted key, value)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        key = str(key)
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: must be a mapping of settings (got {value!r}, from {source})")
+            out.extend((f"{key}.{k}", v) for k, v in value.items())
+        elif "." in key:
+            out.append((key, value))
+        else:
+            out.extend(_alias_entries(key, value, source))
+    for dotted, _ in out:
+        section, _, field = dotted.partition(".")
+        if section == "__flag__":
+            continue
+        if section not in SECTIONS or field not in SECTIONS[section].model_fields:
+            raise ConfigError(_unknown_key_message(dotted, source))
+    return _resolve_precision_flags(out, source)
+
+
+def _resolve_precision_flags(entries: list[tuple[str, Any]], source: str) -> list[tuple[str, Any]]:
+    flags = {k.split(".", 1)[1]: v for k, v in entries if k.startswith("__flag__.")}
+    rest = [(k, v) for k, v in entries if not k.startswith("__flag__.")]
+    if flags.get("fp16") and flags.get("bf16"):
+        raise ConfigError(f"fp16/bf16: both are true (from {source}); keep one")
+    if flags.get("fp16"):
+        rest.append(("train.precision", "fp16"))
+    elif flags.get("bf16"):
+        rest.append(("train.precision", "bf16"))
+    elif flags:  # explicitly false
+        rest.append(("train.precision", "fp32"))
+    return rest
+
+
+def load_yaml_layer(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a `--config` YAML file into a mapping (errors name the file)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"--config {p}: cannot read ({err.strerror or err}); check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {p}:{where} is not valid YAML; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {p}: must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def env_layer(environ: Mapping[str, str] | None = None) -> list[tuple[str, Any, str]]:
+    """`REVDEQ_SECTION__KEY=value` variables as (dotted key, parsed value, variable name). Variables
+    without `__` (REVDEQ_CACHE_DIR, ...) belong to other parts of revdeq and are skipped."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX):]:
+            continue
+        section, _, field = name[len(ENV_PREFIX):].lower().partition("__")
+        out.append((f"{section}.{field}", parse_value(raw), name))
+    return out
+
+
+def parse_value(raw: str) -> Any:
+    """Parse a `--set`/environment value as YAML (so `3e-4`, `true`, `null`, `[1, 2]` work)."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """`section.key=value` (from `--set`) -> (key, parsed value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.weight_decay=0.05")
+    return key.strip(), parse_value(raw)
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The model and solver fields a preset sets, as dotted keys (imports `revdeq_cli.model`)."""
+    from revdeq_cli.model.config import RevDEQConfig
+    from revdeq_cli.model.presets import PRESETS
+
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = RevDEQConfig.from_preset(name, vocab_size=256).to_dict()  # preset + the config's own defaults
+    if cfg.get("tol") is None:
+        cfg["tol"] = 0.0
+    out = {}
+    for section in ("model", "solver"):
+        for field in SECTIONS[section].model_fields:
+            if field not in ("preset", "vocab_size") and field in cfg:
+                out[f"{section}.{field}"] = cfg[field]
+    return out
+
+
+def resolve_settings(
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    fill_preset: bool = True,
+) -> Settings:
+    """Merge preset < `config_file` < environment < `--set` items < `flags` and validate.
+
+    `flags` maps dotted keys to values of the dedicated CLI options that were given (None values are
+    skipped). With `fill_preset`, every model/solver field still unset takes the preset's value (this
+    imports the model package). Raises `ConfigError` naming the field, its source and the fix.
+    """
+    layers: list[tuple[str, Any, str]] = []  # (dotted key, value, source), lowest precedence first
+    if config_file is not None:
+        src = f"--config {config_file}"
+        layers += [(k, v, src) for k, v in flatten(load_yaml_layer(config_file), src)]
+    for key, value, var in env_layer(environ):
+        layers += [(k, v, var) for k, v in flatten({key: value}, var)]
+    for item in sets:
+        key, value = parse_set_option(item)
+        layers += [(k, v, f"--set {item}") for k, v in flatten({key: value}, f"--set {item}")]
+    for key, value in (flags or {}).items():
+        if value is not None:
+            layers += [(k, v, f"--{key.split('.')[-1].replace('_', '-')}") for k, v in flatten({key: value}, key)]
+
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, value, src in layers:
+        merged[key] = value
+        sources[key] = src
+    if not any(merged.get(f"train.{k}") is not None for k in ("max_steps", "epochs", "max_tokens")):
+        merged["train.max_steps"] = DEFAULT_MAX_STEPS
+    if fill_preset:
+        preset = merged.get("model.preset", ModelSettings.model_fields["preset"].default)
+        if not isinstance(preset, str):
+            raise ConfigError(f"model.preset: must be a name (got {preset!r}, from {sources['model.preset']})")
+        for key, value in preset_values(preset).items():
+            if key not in merged:
+                merged[key] = value
+                sources[key] = f"preset {preset}"
+    return validate(merged, sources)
+
+
+def validate(dotted: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Settings:
+    """Build `Settings` from {dotted key: value}; the first problem becomes a one-line `ConfigError`."""
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in dotted.items():
+        section, _, field = key.partition(".")
+        nested.setdefault(section, {})[field] = value
+    try:
+        return Settings.model_validate(nested)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, dotted, sources or {})) from None
+
+
+def settings_from_dict(data: Mapping[str, Any], source: str) -> Settings:
+    """Validate a nested settings mapping (e.g. a run's config.yaml or a checkpoint's stored settings)."""
+    return validate(dict(flatten(data, source)), {})
+
+
+def _describe(err: ValidationError, dotted: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        if ":" in msg.split(" ", 1)[0]:  # the validator already named its field
+            field = msg.split(":", 1)[0]
+            src = sources.get(field)
+            return msg + (f" (from {src})" if src else "")
+    key = ".".join(loc[:2]) if loc else "settings"
+    if first["type"] == "extra_forbidden":
+        return _unknown_key_message(key, sources.get(key, "settings"))
+    value = dotted.get(key, first.get("input"))
+    src = sources.get(key)
+    detail = f"got {value!r}" + (f", from {src}" if src else "")
+    return f"{key}: {msg[0].lower() + msg[1:]} ({detail})"

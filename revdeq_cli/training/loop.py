@@ -1,0 +1,542 @@
+"""The training loop of `revdeq train`: one `Trainer` per process, driven by validated `Settings`.
+
+One optimiser step = `grad_accum` micro-batches of `batch_size` blocks per process (blocks are
+`seq_len + 1` tokens; the model reads block[:, :-1] and predicts block[:, 1:]); gradients are averaged over
+micro-batches and, under torchrun, over processes by DistributedDataParallel. Then: unscale (fp16), clip the
+global grad norm, AdamW step, schedule step.
+
+Exact resume: checkpoints are taken only at optimiser-step boundaries and record the step, epoch,
+micro-batch index within the epoch, optimiser / schedule / scaler state and every RNG state at that boundary.
+The block order is a pure function of (seed, epoch, rank) (see `data_order`), so a resumed CPU run computes
+bit-for-bit the losses the uninterrupted run would have. (On GPUs, nondeterministic kernels can make
+runs differ in the last bits, resumed or not.)
+
+Mixed precision: `bf16` / `fp16` autocast the model's matrix products; the solver keeps its iterates in
+`solver.state_dtype` (float64 by default) regardless, because the model casts f's input and output.
+`fp16` adds a gradient scaler; a step whose gradients overflow is skipped by the scaler, as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from revdeq_cli.errors import ConfigError, UserError
+from revdeq_cli.settings import Settings
+from revdeq_cli.training import checkpoint as ckpt
+from revdeq_cli.training.data_order import BlockOrder
+from revdeq_cli.training.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    shutdown_distributed,
+)
+from revdeq_cli.training.metrics import (
+    memory_kind,
+    peak_memory_bytes,
+    perplexity,
+    reset_peak_memory,
+    unigram_cross_entropy,
+)
+from revdeq_cli.training.optim import LRSchedule, build_optimizer
+from revdeq_cli.training.progress import Progress, StepStats, Throughput, format_bytes, format_duration, make_progress
+from revdeq_cli.training.rng import capture_rng_state, restore_rng_state, seed_everything
+
+STATE_FORMAT = 1
+
+
+class TrainingDivergedError(UserError):
+    """The loss, gradient norm or solver residual became NaN/inf; the message names the step and remedies."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class TrainSummary:
+    """What a finished (or interrupted) run reports. Losses are nats/token; None = not measured."""
+
+    run_dir: Path
+    steps: int
+    total_steps: int
+    tokens_seen: int  # by all processes, this run and the runs it resumed
+    seconds: float  # training time of this process (data preparation excluded)
+    tokens_per_sec: float  # tokens trained in this process's session / seconds
+    peak_memory_bytes: int
+    memory_kind: str  # "cuda max allocated" or "process RSS"
+    best_val_loss: float | None
+    best_val_step: int | None
+    final_val_loss: float | None
+    test_loss: float | None
+    unigram_val_loss: float  # the context-free baseline (see metrics.unigram_cross_entropy)
+    final_checkpoint: Path | None
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per step of this session
+    data_seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        """Human-readable summary (what `revdeq train` prints at the end)."""
+        def ppl(loss: float | None) -> str:
+            return "n/a" if loss is None else f"{perplexity(loss):.2f} (loss {loss:.4f})"
+
+        out = [
+            f"done: {self.steps}/{self.total_steps} steps, {self.tokens_seen:,} tokens seen; this session "
+            f"{format_duration(self.seconds)} training + {format_duration(self.data_seconds)} data, "
+            f"{self.tokens_per_sec:,.0f} tokens/s",
+            f"peak memory: {format_bytes(self.peak_memory_bytes)} ({self.memory_kind})",
+            f"validation perplexity: final {ppl(self.final_val_loss)}, best {ppl(self.best_val_loss)}"
+            + (f" at step {self.best_val_step}" if self.best_val_step is not None else ""),
+            f"unigram baseline perplexity (validation): {ppl(self.unigram_val_loss)}",
+            f"test perplexity: {ppl(self.test_loss)}",
+        ]
+        if self.final_checkpoint is not None:
+            out.append(f"checkpoint: {self.final_checkpoint}")
+        return out
+
+
+# --------------------------------------------------------------------------- run directory and resume
+def default_run_dir(dataset: str, now: datetime | None = None) -> Path:
+    """runs/<dataset>-<YYYYmmdd-HHMMSS> (a path's stem stands for a local dataset)."""
+    name = Path(dataset.rstrip("/")).stem if ("/" in dataset or "." in dataset) else dataset
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+    return Path("runs") / f"{name}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+
+
+def find_resume_checkpoint(resume: str | None, out_dir: str | None, dataset: str) -> Path | None:
+    """Where `--resume` points: None (fresh run), "auto" (the newest checkpoint in `out_dir`, or, with no
+    `out_dir`, in the newest runs/<dataset>-* dir; None when there is none yet), or a checkpoint / run
+    directory (must exist: `CheckpointError` otherwise)."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        return ckpt.resolve_checkpoint(resume)
+    if out_dir is not None:
+        found = ckpt.list_checkpoints(out_dir)
+        return found[-1][1] if found else None
+    prefix = default_run_dir(dataset).name.rsplit("-", 2)[0] + "-"
+    runs = sorted((p for p in Path("runs").glob(prefix + "*") if ckpt.list_checkpoints(p)), key=lambda p: p.name)
+    return ckpt.list_checkpoints(runs[-1])[-1][1] if runs else None
+
+
+def _run_dir_of(checkpoint: Path) -> Path:
+    return checkpoint.parent
+
+
+# --------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Trains one model in this process (one rank). Build with `Trainer(settings)`; `run()` trains."""
+
+    def __init__(self, settings: Settings, *, info: DistInfo, device: torch.device,
+                 progress: Progress | None = None) -> None:
+        self.info, self.device = info, device
+        tr = settings.train
+        resume_from = find_resume_checkpoint(tr.resume, tr.out_dir, settings.data.dataset)
+        run_dir = Path(tr.out_dir) if tr.out_dir else (
+            _run_dir_of(resume_from) if resume_from is not None else default_run_dir(settings.data.dataset))
+        self.run_dir = Path(broadcast_object(str(run_dir), info))
+        # The stored settings name the actual run dir, so `--resume auto --out-dir` finds it again.
+        self.settings = settings.model_copy(update={"train": tr.model_copy(update={"out_dir": str(self.run_dir)})})
+        self.resume_from = resume_from
+        self.progress = progress or make_progress(settings.log.progress, log_every=settings.log.log_every,
+                                                  is_main=info.is_main)
+        self.precision = tr.precision
+        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tr.precision)
+
+    # ------------------------------------------------------------------ setup
+    def _log(self, message: str) -> None:
+        if self.info.is_main:
+            self.progress.log(message)
+
+    def _prepare_data(self) -> None:
+        from revdeq_cli.data import pack_blocks, prepare_corpus
+
+        d = self.settings.data
+        t0 = time.perf_counter()
+
+        def prepare():
+            return prepare_corpus(d.dataset, dataset_config=d.dataset_config, tokenizer=d.tokenizer,
+                                  offline=d.offline, cache_dir=d.cache_dir, max_vocab_size=d.max_vocab_size)
+
+        # Rank 0 builds the token cache first; the others then read it instead of racing to build it.
+        if self.info.is_main:
+            self.corpus = prepare()
+        barrier(self.info)
+        if not self.info.is_main:
+            self.corpus = prepare()
+        self.data_seconds = time.perf_counter() - t0
+        for split in ("train", "validation", "test"):
+            if split not in self.corpus.splits:
+                raise ConfigError(f"data.dataset: {d.dataset} has no {split} split")
+        self.blocks = pack_blocks(self.corpus.splits["train"], d.seq_len, name=f"{d.dataset} train split")
+        self.unigram_val_loss = unigram_cross_entropy(self.corpus.splits["train"], self.corpus.splits["validation"],
+                                                      self.corpus.vocab_size)
+
+    def _build_model(self) -> None:
+        from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
+
+        s = self.settings
+        vocab = s.model.vocab_size or self.corpus.vocab_size
+        if vocab < self.corpus.vocab_size:
+            raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's vocabulary "
+                              f"({self.corpus.vocab_size}); remove it or raise it")
+        tok = self.corpus.tokenizer
+        special = {k: getattr(tok, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        config = RevDEQConfig.from_preset(s.model.preset, vocab_size=vocab, **s.model_config_overrides(),
+                                          **{k: v for k, v in special.items() if v is not None})
+        seed_everything(s.train.seed)  # same initial weights on every rank and every run with this seed
+        self.model = RevDEQForCausalLM(config).to(self.device)
+        self.model.train()
+        if self.info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.ddp = None
+
+    def _build_optimisation(self) -> None:
+        tr = self.settings.train
+        self.optimizer = build_optimizer(self.model, lr=tr.lr, weight_decay=tr.weight_decay,
+                                         betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps)
+        self.order = BlockOrder(len(self.blocks), tr.batch_size, tr.seed, self.info.rank, self.info.world_size)
+        self.steps_per_epoch = self.order.batches_per_epoch // tr.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"train.batch_size: {len(self.blocks)} training blocks of {self.settings.data.seq_len} tokens "
+                f"cannot fill one step of {tr.batch_size} x {tr.grad_accum} (grad_accum) x "
+                f"{self.info.world_size} (processes) blocks; lower train.batch_size, train.grad_accum or data.seq_len"
+            )
+        self.tokens_per_step = tr.batch_size * tr.grad_accum * self.info.world_size * self.settings.data.seq_len
+        limits = [tr.max_steps] if tr.max_steps else []
+        if tr.epochs:
+            limits.append(max(1, math.ceil(tr.epochs * self.steps_per_epoch)))
+        if tr.max_tokens:
+            limits.append(max(1, math.ceil(tr.max_tokens / self.tokens_per_step)))
+        self.total_steps = min(limits)
+        self.schedule = LRSchedule(self.optimizer, kind=tr.schedule, lr=tr.lr, warmup_steps=tr.warmup_steps,
+                                   total_steps=self.total_steps, min_lr_ratio=tr.min_lr_ratio,
+                                   plateau_factor=tr.plateau_factor, plateau_patience=tr.plateau_patience)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step = 0
+        self.epoch = 0
+        self.micro_index = 0  # micro-batches of this epoch already consumed (at a step boundary)
+        self.tokens_seen = 0
+        self.best_val_loss: float | None = None
+        self.best_val_step: int | None = None
+        self.last_saved: tuple[int, Path] | None = None
+
+    def _restore(self, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        state = ckpt.load_training_state(path)
+        if not state:
+            raise ckpt.CheckpointError(f"{path}: has no {ckpt.TRAINING_STATE}, so training cannot resume from it; "
+                                       "start a new run (or load its weights with --set ... in a fresh run)")
+        try:
+            load_model(self.model, str(path / "model.safetensors"), strict=True, device=str(self.device))
+        except (RuntimeError, KeyError) as err:
+            raise ckpt.CheckpointError(
+                f"{path}: its weights do not fit the model these settings build ({str(err).splitlines()[0][:160]}); "
+                "resume with the run's own settings"
+            ) from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        self.step, self.epoch, self.micro_index = int(state["step"]), int(state["epoch"]), int(state["micro_index"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.best_val_loss = state.get("best_val_loss")
+        self.best_val_step = state.get("best_val_step")
+        self.last_saved = (self.step, path) if path.parent == self.run_dir else None
+        same = (state.get("world_size") == self.info.world_size and state.get("corpus") == self.corpus.fingerprint)
+        if not same:
+            self._log("warning: the process count or corpus differs from the checkpoint's run, "
+                      "so the data order will not continue exactly")
+        self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+
+    def _training_state(self, rng: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "step": self.step, "epoch": self.epoch, "micro_index": self.micro_index,
+            "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
+            "best_val_loss": self.best_val_loss, "best_val_step": self.best_val_step,
+            "world_size": self.info.world_size, "corpus": self.corpus.fingerprint,
+            "settings": self.settings.model_dump(),
+            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng,
+        }
+
+    # ------------------------------------------------------------------ checkpoints (rank 0)
+    def _save(self, name: str, rng: dict[str, Any]) -> Path:
+        path = ckpt.save_checkpoint(self.run_dir / name, self.model, self.corpus.tokenizer, self._training_state(rng))
+        if name.startswith(ckpt.CHECKPOINT_PREFIX):
+            self.last_saved = (self.step, path)
+            ckpt.prune_checkpoints(self.run_dir, self.settings.train.keep_last)
+        return path
+
+    def _save_step(self, rng: dict[str, Any]) -> Path:
+        """checkpoint-NNNNNN for the current step (written once per step)."""
+        if self.last_saved is not None and self.last_saved[0] == self.step and self.last_saved[1].exists():
+            return self.last_saved[1]
+        return self._save(ckpt.checkpoint_name(self.step), rng)
+
+    def _save_best(self, rng: dict[str, Any]) -> None:
+        if self.last_saved is not None and self.last_saved[0] == self.step and self.last_saved[1].exists():
+            ckpt.link_checkpoint(self.last_saved[1], self.run_dir / "best")
+        else:
+            self._save("best", rng)
+
+    # ------------------------------------------------------------------ evaluation
+    def _autocast(self):
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+    @torch.no_grad()
+    def evaluate(self, split: str, max_batches: int | None = None) -> float:
+        """Mean loss (nats/token) over `split` (every target once; the first `max_batches` batches only if
+        given). Batches are shared out over ranks and the sums all-reduced."""
+        from revdeq_cli.data import eval_batches
+
+        self.model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        batches = eval_batches(self.corpus.splits[split], self.settings.data.seq_len,
+                               self.settings.train.batch_size, max_batches=max_batches)
+        for i, (inputs, targets) in enumerate(batches):
+            if i % self.info.world_size != self.info.rank:
+                continue
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self._autocast():
+                out = self.model(input_ids=inputs, shift_labels=targets)
+            n = (targets != -100).sum()
+            sums[0] += out.loss.double() * n
+            sums[1] += n
+        all_reduce_sum(sums, self.info)
+        self.model.train()
+        return float(sums[0] / sums[1].clamp(min=1))
+
+    # ------------------------------------------------------------------ one optimiser step
+    def _diverged(self, what: str, value: float) -> TrainingDivergedError:
+        s = self.settings
+        if self.last_saved is not None:
+            kept = f"the last good checkpoint is {self.last_saved[1]} (step {self.last_saved[0]})"
+        else:
+            kept = "no checkpoint had been saved yet"
+        return TrainingDivergedError(
+            f"training diverged at step {self.step + 1}: {what} is {value}; {kept}. Try a lower learning rate "
+            f"(--lr, now {s.train.lr:g}), a smaller beta (--beta, now {s.solver.beta:g}), float64 solver states "
+            f"(--set solver.state_dtype=float64, now {s.solver.state_dtype}) or gradient clipping "
+            f"(--set train.grad_clip=1.0, now {s.train.grad_clip:g})",
+            step=self.step + 1,
+        )
+
+    def _train_step(self, indices) -> dict[str, float]:
+        from revdeq_cli import deq
+
+        tr = self.settings.train
+        net = self.ddp if self.ddp is not None else self.model
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        out = None
+        try:
+            for k in range(tr.grad_accum):
+                block = self.blocks[indices[k]].to(self.device, non_blocking=True)
+                last = k == tr.grad_accum - 1
+                # DDP all-reduces gradients on the last micro-batch only.
+                with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                    with self._autocast():
+                        out = net(input_ids=block[:, :-1], shift_labels=block[:, 1:])
+                    self.scaler.scale(out.loss / tr.grad_accum).backward()
+                loss_sum += out.loss.detach().double()
+        except deq.SolverDivergedError as err:
+            raise self._diverged(f"the solver residual (solver step {err.step})", math.nan) from None
+        residual = float(out.solver_residual) if out.solver_residual is not None else math.nan
+        stats = torch.tensor([float(loss_sum) / tr.grad_accum, residual], dtype=torch.float64, device=self.device)
+        stats = all_reduce_sum(stats, self.info) / self.info.world_size
+        loss, residual = float(stats[0]), float(stats[1])
+        if not math.isfinite(loss):
+            raise self._diverged("the training loss", loss)
+        if self.model.config.is_deq and not math.isfinite(residual):
+            raise self._diverged("the forward solver residual", residual)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = tr.grad_clip if tr.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not math.isfinite(grad_norm) and self.precision != "fp16":  # fp16: the scaler skips such steps
+            raise self._diverged("the gradient norm", grad_norm)
+        lr = self.schedule.lr
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        backward = out.solver_backward
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "solver_steps": int(out.solver_steps or 0),
+                "solver_residual": residual, "backward_nfe": int(getattr(backward, "nfe", 0) or 0)}
+
+    # ------------------------------------------------------------------ the loop
+    def _header(self) -> None:
+        s, c = self.settings, self.corpus
+        counts = self.model.num_parameters_split()
+        tr = s.train
+        self._log(f"run: {self.run_dir}")
+        self._log(f"data: {c.source}; tokens train {len(c.splits['train']):,} / validation "
+                  f"{len(c.splits['validation']):,} / test {len(c.splits['test']):,}; vocab {c.vocab_size} "
+                  f"({s.data.tokenizer}); prepared in {format_duration(self.data_seconds)}")
+        self._log(f"model: preset {s.model.preset}, {counts['total']:,} parameters "
+                  f"({counts['non_embedding']:,} non-embedding); solver {s.solver.solver} / adjoint "
+                  f"{s.solver.adjoint}, beta {s.solver.beta}, max {s.solver.max_steps} steps, tol {s.solver.tol}, "
+                  f"states {s.solver.state_dtype}")
+        self._log(f"train: {self.total_steps} steps ({self.steps_per_epoch} per epoch), batch {tr.batch_size} x "
+                  f"accum {tr.grad_accum} x {self.info.world_size} process(es) x {s.data.seq_len} tokens = "
+                  f"{self.tokens_per_step:,} tokens/step; lr {tr.lr:g} ({tr.schedule}, warmup {tr.warmup_steps}); "
+                  f"device {self.device}, {self.precision}")
+        self._log(f"unigram baseline: validation perplexity {perplexity(self.unigram_val_loss):.2f}")
+
+    def run(self) -> TrainSummary:
+        """Train to the end (or until Ctrl-C / divergence); rank 0 writes config.yaml, logs and checkpoints."""
+        s = self.settings
+        if self.info.is_main:
+            ckpt.remove_stale_temp_dirs(self.run_dir)
+            ckpt.atomic_write_text(self.run_dir / "config.yaml", s.to_yaml())
+        self._prepare_data()
+        self._build_model()
+        self._build_optimisation()
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        self.tb = None
+        if self.info.is_main and s.log.tensorboard:
+            from revdeq_cli.training.tensorboard_log import TensorBoardLog
+
+            self.tb = TensorBoardLog(self.run_dir / "logs")
+        self._header()
+        self.history: list[dict[str, float]] = []
+        self.final_val_loss: float | None = None
+        self.test_loss: float | None = None
+        self._session_start_tokens = self.tokens_seen
+        self._t0 = time.perf_counter()
+        self._peak = 0
+        try:
+            self._loop()
+            self._finish()
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        finally:
+            self.progress.close()
+            if self.tb is not None:
+                self.tb.close()
+        return self.summary()
+
+    def _loop(self) -> None:
+        tr = self.settings.train
+        throughput = Throughput()
+        throughput.mark(self.tokens_seen)
+        self.progress.start(self.total_steps, self.step)
+        epoch_indices = self.order.epoch_indices(self.epoch)
+        self._rng_at_boundary = capture_rng_state()
+        while self.step < self.total_steps:
+            if self.micro_index + tr.grad_accum > self.steps_per_epoch * tr.grad_accum:
+                self.epoch, self.micro_index = self.epoch + 1, 0
+                epoch_indices = self.order.epoch_indices(self.epoch)
+            reset_peak_memory(self.device)
+            figures = self._train_step(epoch_indices[self.micro_index : self.micro_index + tr.grad_accum])
+            self.step += 1
+            self.micro_index += tr.grad_accum
+            self.tokens_seen += self.tokens_per_step
+            self._rng_at_boundary = capture_rng_state()
+            memory = peak_memory_bytes(self.device)
+            self._peak = max(self._peak, memory)
+            throughput.mark(self.tokens_seen)
+            remaining = (self.total_steps - self.step) * throughput.seconds_per_step()
+            stats = StepStats(step=self.step, total_steps=self.total_steps, tokens_per_sec=throughput.tokens_per_sec(),
+                              memory_bytes=memory, tokens_seen=self.tokens_seen,
+                              elapsed=time.perf_counter() - self._t0, eta=remaining, **figures)
+            self.history.append({"step": self.step, **figures})
+            if self.info.is_main:
+                self.progress.update(stats)
+                if self.tb is not None and (self.step % self.settings.log.log_every == 0 or self.step == 1):
+                    self.tb.train_step(stats)
+            if tr.eval_every and self.step % tr.eval_every == 0 and self.step < self.total_steps:
+                self._validate(tr.eval_batches)
+            if tr.save_every and self.step % tr.save_every == 0 and self.step < self.total_steps and self.info.is_main:
+                self._save_step(self._rng_at_boundary)
+                if self.best_val_step == self.step:
+                    self._save_best(self._rng_at_boundary)
+
+    def _validate(self, max_batches: int | None, *, save_best: bool = True) -> float:
+        loss = self.evaluate("validation", max_batches)
+        improved = self.best_val_loss is None or loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_val_step = loss, self.step
+        self.schedule.observe(loss)
+        if self.info.is_main:
+            self._log(f"step {self.step}: validation loss {loss:.4f} | ppl {perplexity(loss):.2f}"
+                      + (" (best)" if improved else ""))
+            if self.tb is not None:
+                self.tb.evaluation("validation", self.step, loss, perplexity(loss))
+            save_now = self.settings.train.save_every and self.step % self.settings.train.save_every == 0
+            if improved and save_best and not save_now:  # on save steps best/ links the step checkpoint
+                self._save_best(self._rng_at_boundary)
+        return loss
+
+    def _finish(self) -> None:
+        self.final_val_loss = self._validate(None, save_best=False)
+        self.test_loss = self.evaluate("test")
+        self.final_checkpoint = None
+        if self.info.is_main:
+            self._log(f"test loss {self.test_loss:.4f} | ppl {perplexity(self.test_loss):.2f}")
+            if self.tb is not None:
+                self.tb.evaluation("test", self.step, self.test_loss, perplexity(self.test_loss))
+            step_dir = self._save_step(self._rng_at_boundary)
+            if self.best_val_step == self.step:
+                self._save_best(self._rng_at_boundary)
+            self.final_checkpoint = ckpt.link_checkpoint(step_dir, self.run_dir / "final")
+            if self.tb is not None:
+                flat = {f"{sec}.{k}": v for sec, vals in self.settings.model_dump().items() for k, v in vals.items()}
+                self.tb.hparams(flat, {"best_val_ppl": perplexity(self.best_val_loss or math.inf),
+                                       "final_val_ppl": perplexity(self.final_val_loss)})
+        barrier(self.info)
+
+    def _interrupted(self) -> None:
+        if not self.info.is_main or not hasattr(self, "_rng_at_boundary"):
+            return
+        if self.step > 0 and (self.last_saved is None or self.last_saved[0] != self.step):
+            path = self._save(ckpt.checkpoint_name(self.step), self._rng_at_boundary)
+            self.progress.log(f"interrupted: saved {path} (step {self.step}); continue with "
+                              f"--resume auto --out-dir {self.run_dir}")
+        else:
+            self.progress.log("interrupted")
+
+    def summary(self) -> TrainSummary:
+        seconds = time.perf_counter() - self._t0
+        return TrainSummary(
+            run_dir=self.run_dir, steps=self.step, total_steps=self.total_steps, tokens_seen=self.tokens_seen,
+            seconds=seconds, tokens_per_sec=(self.tokens_seen - self._session_start_tokens) / max(seconds, 1e-9),
+            peak_memory_bytes=self._peak, memory_kind=memory_kind(self.device),
+            best_val_loss=self.best_val_loss, best_val_step=self.best_val_step,
+            final_val_loss=self.final_val_loss, test_loss=self.test_loss, unigram_val_loss=self.unigram_val_loss,
+            final_checkpoint=getattr(self, "final_checkpoint", None), history=self.history,
+            data_seconds=self.data_seconds,
+        )
+
+
+def train(settings: Settings, *, progress: Progress | None = None) -> TrainSummary:
+    """Run `revdeq train` with resolved `settings` in this process (joins the torchrun group if launched by
+    torchrun). Prints progress and the summary on rank 0; returns the summary on every rank."""
+    info, device = init_distributed(settings.train.device)
+    try:
+        trainer = Trainer(settings, info=info, device=device, progress=progress)
+        summary = trainer.run()
+        if info.is_main:
+            for line in summary.lines():
+                trainer.progress.log(line)
+        return summary
+    finally:
+        shutdown_distributed()

@@ -195,7 +195,7 @@ def _tokenize_into(directory: Path, source: Source, tok: PreTrainedTokenizerFast
                     progress("tokenize", done, None)
         flush()
     total = sum(s["documents"] for s in stats.values())
-    if stats["train"]["tokens"] == 0:
+    if total == 0:
         raise DataError(f"dataset {source.description} has no text (every document is empty)")
     for name in SPLITS:
         if stats[name]["tokens"] == 0:

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from revdeq_cli.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 
@@ -56,6 +59,8 @@ class TokenBlocks:
         return self.view.shape if dim is None else self.view.shape[dim]
 
     def __getitem__(self, index: int | slice | list[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        import torch
+
         if isinstance(index, torch.Tensor):
             index = index.cpu().numpy()
         return torch.from_numpy(np.asarray(self.view[index], dtype=np.int64))
@@ -99,6 +104,8 @@ def eval_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n_targets = len(tokens) - 1
     n_windows = math.ceil(max(n_targets, 0) / seq_len)
+    import torch
+
     for batch_index, first in enumerate(range(0, n_windows, batch_size)):
         if max_batches is not None and batch_index >= max_batches:
             return

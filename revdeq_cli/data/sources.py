@@ -268,7 +268,7 @@ def _is_hub_layout(directory: Path) -> bool:
         patterns = get_data_patterns(str(directory))
     except Exception:  # datasets raises EmptyDatasetError and friends when nothing matches
         return False
-    return any(_SPLIT_NAMES.get(name.lower()) in ("validation", "test") for name in patterns)
+    return any(_SPLIT_NAMES.get(str(name).lower()) in ("validation", "test") for name in patterns)
 
 
 def _corpus_files(directory: Path) -> list[Path]:

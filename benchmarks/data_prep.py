@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/data_prep.py [--dataset pydoc] [--tokenizers byte bpe:4096] [--repeats 5]
 
 Uses a fresh temporary cache directory (REVDEQ_CACHE_DIR is ignored). Library imports (including the
-first `AutoTokenizer.from_pretrained`, which imports for seconds) are done before timing, so the times are those of `prepare_corpus` itself: "first" builds everything (a BPE tokenizer
-is trained first), "cached" is the best of --repeats later calls that find the cache. Exits 1 if the
-cache is not at least 10x faster.
+first `AutoTokenizer.from_pretrained`, which imports for seconds) are done before timing, so the times
+are those of `prepare_corpus` itself: "first" builds everything (a BPE tokenizer
+is trained first), "cached" is the best of --repeats later calls that find the cache. Exits 1 if the cache
+is not at least 10x faster.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,6 +149,52 @@ def test_uncached_hub_dataset_offline_fails_fast_with_one_line(how, monkeypatch)
     assert "\n" not in message
     assert "Salesforce/wikitext" in message and "offline" in message
     assert "--dataset pydoc" in message and "local path" in message
+    if how == "flag":
+        assert "(--offline)" in message
+
+
+def test_offline_flag_alone_keeps_every_library_off_the_network(tmp_path):
+    """A fresh process without HF_HUB_OFFLINE: `offline=True` must stop datasets and huggingface_hub from
+    trying the Hub (they read their offline setting at import). The endpoint points at a closed local port,
+    so a request that slipped through would fail only after retries (20 s or more), never reach the Hub."""
+    script = (
+        "import time, sys\n"
+        "import datasets, transformers.models.auto.tokenization_auto\n"  # imports are not waiting
+        "from revdeq_cli.data import DataError, prepare_corpus\n"
+        "t = time.perf_counter()\n"
+        "for tok in ('byte', 'someone/uncached-tokenizer'):\n"
+        "    try:\n"
+        "        prepare_corpus('wikitext' if tok == 'byte' else 'pydoc', tokenizer=tok, offline=True)\n"
+        "    except DataError as err:\n"
+        "        print(err)\n"
+        "print(f'{time.perf_counter() - t:.2f}')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env |= {
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_DATASETS_CACHE": str(tmp_path / "ds"),
+    }
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    dataset_line, tokenizer_line, seconds = out.stdout.strip().splitlines()
+    assert "Salesforce/wikitext" in dataset_line and "(--offline)" in dataset_line
+    assert "someone/uncached-tokenizer" in tokenizer_line and "offline" in tokenizer_line
+    assert float(seconds) < 10, "offline failures must not wait on the network (retries take 20 s or more)"
+
+
+def test_dataset_config_is_only_for_hub_datasets(tmp_path):
+    with pytest.raises(DataError, match="--dataset-config 'x' applies to hub datasets only"):
+        prepare_corpus("pydoc", dataset_config="x")
+
+
+def test_progress_reports_each_stage():
+    seen = []
+    prepare_corpus("pydoc", tokenizer="bpe:300", progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert ("train tokenizer", 69, 69) in seen and ("tokenize", 79, 79) in seen
+    seen.clear()
+    prepare_corpus("pydoc", tokenizer="bpe:300", progress=lambda *a: seen.append(a))
+    assert seen == []  # a cache hit does no work worth reporting
 
 
 def test_unreachable_hub_counts_as_offline(monkeypatch):

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 Progress = Callable[[str, int, int | None], None]
-"""progress(stage, done, total): stage is "train tokenizer" or "tokenize"; done counts documents."""
+"""progress(stage, done, total): stage is "train tokenizer" or "tokenize"; done counts documents; total
+is None while unknown and equals done in the last call of a stage. Not called on a cache hit."""
 
 _FLUSH_CHARS = 4_000_000  # encode in batches of about this many characters
 
@@ -154,10 +155,13 @@ def _resolve_tokenizer(
 
 
 def _counted(texts: Iterator[str], stage: str, progress: Progress | None) -> Iterator[str]:
-    for done, text in enumerate(texts, 1):
+    done = 0
+    for done, text in enumerate(texts, 1):  # noqa: B007 - `done` is read after the loop
         yield text
         if progress is not None and done % 1000 == 0:
             progress(stage, done, None)
+    if progress is not None:
+        progress(stage, done, done)
 
 
 def _tokenize_into(directory: Path, source: Source, tok: PreTrainedTokenizerFast, progress: Progress | None) -> None:
@@ -194,6 +198,8 @@ def _tokenize_into(directory: Path, source: Source, tok: PreTrainedTokenizerFast
                 if progress is not None:
                     progress("tokenize", done, None)
         flush()
+        if progress is not None:
+            progress("tokenize", done, done)
     total = sum(s["documents"] for s in stats.values())
     if total == 0:
         raise DataError(f"dataset {source.description} has no text (every document is empty)")

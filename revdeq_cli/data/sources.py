@@ -358,6 +358,7 @@ def local_source(path: Path, config: str | None, *, text_field: str) -> DatasetS
             lambda: load_hub_dataset(str(path), config, label=f"'{path}'", offline_why="it is a local directory"),
             text_field=text_field,
         )
+    _no_config(str(path), config)
     if path.is_dir():
         files = _corpus_files(path)
     elif path.suffix.lower() in _SUFFIXES:
@@ -381,6 +382,11 @@ def local_source(path: Path, config: str | None, *, text_field: str) -> DatasetS
 # --- resolution -----------------------------------------------------------------------------------------
 
 
+def _no_config(spec: str, config: str | None) -> None:
+    if config:
+        raise DataError(f"--dataset-config '{config}' applies to hub datasets only, not to '{spec}'; drop it")
+
+
 def _looks_like_path(spec: str) -> bool:
     return (
         spec.startswith((".", "/", "~"))
@@ -398,6 +404,7 @@ def resolve_source(
     if not spec:
         raise DataError("--dataset is empty; use pydoc, wikitext, a hub id or a local path")
     if spec.lower() == "pydoc":
+        _no_config(spec, dataset_config)
         return PydocSource()
     if spec.lower() in HUB_ALIASES:
         repo_id, default_config = HUB_ALIASES[spec.lower()]

@@ -420,16 +420,24 @@ def resolve_settings(
     config_file: str | os.PathLike[str] | None = None,
     sets: list[str] | tuple[str, ...] = (),
     flags: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
+    base: Mapping[str, Any] | None = None,
+    base_source: str = "the resumed checkpoint",
     fill_preset: bool = True,
 ) -> Settings:
-    """Merge preset < `config_file` < environment < `--set` items < `flags` and validate.
+    """Merge preset < `base` < `config_file` < environment < `--set` items < `flags` and validate.
 
     `flags` maps dotted keys to values of the dedicated CLI options that were given (None values are
-    skipped). With `fill_preset`, every model/solver field still unset takes the preset's value (this
-    imports the model package). Raises `ConfigError` naming the field, its source and the fix.
+    skipped); `flag_names` maps the same keys to the option spelling used in error messages (`--lr`).
+    `base` is a nested settings mapping beneath the user's layers: a resumed run's stored settings, so
+    `--resume` continues the run as it was configured. With `fill_preset`, every model/solver field still
+    unset takes the preset's value (this imports the model package). Raises `ConfigError` naming the
+    field, its source and the fix.
     """
     layers: list[tuple[str, Any, str]] = []  # (dotted key, value, source), lowest precedence first
+    if base is not None:
+        layers += [(k, v, base_source) for k, v in flatten(base, base_source)]
     if config_file is not None:
         src = f"--config {config_file}"
         layers += [(k, v, src) for k, v in flatten(load_yaml_layer(config_file), src)]
@@ -440,7 +448,8 @@ def resolve_settings(
         layers += [(k, v, f"--set {item}") for k, v in flatten({key: value}, f"--set {item}")]
     for key, value in (flags or {}).items():
         if value is not None:
-            layers += [(k, v, f"--{key.split('.')[-1].replace('_', '-')}") for k, v in flatten({key: value}, key)]
+            src = (flag_names or {}).get(key, key)
+            layers += [(k, v, src) for k, v in flatten({key: value}, src)]
 
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}

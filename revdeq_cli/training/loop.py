@@ -150,6 +150,9 @@ class Trainer:
         self.progress = progress or make_progress(settings.log.progress, log_every=settings.log.log_every,
                                                   is_main=info.is_main)
         self.precision = tr.precision
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the progress display
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tr.precision)
 
     # ------------------------------------------------------------------ setup
@@ -463,12 +466,14 @@ class Trainer:
                 self.progress.update(stats)
                 if self.tb is not None and (self.step % self.settings.log.log_every == 0 or self.step == 1):
                     self.tb.train_step(stats)
+            side_start = time.perf_counter()
             if tr.eval_every and self.step % tr.eval_every == 0 and self.step < self.total_steps:
                 self._validate(tr.eval_batches)
             if tr.save_every and self.step % tr.save_every == 0 and self.step < self.total_steps and self.info.is_main:
                 self._save_step(self._rng_at_boundary)
                 if self.best_val_step == self.step:
                     self._save_best(self._rng_at_boundary)
+            throughput.exclude(time.perf_counter() - side_start)
 
     def _validate(self, max_batches: int | None, *, save_best: bool = True) -> float:
         loss = self.evaluate("validation", max_batches)

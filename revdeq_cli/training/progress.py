@@ -148,6 +148,10 @@ class Throughput:
         self._marks.append((time.perf_counter(), tokens_seen))
         del self._marks[: -self.window - 1]
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (validation, checkpointing) out of the rate: shift the recorded marks forward."""
+        self._marks = [(t + seconds, n) for t, n in self._marks]
+
     def tokens_per_sec(self) -> float:
         if len(self._marks) < 2:
             return 0.0

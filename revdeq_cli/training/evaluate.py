@@ -1,0 +1,162 @@
+"""Evaluation of a trained model: perplexity, bits per byte, solver steps, and convergence probes.
+
+    result = evaluate_split(model, corpus.splits["test"], split_bytes=corpus.split_bytes["test"],
+                            seq_len=128, batch_size=8)
+    rows = solver_steps_sweep(model, tokens, [1, 2, 4, 8], split_bytes=..., seq_len=128, batch_size=8)
+    trace = probe_residuals(model, input_ids)        # residual after each solver step
+
+What is exact and what is not:
+
+* `loss` is the mean next-token cross-entropy (nats) over every target of the split exactly once
+  (`data.eval_batches`: windows of `seq_len`, the tail included, padding never scored); perplexity = exp(loss).
+* bits per byte = total NLL / (ln 2 * UTF-8 bytes of the split's documents). It is comparable across
+  tokenizers because it divides by the text, not by the token count. Two small approximations: the first
+  token of the split is never predicted, and the end-of-document tokens are predicted (their NLL counted)
+  though the separators are not counted as bytes.
+* Windows do not overlap, so a token early in a window sees less context than in training's average; this
+  is the standard non-overlapping evaluation, the same one the trainer's validation uses.
+* In eval mode a DEQ runs `config.inference_max_steps` solver steps (stopping early at `inference_tol`, if
+  set): `solver_steps` overrides it per call, which is how a sweep measures test-time compute.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from revdeq_cli.training.metrics import peak_memory_bytes, perplexity, reset_peak_memory
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluation of one split. Losses in nats per token; `solver_steps` = the steps limit used."""
+
+    split: str
+    solver_steps: int | None  # inference steps limit in force (None: explicit model)
+    tokens: int  # targets scored
+    bytes: int  # UTF-8 bytes of the split's text
+    nll: float  # total negative log-likelihood, nats
+    loss: float  # nll / tokens
+    perplexity: float
+    bits_per_byte: float
+    mean_solver_steps: float  # steps actually taken, averaged over batches (weighted by tokens)
+    max_residual: float  # largest final relative residual over all batches (nan: explicit model)
+    seconds: float
+    tokens_per_sec: float
+    peak_memory_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextmanager
+def inference_steps(model: Any, steps: int | None) -> Any:
+    """Temporarily set `model.config.inference_max_steps` (None: leave it) and no early stop, restoring
+    both afterwards, so `steps` is exactly the number of solver steps each forward call runs."""
+    config = model.config
+    saved = (config.inference_max_steps, config.inference_tol)
+    if steps is not None:
+        config.inference_max_steps, config.inference_tol = int(steps), None
+    try:
+        yield
+    finally:
+        config.inference_max_steps, config.inference_tol = saved
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: Any,
+    tokens: np.ndarray,
+    *,
+    split_bytes: int,
+    seq_len: int,
+    batch_size: int,
+    split: str = "validation",
+    solver_steps: int | None = None,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Score `tokens` (1-D ids) with `model` in eval mode; `solver_steps` overrides the inference steps.
+
+    `split_bytes` is the UTF-8 size of the text behind `tokens` (`PreparedCorpus.split_bytes[split]`).
+    `max_batches` evaluates a prefix only (then `bits_per_byte` scales bytes by the fraction of targets
+    scored, an estimate). `on_batch(n_targets)` is called after each batch (progress display)."""
+    from revdeq_cli.data import eval_batches, num_eval_batches
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    reset_peak_memory(device)
+    nll = 0.0
+    n_tokens = 0
+    step_tokens = 0.0
+    max_residual = -math.inf
+    t0 = time.perf_counter()
+    with inference_steps(model, solver_steps):
+        for inputs, targets in eval_batches(tokens, seq_len, batch_size, max_batches=max_batches):
+            inputs, targets = inputs.to(device), targets.to(device)
+            out = model(input_ids=inputs, shift_labels=targets)
+            n = int((targets != -100).sum())
+            nll += float(out.loss.double()) * n
+            n_tokens += n
+            if out.solver_steps is not None:
+                step_tokens += out.solver_steps * n
+            if out.solver_residual is not None and not math.isnan(out.solver_residual):
+                max_residual = max(max_residual, float(out.solver_residual))
+            if on_batch is not None:
+                on_batch(n)
+        limit = model.config.eval_max_steps if getattr(model.config, "is_deq", True) else None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    if n_tokens == 0:
+        raise ValueError(f"{split} split has no targets to evaluate (fewer than 2 tokens)")
+    covered = n_tokens / max(len(tokens) - 1, 1)
+    if max_batches is None or num_eval_batches(tokens, seq_len, batch_size) <= max_batches:
+        covered = 1.0
+    loss = nll / n_tokens
+    return EvalResult(
+        split=split, solver_steps=limit, tokens=n_tokens, bytes=int(split_bytes), nll=nll, loss=loss,
+        perplexity=perplexity(loss), bits_per_byte=nll / (math.log(2) * max(split_bytes * covered, 1.0)),
+        mean_solver_steps=step_tokens / n_tokens,
+        max_residual=max_residual if max_residual > -math.inf else math.nan, seconds=seconds,
+        tokens_per_sec=n_tokens / seconds if seconds > 0 else math.inf, peak_memory_bytes=peak_memory_bytes(device),
+    )
+
+
+def solver_steps_sweep(model: Any, tokens: np.ndarray, steps: Iterable[int], **kwargs: Any) -> list[EvalResult]:
+    """`evaluate_split` once per inference solver-steps value (test-time compute: a DEQ can iterate
+    longer than it trained). The model's own settings are restored afterwards."""
+    return [evaluate_split(model, tokens, solver_steps=s, **kwargs) for s in steps]
+
+
+@torch.no_grad()
+def probe_residuals(model: Any, input_ids: torch.Tensor, steps: int | None = None) -> list[float]:
+    """The relative residual max_b ||z - f(z)|| / (1e-5 + ||f(z)||) after 1, 2, ..., `steps` solver steps
+    (default: the model's inference steps) on one batch, without early stopping.
+
+    Each entry is the final residual of a fresh solve run for exactly k steps. The iteration from z0 = 0
+    does not depend on the step limit, so entry k is exactly what step k of one long solve reaches."""
+    if not getattr(model.config, "is_deq", True):
+        raise ValueError("the explicit (stacked) model has no solver to probe")
+    was_training = model.training
+    model.eval()
+    total = int(steps if steps is not None else model.config.eval_max_steps)
+    residuals = []
+    try:
+        for k in range(1, total + 1):
+            with inference_steps(model, k):
+                out = model(input_ids=input_ids)
+            residuals.append(float(out.solver_residual))
+    finally:
+        model.train(was_training)
+    return residuals

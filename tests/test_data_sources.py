@@ -271,6 +271,17 @@ def test_directory_with_its_own_splits_keeps_them(tmp_path):
     assert got == {"train": DOCS[:100], "validation": DOCS[100:110], "test": DOCS[110:]}
 
 
+def test_directory_of_text_files_per_split(tmp_path):
+    for split, docs in (("train", DOCS[:100]), ("validation", DOCS[100:110]), ("test", DOCS[110:])):
+        (tmp_path / f"{split}.txt").write_text("\n\n".join(docs) + "\n")
+    got = split_of_docs(prepare_corpus(str(tmp_path), tokenizer="byte"))
+    assert {s: [d.strip() for d in m] for s, m in got.items()} == {
+        "train": DOCS[:100],
+        "validation": DOCS[100:110],
+        "test": DOCS[110:],
+    }
+
+
 def test_missing_validation_split_is_carved_from_train_by_hash(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:110]))
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[110:]))
@@ -341,3 +352,30 @@ def test_unsupported_extension(tmp_path):
     path.write_text("text\nhello\n")
     with pytest.raises(DataError, match="corpus.csv.*unsupported extension"):
         prepare_corpus(str(path), tokenizer="byte")
+
+
+def test_hub_probe_answers_quickly_both_ways(monkeypatch):
+    """The reachability probe really talks HTTP (a local server stands in for the Hub) and gives up fast."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from revdeq_cli.data import hub
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        hub.hub_reachable.cache_clear()
+        assert hub.hub_reachable()
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")  # now closed
+    hub.hub_reachable.cache_clear()
+    start = time.perf_counter()
+    assert not hub.hub_reachable()
+    assert time.perf_counter() - start < 5
+    hub.hub_reachable.cache_clear()

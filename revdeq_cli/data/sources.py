@@ -205,16 +205,19 @@ def _join_wikitext_articles(lines: Iterable[str | None]) -> Iterator[str]:
 # --- hub ------------------------------------------------------------------------------------------------
 
 
-def load_hub_dataset(location: str, config: str | None, *, label: str, offline_why: str | None) -> DatasetDict:
+def load_hub_dataset(
+    location: str, config: str | None, *, label: str, offline_why: str | None, **builder_kwargs: object
+) -> DatasetDict:
     """`datasets.load_dataset(location, config)` with its failures turned into one-line DataErrors.
-    `location` is a hub id, or a local directory laid out like a hub repository."""
+    `location` is a hub id, or a local directory laid out like a hub repository (loaded offline)."""
     import datasets
 
-    with hub_offline_mode(offline_why is not None):
+    local = Path(location).is_dir()  # a local copy never needs the network
+    with hub_offline_mode(local or offline_why is not None):
         try:
-            data = datasets.load_dataset(location, config)
+            data = datasets.load_dataset(location, config, **builder_kwargs)
         except (ConnectionError, FileNotFoundError) as err:
-            if offline_why is not None:
+            if offline_why is not None and not local:
                 raise DataError(
                     f"dataset {label} is not in the Hugging Face cache and {offline_why}; "
                     "pass a local path (--dataset PATH) or use --dataset pydoc"
@@ -353,9 +356,12 @@ def _load_files(files: list[Path], text_field: str) -> DatasetDict:
 
 def local_source(path: Path, config: str | None, *, text_field: str) -> DatasetSource:
     if path.is_dir() and _is_hub_layout(path):
+        data_files = [p for p in path.rglob("*") if p.is_file() and p.name != "README.md" and ".cache" not in p.parts]
+        # Plain-text splits: paragraphs are documents here too (datasets' default would make every line one).
+        kwargs = {"sample_by": "paragraph"} if all(p.suffix.lower() == ".txt" for p in data_files) else {}
         return DatasetSource(
             f"{path} (hub layout{', config ' + config if config else ''})",
-            lambda: load_hub_dataset(str(path), config, label=f"'{path}'", offline_why="it is a local directory"),
+            lambda: load_hub_dataset(str(path), config, label=f"'{path}'", offline_why=None, **kwargs),
             text_field=text_field,
         )
     _no_config(str(path), config)

@@ -206,6 +206,18 @@ def test_unreachable_hub_counts_as_offline(monkeypatch):
         prepare_corpus("someone/some-dataset", tokenizer="byte")
 
 
+def test_hub_dataset_with_only_train_and_another_text_column(tmp_path, monkeypatch):
+    """A hub repo as `push_to_hub` lays it out (data/train-*.parquet): missing splits are carved by hash."""
+    docs = [f"note {i}: " + "lorem ipsum " * (i % 7 + 1) for i in range(150)]
+    (tmp_path / "someone" / "notes" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"body": docs}), tmp_path / "someone/notes/data/train-00000-of-00001.parquet")
+    monkeypatch.setenv("REVDEQ_HUB_MIRROR", str(tmp_path))
+    with pytest.raises(DataError, match=r"someone/notes.*no 'text' field \(columns: body\)"):
+        prepare_corpus("someone/notes", tokenizer="byte")
+    corpus = prepare_corpus("someone/notes", tokenizer="byte", text_field="body")
+    assert_hash_split(corpus, docs)
+
+
 # --- local files --------------------------------------------------------------------------------------
 
 DOCS = [f"Document {i}: " + " ".join(f"w{(i * 7 + j) % 50}" for j in range(20 + i % 13)) for i in range(120)]

@@ -175,7 +175,7 @@ class DatasetSource:
         if field not in ds.column_names:
             raise DataError(
                 f"dataset {self.description}: no '{field}' field (columns: {', '.join(ds.column_names)}); "
-                "name the text column 'text'"
+                "choose the column holding the text with text_field (setting data.text_field)"
             )
         rows = (row for batch in ds.select_columns([field]).iter(batch_size=_BATCH_ROWS) for row in batch[field])
         texts = _join_wikitext_articles(rows) if self.wikitext_articles else rows

@@ -1,0 +1,135 @@
+"""`revdeq inspect CHECKPOINT`: what a checkpoint holds, read without loading the model (unless --probe)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from revdeq_cli.cli.app import app
+from revdeq_cli.cli.output import echo_json, quiet_libraries, table, user_errors
+
+PROBE_TEXT = (
+    "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. "
+    "Complex is better than complicated. Flat is better than nested. Sparse is better than dense."
+)
+
+
+@app.command(
+    "inspect",
+    help=(
+        "Show a checkpoint's settings, parameter counts (total, embedding, non-embedding), dtypes, training "
+        "step and tokens seen, recent losses, and its files. Reads config.json, the safetensors header and "
+        "training_state.pt (weights-only); the model is loaded only for --probe."
+    ),
+    epilog=(
+        "Examples:\n\n"
+        "  revdeq inspect runs/pydoc-20260101-120000\n\n"
+        "  revdeq inspect runs/x/checkpoint-000400 --weights\n\n"
+        "  revdeq inspect runs/x/final --probe --probe-steps 16\n\n"
+        "  revdeq inspect models/x/model.safetensors --weights --json"
+    ),
+)
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint dir, a run dir (its newest checkpoint), or a "
+                                      "model.safetensors file.", show_default=False),
+    weights: bool = typer.Option(False, "--weights", help="List every tensor: name, shape, dtype."),
+    probe: bool = typer.Option(False, "--probe", help="Run one batch and show the residual after each solver step."),
+    probe_text: str = typer.Option(PROBE_TEXT, "--probe-text", help="Text of the --probe batch.",
+                                   show_default=False),
+    probe_steps: int | None = typer.Option(None, "--probe-steps", min=1,
+                                           help="Solver steps for --probe (default: the model's inference steps)."),
+    device: str = typer.Option("cpu", "--device", help="Device for --probe: auto, cpu, cuda, mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+) -> None:
+    """Describe CHECKPOINT (help text: see the decorator)."""
+    with user_errors():
+        from revdeq_cli.training.inspection import describe_checkpoint
+
+        report = describe_checkpoint(checkpoint)
+        residuals = _probe(report.path, probe_text, probe_steps, device) if probe else None
+        if as_json:
+            out = {
+                "path": report.path, "config": report.config, "parameters": report.parameters,
+                "dtypes": report.dtypes, "training": report.training, "settings": report.settings,
+                "recent": {k: [list(p) for p in v] for k, v in report.recent.items()},
+                "files": dict(report.files), "metadata": report.metadata,
+            }
+            if weights:
+                out["weights"] = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes}
+                                  for t in report.tensors]
+            if residuals is not None:
+                out["probe"] = {"text": probe_text, "residuals": residuals}
+            echo_json(out)
+            return
+        for line in _summary_lines(report):
+            typer.echo(line)
+        if weights:
+            typer.echo("")
+            rows = [(t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, f"{t.numel:,}") for t in report.tensors]
+            typer.echo(table(("tensor", "shape", "dtype", "elements"), rows))
+        if residuals is not None:
+            typer.echo("")
+            typer.echo(f"probe: {len(probe_text)} characters, relative residual ||z - f(z)|| / ||f(z)|| per step")
+            rows = [(k, f"{r:.3e}", "#" * max(1, min(40, round(40 * r / max(residuals[0], 1e-30)))))
+                    for k, r in enumerate(residuals, start=1)]
+            typer.echo(table(("step", "residual", ""), rows, align="rrl"))
+
+
+def _probe(path: Path, text: str, steps: int | None, device_spec: str) -> list[float]:
+    import torch
+
+    from revdeq_cli.errors import CheckpointError, UserError
+    from revdeq_cli.training.checkpoint import load_checkpoint
+    from revdeq_cli.training.distributed import resolve_device
+    from revdeq_cli.training.evaluate import probe_residuals
+
+    quiet_libraries()
+    model, tokenizer, _, _ = load_checkpoint(path, device=resolve_device(device_spec))
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: has no tokenizer files, which --probe needs to encode its text")
+    if not model.config.is_deq:
+        raise UserError(f"{path}: an explicit (stacked) model has no solver to probe; drop --probe")
+    ids = tokenizer(text)["input_ids"][: model.config.max_position_embeddings]
+    if not ids:
+        raise UserError("--probe-text: encodes to no tokens; give some text")
+    batch = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    return probe_residuals(model, batch, steps)
+
+
+def _summary_lines(report) -> list[str]:
+    from revdeq_cli.training.metrics import perplexity
+    from revdeq_cli.training.progress import format_bytes
+
+    c, p, t, s = report.config, report.parameters, report.training, report.settings
+    infer = c.get("inference_max_steps") or c.get("max_steps")
+    lines = [f"checkpoint   {report.path}"]
+    if c:
+        lines.append(f"model        {c.get('solver')} solver / {c.get('adjoint')} adjoint, beta {c.get('beta')}, "
+                     f"max_steps {c.get('max_steps')} (inference {infer}), tol {c.get('tol')}, "
+                     f"state {c.get('state_dtype')}")
+        lines.append(f"shape        hidden {c.get('hidden_size')}, heads {c.get('num_attention_heads')}, "
+                     f"intermediate {c.get('intermediate_size')}, context {c.get('max_position_embeddings')}, "
+                     f"vocab {c.get('vocab_size')}, layers {c.get('num_hidden_layers')}, "
+                     f"tied head {'yes' if c.get('tie_word_embeddings') else 'no'}")
+    lines.append(f"parameters   {p['total']:,} total | {p['embedding']:,} embedding | "
+                 f"{p['non_embedding']:,} non-embedding")
+    lines.append("dtypes       " + ", ".join(f"{d} ({n:,})" for d, n in report.dtypes.items()))
+    if t:
+        best = t.get("best_val_loss")
+        best_text = (f", best val loss {best:.4f} (ppl {perplexity(best):.2f}) at step {t.get('best_val_step')}"
+                     if isinstance(best, float) else "")
+        lines.append(f"training     step {t.get('step')} / {t.get('total_steps')}, epoch {t.get('epoch')}, "
+                     f"tokens seen {t.get('tokens_seen', 0):,}{best_text}")
+    else:
+        lines.append("training     no training_state.pt (a converted or exported model)")
+    if s:
+        d, tr = s.get("data", {}), s.get("train", {})
+        config = f" ({d['dataset_config']})" if d.get("dataset_config") else ""
+        lines.append(f"data         {d.get('dataset')}{config}, tokenizer "
+                     f"{d.get('tokenizer')}, seq_len {d.get('seq_len')}; batch {tr.get('batch_size')} x accum "
+                     f"{tr.get('grad_accum')}, lr {tr.get('lr')}, precision {tr.get('precision')}")
+    for tag, points in report.recent.items():
+        lines.append(f"{tag:<12} " + "  ".join(f"{step}: {value:.4f}" for step, value in points))
+    lines.append("files        " + ", ".join(f"{name} ({format_bytes(size)})" for name, size in report.files))
+    return lines

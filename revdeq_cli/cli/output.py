@@ -1,0 +1,86 @@
+"""Shared pieces of the generate / eval / inspect / convert commands: error handling, quiet libraries,
+JSON, tables and the checkpoint argument. Formatting only; the work happens in the layers below."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from revdeq_cli.errors import UserError
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a `UserError` into its one line on stderr and exit 2, also when the command is invoked
+    directly (e.g. by `typer.testing.CliRunner`) rather than through `revdeq_cli.cli.app.main`."""
+    try:
+        yield
+    except UserError as err:
+        typer.echo(f"revdeq: error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+def quiet_libraries() -> None:
+    """No download/loading progress bars or advisory warnings from transformers/datasets on stderr:
+    our commands print their own summary."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def echo_json(obj: Any) -> None:
+    """Print `obj` as JSON on stdout (NaN/inf become null, paths strings)."""
+    typer.echo(json.dumps(_jsonable(obj), indent=2))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A plain aligned text table; `align` has one letter per column, l or r (default: first column
+    left, the others right)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                         for c, w, a in zip(row, widths, align, strict=True)).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *(line(r) for r in cells[1:])])
+
+
+def newest_checkpoint_under(root: Path) -> Path:
+    """The most recently written checkpoint in any run directory under `root` (default for generate)."""
+    from revdeq_cli.errors import CheckpointError
+    from revdeq_cli.training.checkpoint import is_checkpoint_dir
+
+    found = []
+    if root.is_dir():
+        for run in root.iterdir():
+            if run.is_dir() and not run.name.startswith("."):
+                found += [p for p in run.iterdir() if p.is_dir() and not p.name.startswith(".")
+                          and is_checkpoint_dir(p)]
+    if not found:
+        raise CheckpointError(f"{root}: no checkpoint found; train one with `revdeq train` or pass "
+                              "--checkpoint PATH")
+    return max(found, key=lambda p: ((p / "model.safetensors").stat().st_mtime if
+                                     (p / "model.safetensors").exists() else 0.0, p.name))

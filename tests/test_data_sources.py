@@ -33,29 +33,15 @@ def decode_docs(tokens: np.ndarray) -> list[str]:
 
 # --- WikiText laid out as the hub's Salesforce/wikitext repository --------------------------------------
 
-WIKITEXT_CARD = """---
-language:
-- en
-configs:
-- config_name: wikitext-103-raw-v1
-  data_files:
-  - split: test
-    path: wikitext-103-raw-v1/test-*
-  - split: train
-    path: wikitext-103-raw-v1/train-*
-  - split: validation
-    path: wikitext-103-raw-v1/validation-*
-- config_name: wikitext-2-raw-v1
-  data_files:
-  - split: test
-    path: wikitext-2-raw-v1/test-*
-  - split: train
-    path: wikitext-2-raw-v1/train-*
-  - split: validation
-    path: wikitext-2-raw-v1/validation-*
----
-# Dataset Card for "wikitext"
-"""
+
+def wikitext_card() -> str:
+    """The hub repo's README.md front matter: one config per variant, parquet files per split."""
+    lines = ["---", "language:", "- en", "configs:"]
+    for config in ("wikitext-103-raw-v1", "wikitext-2-raw-v1"):
+        lines += [f"- config_name: {config}", "  data_files:"]
+        for split in ("test", "train", "validation"):
+            lines += [f"  - split: {split}", f"    path: {config}/{split}-*"]
+    return "\n".join([*lines, "---", '# Dataset Card for "wikitext"', ""])
 
 
 def wikitext_rows(split: str, n_articles: int) -> tuple[list[str], list[str]]:
@@ -87,7 +73,7 @@ def wikitext_mirror(tmp_path, monkeypatch):
     """A local copy of the hub repo Salesforce/wikitext, files named as on the hub."""
     repo = tmp_path / "mirror" / "Salesforce" / "wikitext"
     repo.mkdir(parents=True)
-    (repo / "README.md").write_text(WIKITEXT_CARD)
+    (repo / "README.md").write_text(wikitext_card())
     expected = {}
     for split, n in (("train", 12), ("validation", 3), ("test", 4)):
         rows, articles = wikitext_rows(split, n)

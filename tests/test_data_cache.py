@@ -75,6 +75,7 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     assert prepare_corpus("pydoc", tokenizer="byte", cache_dir=tmp_path).splits["train"].size > 0
 
 
+@pytest.mark.slow  # two fresh interpreters importing transformers: 10-25 s on 2 busy cores
 def test_two_processes_building_the_same_entry(tmp_path):
     script = textwrap.dedent(
         """

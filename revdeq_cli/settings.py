@@ -185,6 +185,7 @@ class TrainSettings(_Section):
     seed: int = 0
     eval_every: int = Field(100, ge=0)  # 0 = only at the end
     eval_batches: int | None = Field(None, gt=0)  # cap on validation batches during training; None = all
+    eval_batch_size: int | None = Field(None, gt=0)  # sequences per evaluation batch; None = batch_size
     save_every: int = Field(200, ge=0)  # 0 = only at the end (and on Ctrl-C)
     keep_last: int = Field(3, gt=0)
     resume: str | None = None  # None | "auto" | PATH

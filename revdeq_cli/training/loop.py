@@ -313,7 +313,8 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         batches = eval_batches(self.corpus.splits[split], self.settings.data.seq_len,
-                               self.settings.train.batch_size, max_batches=max_batches)
+                               self.settings.train.eval_batch_size or self.settings.train.batch_size,
+                               max_batches=max_batches)
         for i, (inputs, targets) in enumerate(batches):
             if i % self.info.world_size != self.info.rank:
                 continue

@@ -56,6 +56,8 @@ def test_bpe_is_trained_on_train_split_cached_and_saved_with_the_run(tmp_path, m
     assert second.fingerprint == first.fingerprint
     again = AutoTokenizer.from_pretrained(tmp_path / "run")
     assert again.encode(TEXT) == tok.encode(TEXT)
+    # `eval` with the run's copy of the tokenizer finds the same cached tokens.
+    assert prepare_corpus("pydoc", tokenizer=str(tmp_path / "run")).fingerprint == first.fingerprint
     assert tok.decode(tok.encode(TEXT)) == TEXT  # byte-level: lossless
     # Fewer tokens than bytes: the merges were learned from this corpus.
     assert len(first.splits["train"]) < 0.5 * first.split_bytes["train"]
@@ -74,6 +76,7 @@ def test_local_tokenizer_directory_such_as_a_checkpoint(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text("{}")  # a checkpoint holds model files beside it
     from_dir = prepare_corpus("pydoc", tokenizer=str(tmp_path / "ckpt"))
     built_in = prepare_corpus("pydoc", tokenizer="byte")
+    assert from_dir.fingerprint == built_in.fingerprint  # same tokenizer definition, same cache entry
     for split in built_in.splits:
         assert (from_dir.splits[split] == built_in.splits[split]).all()
 

@@ -1,0 +1,132 @@
+"""`revdeq eval CHECKPOINT`: perplexity and bits per byte, optionally against inference solver steps."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+from revdeq_cli.cli.app import app
+from revdeq_cli.cli.output import echo_json, quiet_libraries, table, user_errors
+
+
+class Split(StrEnum):
+    validation = "validation"
+    test = "test"
+
+
+@app.command(
+    "eval",
+    help=(
+        "Evaluate a checkpoint: perplexity and bits per byte (comparable across tokenizers) on the validation "
+        "or test split of its dataset (or of --dataset), with tokens/s and mean solver steps. Several "
+        "--solver-steps values print a table of perplexity against inference-time solver steps: a DEQ can "
+        "iterate longer at test time than it trained."
+    ),
+    epilog=(
+        "Examples:\n\n"
+        "  revdeq eval runs/pydoc-20260101-120000\n\n"
+        "  revdeq eval runs/x/final --split test --solver-steps 1,2,4,8,16\n\n"
+        "  revdeq eval models/x --dataset wikitext --json"
+    ),
+)
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint dir or a run dir (its newest checkpoint).",
+                                      show_default=False),
+    dataset: str | None = typer.Option(None, "--dataset", help="Dataset name or path (default: the run's).",
+                                       show_default=False),
+    dataset_config: str | None = typer.Option(None, "--dataset-config", help="Hub dataset config name.",
+                                              show_default=False),
+    split: Split = typer.Option(Split.validation, "--split", help="Which split to score."),
+    solver_steps: list[str] | None = typer.Option(
+        None, "--solver-steps", help="Inference solver steps: one value or a list (1,2,4,8 or repeated).",
+        show_default=False),
+    seq_len: int | None = typer.Option(None, "--seq-len", min=2, help="Window length (default: the run's).",
+                                       show_default=False),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Windows per batch."),
+    max_batches: int | None = typer.Option(None, "--max-batches", min=1,
+                                           help="Score only the first N batches (a quick estimate).",
+                                           show_default=False),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Evaluate CHECKPOINT (help text: see the decorator)."""
+    with user_errors():
+        _evaluate(checkpoint, dataset, dataset_config, split.value, solver_steps, seq_len, batch_size,
+                  max_batches, device, as_json)
+
+
+def parse_steps(values: list[str] | None) -> list[int | None]:
+    """`["1,2", "8"]` -> [1, 2, 8]; nothing -> [None] (the model's own inference steps)."""
+    from revdeq_cli.errors import UserError
+
+    if not values:
+        return [None]
+    steps = []
+    for item in ",".join(values).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not item.isdigit() or int(item) < 1:
+            raise UserError(f"--solver-steps: {item!r} is not a positive integer; give e.g. 4 or 1,2,4,8")
+        steps.append(int(item))
+    if not steps:
+        raise UserError("--solver-steps: no values given; give e.g. 4 or 1,2,4,8")
+    return steps
+
+
+def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len, batch_size, max_batches,
+              device_spec, as_json) -> None:
+    from revdeq_cli.data import prepare_corpus
+    from revdeq_cli.errors import CheckpointError, UserError
+    from revdeq_cli.training.checkpoint import load_checkpoint
+    from revdeq_cli.training.distributed import resolve_device
+    from revdeq_cli.training.evaluate import solver_steps_sweep
+
+    steps = parse_steps(solver_steps)
+    quiet_libraries()
+    model, tokenizer, settings, meta = load_checkpoint(checkpoint, device=resolve_device(device_spec))
+    path = Path(meta["path"])
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: has no tokenizer files, which eval needs to encode the dataset")
+    if steps != [None] and not model.config.is_deq:
+        raise UserError("--solver-steps: this is an explicit (stacked) model, it has no solver steps to vary")
+    data = settings.data if settings is not None else None
+    if dataset is None:
+        if data is None:
+            raise UserError(f"--dataset: {path} has no training settings to take the dataset from; pass --dataset")
+        dataset, dataset_config = data.dataset, dataset_config or data.dataset_config
+    seq_len = seq_len or (data.seq_len if data is not None else min(256, model.config.max_position_embeddings))
+    if seq_len > model.config.max_position_embeddings:
+        raise UserError(f"--seq-len {seq_len}: longer than the model's context "
+                        f"({model.config.max_position_embeddings} positions)")
+    if len(tokenizer) > model.config.vocab_size:
+        raise CheckpointError(f"{path}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
+                              f"vocabulary ({model.config.vocab_size}); the files do not belong together")
+    corpus = prepare_corpus(dataset, dataset_config=dataset_config, tokenizer=str(path),
+                            offline=bool(data.offline) if data is not None else False,
+                            cache_dir=data.cache_dir if data is not None else None)
+    if split not in corpus.splits or len(corpus.splits[split]) < 2:
+        raise UserError(f"--split {split}: {corpus.source} has no {split} text to evaluate")
+    tokens = corpus.splits[split]
+    if not as_json:
+        typer.echo(f"checkpoint: {path}" + (f" (step {meta['step']})" if "step" in meta else ""))
+        typer.echo(f"data: {corpus.source}, {split} split: {len(tokens):,} tokens, {corpus.split_bytes[split]:,} "
+                   f"bytes; seq_len {seq_len}, batch {batch_size}"
+                   + (f", first {max_batches} batches only" if max_batches else ""))
+    trained_steps = model.config.max_steps if model.config.is_deq else None
+    results = solver_steps_sweep(model, tokens, steps, split=split, split_bytes=corpus.split_bytes[split],
+                                 seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+    if as_json:
+        echo_json({"checkpoint": path, "step": meta.get("step"), "dataset": corpus.source, "split": split,
+                   "seq_len": seq_len, "trained_max_steps": trained_steps,
+                   "results": [r.as_dict() for r in results]})
+        return
+    rows = [(r.solver_steps if r.solver_steps is not None else "-", f"{r.perplexity:.3f}", f"{r.bits_per_byte:.4f}",
+             f"{r.loss:.4f}", f"{r.mean_solver_steps:.2f}", f"{r.max_residual:.2e}", f"{r.tokens_per_sec:,.0f}")
+            for r in results]
+    typer.echo(table(("solver steps", "perplexity", "bits/byte", "loss", "mean steps", "max residual", "tokens/s"),
+                     rows, align="rrrrrrr"))
+    if trained_steps is not None:
+        typer.echo(f"(trained with max_steps {trained_steps}; inference default {model.config.eval_max_steps})")

@@ -1,0 +1,137 @@
+"""`revdeq generate [PROMPT]`: sample text from a checkpoint, streamed to stdout; statistics on stderr."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from revdeq_cli.cli.app import app
+from revdeq_cli.cli.output import newest_checkpoint_under, quiet_libraries, user_errors
+
+RUNS_DIR = Path("runs")
+
+
+@app.command(
+    "generate",
+    help=(
+        "Generate text from a checkpoint. The prompt comes from PROMPT, --prompt-file, or stdin. The text is "
+        "streamed to stdout as it is produced; statistics (tokens/s, solver steps per token, peak memory) go "
+        "to stderr. Without --checkpoint the newest checkpoint under ./runs is used."
+    ),
+    epilog=(
+        "Examples:\n\n"
+        "  revdeq generate \"The module\" --max-new-tokens 200\n\n"
+        "  revdeq generate -c runs/pydoc-20260101-120000 --temperature 0 \"def \"\n\n"
+        "  echo \"Python is\" | revdeq generate --num-samples 3 --seed 1 --top-p 0.9\n\n"
+        "  revdeq generate --prompt-file prompt.txt --max_length 256   (the earlier port's flag: counts the prompt)"
+    ),
+)
+def generate(
+    prompt: str | None = typer.Argument(None, help="Prompt text (default: --prompt-file, or stdin when piped).",
+                                        show_default=False),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", "-c", help="Checkpoint or run dir (default: the newest checkpoint under ./runs).",
+        show_default=False),
+    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Read the prompt from this file.",
+                                            show_default=False),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
+                                              help="Tokens to generate after the prompt [default: 100]."),
+    max_length: int | None = typer.Option(
+        None, "--max_length", "--max-length", min=1,
+        help="Alias of the earlier port: total length in tokens, the prompt included."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
+    top_k: int = typer.Option(50, "--top-k", min=0, help="Sample from the k most likely tokens; 0 = all."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass; 1 = off."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.0,
+                                             help="> 1 discourages repeating tokens; 1 = off."),
+    num_samples: int = typer.Option(1, "--num-samples", min=1, help="Independent samples to draw."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default: a fresh one, printed)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence for every token."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Generate text (help text: see the decorator)."""
+    with user_errors():
+        _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, temperature, top_k, top_p,
+                  repetition_penalty, num_samples, seed, no_cache, device)
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    from revdeq_cli.errors import UserError
+
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give the prompt either as PROMPT or with --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"--prompt-file {prompt_file}: no such file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--prompt-file {prompt_file}: cannot read as UTF-8 text ({type(err).__name__})") from None
+    if prompt is not None:
+        return prompt
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    return ""
+
+
+def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, temperature, top_k, top_p,
+              repetition_penalty, num_samples, seed, no_cache, device_spec) -> None:
+    import random
+
+    import torch
+    from transformers import TextStreamer
+
+    from revdeq_cli.errors import CheckpointError, UserError
+    from revdeq_cli.training.checkpoint import load_checkpoint
+    from revdeq_cli.training.distributed import resolve_device
+    from revdeq_cli.training.generation import generate_sample
+    from revdeq_cli.training.progress import format_bytes
+
+    if max_new_tokens is not None and max_length is not None:
+        raise UserError("give --max-new-tokens or --max_length (the earlier port's total length), not both")
+    text = _read_prompt(prompt, prompt_file)
+    if checkpoint is None:
+        checkpoint = newest_checkpoint_under(RUNS_DIR)
+        typer.echo(f"checkpoint: {checkpoint} (newest under {RUNS_DIR}/)", err=True)
+    quiet_libraries()
+    model, tokenizer, _, meta = load_checkpoint(checkpoint, device=resolve_device(device_spec))
+    if tokenizer is None:
+        raise CheckpointError(f"{meta['path']}: has no tokenizer files; convert it with "
+                              "`revdeq convert --tokenizer ...` or use a checkpoint made by `revdeq train`")
+    context = model.config.max_position_embeddings
+    prompt_ids = tokenizer(text)["input_ids"] if text else []
+    start = prompt_ids or [tokenizer.eos_token_id]  # no prompt: start a new document
+    if max_length is not None:
+        if max_length <= len(prompt_ids):
+            raise UserError(f"--max_length {max_length}: the prompt alone is {len(prompt_ids)} tokens; "
+                            "--max_length counts the prompt, so give more (or use --max-new-tokens)")
+        max_new_tokens = max_length - len(prompt_ids)
+    max_new_tokens = max_new_tokens or 100
+    if len(start) >= context:
+        start = start[-(context - 1):]
+        typer.echo(f"note: prompt longer than the model's context ({context} tokens); keeping its last "
+                   f"{len(start)} tokens", err=True)
+    if len(start) + max_new_tokens > context:
+        max_new_tokens = context - len(start)
+        typer.echo(f"note: the model's context is {context} tokens; generating {max_new_tokens} new tokens",
+                   err=True)
+    seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)
+    for i in range(num_samples):
+        if num_samples > 1:
+            typer.echo(f"--- sample {i + 1}/{num_samples} ---")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stats = generate_sample(model, start, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, repetition_penalty=repetition_penalty,
+                                eos_token_id=tokenizer.eos_token_id, use_cache=not no_cache, streamer=streamer)
+        typer.echo(
+            f"[sample {i + 1}] {len(stats.token_ids)} tokens in {stats.seconds:.2f}s: "
+            f"{stats.tokens_per_sec:.1f} tokens/s, {stats.solver_steps_per_token:.1f} solver steps/token, "
+            f"peak memory {format_bytes(stats.peak_memory_bytes)} ({stats.memory_kind}); "
+            f"seed {seed}, {'no cache' if no_cache else 'cache'}",
+            err=True,
+        )

@@ -18,6 +18,21 @@ def test_byte_tokenizer_ids_are_the_utf8_bytes():
     assert tok.decode(list(TEXT.encode())) == TEXT
 
 
+def test_byte_fast_path_gives_the_tokenizers_own_ids(tmp_path):
+    import numpy as np
+
+    from revdeq_cli.data.tokenizer import encode_documents, is_byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.save_pretrained(tmp_path)
+    assert is_byte_tokenizer(tok) and is_byte_tokenizer(AutoTokenizer.from_pretrained(tmp_path))
+    texts = [TEXT, "", "\x00\x7f\n\t\r", "ÿ" * 3 + "\udc80".encode("utf-8", "surrogatepass").decode("utf-8", "replace")]
+    fast = encode_documents(tok, texts, np.dtype(np.uint16), as_bytes=True)
+    slow = encode_documents(tok, texts, np.dtype(np.uint16), as_bytes=False)
+    assert fast.dtype == slow.dtype == np.uint16 and fast.tolist() == slow.tolist()
+    assert (fast == 256).sum() == len(texts)
+
+
 def test_byte_tokenizer_round_trips_through_save_pretrained(tmp_path):
     tok = byte_tokenizer()
     tok.save_pretrained(tmp_path)

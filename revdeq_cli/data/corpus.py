@@ -27,6 +27,7 @@ from revdeq_cli.data.tokenizer import (
     byte_tokenizer,
     check_vocab_fits,
     encode_documents,
+    is_byte_tokenizer,
     load_pretrained_tokenizer,
     parse_bpe_spec,
     tokenizer_fingerprint,
@@ -168,6 +169,7 @@ def _tokenize_into(directory: Path, source: Source, tok: PreTrainedTokenizerFast
     """Write <split>.bin and meta.json for every split of `source` into `directory`."""
     eos = tok.eos_token_id
     dtype = np.dtype(np.uint16 if len(tok) <= 65535 else np.uint32).newbyteorder("<")
+    as_bytes = is_byte_tokenizer(tok)
     stats = {name: {"tokens": 0, "bytes": 0, "documents": 0} for name in SPLITS}
     pending: dict[str, list[str]] = {name: [] for name in SPLITS}
     with ExitStack() as stack:
@@ -177,11 +179,8 @@ def _tokenize_into(directory: Path, source: Source, tok: PreTrainedTokenizerFast
             for name, texts in pending.items():
                 if not texts:
                     continue
-                ids: list[int] = []
-                for doc in encode_documents(tok, texts):
-                    ids.extend(doc)
-                    ids.append(eos)
-                files[name].write(np.asarray(ids, dtype=dtype).tobytes())
+                ids = encode_documents(tok, texts, dtype, as_bytes=as_bytes)
+                files[name].write(ids.tobytes())
                 stats[name]["tokens"] += len(ids)
                 stats[name]["bytes"] += sum(len(t.encode("utf-8")) for t in texts)
                 stats[name]["documents"] += len(texts)

@@ -15,11 +15,14 @@ Every tokenizer returned is a `PreTrainedTokenizerFast` with an `eos_token`; `sa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from revdeq_cli.data.hub import first_line
 from revdeq_cli.errors import DataError
@@ -133,10 +136,27 @@ def check_vocab_fits(tok: PreTrainedTokenizerFast, spec: str, max_vocab_size: in
         )
 
 
-def encode_documents(tok: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
-    """Token ids for each text, with no special tokens added and none recognised inside the text: a
-    document that happens to contain "<|endoftext|>" is encoded as plain text, so only the separators
-    that packing inserts are end-of-text tokens."""
+def is_byte_tokenizer(tok: PreTrainedTokenizerFast) -> bool:
+    """Whether `tok` is (a saved copy of) the built-in byte tokenizer, whose ids are the bytes."""
+    return tokenizer_fingerprint(tok) == _byte_fingerprint()
+
+
+@functools.cache
+def _byte_fingerprint() -> str:
+    return tokenizer_fingerprint(byte_tokenizer())
+
+
+def encode_documents(tok: PreTrainedTokenizerFast, texts: list[str], dtype: np.dtype, *, as_bytes: bool) -> np.ndarray:
+    """The ids of `texts`, each followed by the end-of-text id, as one 1-D array of `dtype`.
+
+    No special tokens are added and none are recognised inside a text: a document that happens to
+    contain "<|endoftext|>" is encoded as plain text, so the only end-of-text tokens are the separators.
+    `as_bytes=True` (only for the byte tokenizer, see `is_byte_tokenizer`) takes the UTF-8 bytes
+    directly, which gives the same ids about a hundred times faster.
+    """
+    eos = np.array([tok.eos_token_id], dtype=dtype)
+    if as_bytes:
+        return np.concatenate([part for t in texts for part in (np.frombuffer(t.encode("utf-8"), np.uint8), eos)])
     backend = tok.backend_tokenizer
     previous = backend.encode_special_tokens
     backend.encode_special_tokens = True
@@ -144,4 +164,8 @@ def encode_documents(tok: PreTrainedTokenizerFast, texts: list[str]) -> list[lis
         encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
     finally:
         backend.encode_special_tokens = previous
-    return [e.ids for e in encodings]
+    ids: list[int] = []
+    for encoding in encodings:
+        ids.extend(encoding.ids)
+        ids.append(tok.eos_token_id)
+    return np.asarray(ids, dtype=dtype)

@@ -6,10 +6,11 @@ Layout under `resolve_cache_dir()`:
     tokenizers/<key>/    a trained tokenizer, as `save_pretrained` writes it
     locks/<key>.lock     advisory locks, so two processes building the same entry take turns
 
-An entry is built in a temporary directory beside its final place and renamed into place, so an entry
-that exists is complete: a crash leaves at most a `.tmp-*` directory, never a half-written entry. When
-two processes build the same entry, the second waits on the lock and then finds the entry made; where
-locks are unavailable the loser of the rename discards its own copy (both copies are identical).
+An entry is built in a temporary directory beside its final place, flushed to disk (fsync) and renamed
+into place, so an entry that exists is complete: a crash leaves at most a `.tmp-*` directory, never a
+half-written entry. When two processes build the same entry, the second waits on the lock and then
+finds the entry made; where locks are unavailable the loser of the rename discards its own copy (both
+copies are identical).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def build_entry(root: Path, kind: str, key: str, build: Callable[[Path], None]) 
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
         try:
             build(tmp)
+            _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -91,4 +93,27 @@ def build_entry(root: Path, kind: str, key: str, build: Callable[[Path], None]) 
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _fsync_dir(final.parent)
     return final
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a directory's entries (a rename); not possible on every platform, so best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -96,13 +96,18 @@ class PydocSource:
         from pydoc_data.topics import topics
 
         self.topics: dict[str, str] = dict(topics)
-        size = sum(len(t.encode("utf-8")) for t in self.topics.values())
+        digest, size = hashlib.sha256(b"pydoc"), 0
+        for name in sorted(self.topics):
+            text = self.topics[name].encode("utf-8")
+            digest.update(b"%d:%s\0%d:" % (len(name), name.encode("utf-8"), len(text)) + text)
+            size += len(text)
+        self._fingerprint = digest.hexdigest()[:24]
         self.description = (
             f"pydoc (CPython {platform.python_version()} documentation: {len(self.topics)} topics, {size / 1e3:.0f} kB)"
         )
 
     def fingerprint(self) -> str:
-        return _digest("pydoc", sorted(self.topics.items()))
+        return self._fingerprint
 
     def documents(self) -> Iterator[tuple[str, str]]:
         for name in sorted(self.topics):

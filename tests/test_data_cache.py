@@ -142,3 +142,13 @@ def test_concurrent_builders_wait_for_one_another(tmp_path):
         t.join()
     assert len(builds) == 1 and results == [tmp_path / "tokens" / "k"] * 3
     assert entries(tmp_path) == ["k"] and (tmp_path / "tokens" / "k" / "data.bin").read_bytes() == b"x" * 10
+
+
+def test_a_crashed_builds_leftovers_are_cleared(tmp_path):
+    from revdeq_cli.data.cache import build_entry
+
+    leftover = tmp_path / "tokens" / ".tmp-k-dead"
+    leftover.mkdir(parents=True)
+    (leftover / "train.bin").write_bytes(b"half")
+    build_entry(tmp_path, "tokens", "k", lambda d: (d / "x").write_text("ok"))
+    assert entries(tmp_path) == ["k"] and (tmp_path / "tokens" / "k" / "x").read_text() == "ok"

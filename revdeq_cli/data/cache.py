@@ -4,13 +4,13 @@ Layout under `resolve_cache_dir()`:
 
     tokens/<key>/        meta.json + one raw token file per split (train.bin, validation.bin, test.bin)
     tokenizers/<key>/    a trained tokenizer, as `save_pretrained` writes it
-    locks/<key>.lock     advisory locks, so two processes building the same entry take turns
+    locks/<kind>-<key>.lock  advisory locks, so two processes building the same entry take turns
 
 An entry is built in a temporary directory beside its final place, flushed to disk (fsync) and renamed
-into place, so an entry that exists is complete: a crash leaves at most a `.tmp-*` directory, never a
-half-written entry. When two processes build the same entry, the second waits on the lock and then
-finds the entry made; where locks are unavailable the loser of the rename discards its own copy (both
-copies are identical).
+into place, so an entry that exists is complete: a crash leaves at most a `.tmp-*` directory (removed
+by the next build of that entry), never a half-written entry. When two processes build the same entry,
+the second waits on the lock and then finds the entry made; where locks are unavailable the loser of
+the rename discards its own copy (both copies are identical).
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ def build_entry(root: Path, kind: str, key: str, build: Callable[[Path], None]) 
     with _locked(root / "locks" / f"{kind}-{key}.lock"):
         if final.is_dir():  # another process built it while we waited
             return final
+        if fcntl is not None:  # holding the lock, any earlier temporary copy of this key is a crash's leftover
+            for stale in final.parent.glob(f".tmp-{key}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
         try:
             build(tmp)

@@ -8,7 +8,7 @@ _revdeq() {
     cmd=""
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${COMP_WORDS[i]}" in
-            __none__) cmd="${COMP_WORDS[i]}"; break ;;
+            convert|eval|generate|inspect|train) cmd="${COMP_WORDS[i]}"; break ;;
         esac
     done
     case "$cmd" in
@@ -16,7 +16,101 @@ _revdeq() {
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=( $(compgen -W "--version -V --install-completion --show-completion --help -h" -- "$cur") )
             else
-                COMPREPLY=( $(compgen -W "" -- "$cur") )
+                COMPREPLY=( $(compgen -W "convert eval generate inspect train" -- "$cur") )
+            fi
+            ;;
+        convert)
+            case "$prev" in
+                --dtype) COMPREPLY=( $(compgen -W "float32 bfloat16 float16" -- "$cur") ); return 0 ;;
+                --from) COMPREPLY=( $(compgen -W "auto checkpoint revdeq-pytorch" -- "$cur") ); return 0 ;;
+                --tokenizer) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=( $(compgen -W "--dtype --from --tokenizer --json --help -h" -- "$cur") )
+            else
+                COMPREPLY=( $(compgen -f -- "$cur") )
+            fi
+            ;;
+        eval)
+            case "$prev" in
+                --dataset) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --dataset-config) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --split) COMPREPLY=( $(compgen -W "validation test" -- "$cur") ); return 0 ;;
+                --solver-steps) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --seq-len) return 0  # a number: nothing to complete ;;
+                --batch-size) return 0  # a number: nothing to complete ;;
+                --max-batches) return 0  # a number: nothing to complete ;;
+                --device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=( $(compgen -W "--dataset --dataset-config --split --solver-steps --seq-len --batch-size --max-batches --device --json --help -h" -- "$cur") )
+            else
+                COMPREPLY=( $(compgen -f -- "$cur") )
+            fi
+            ;;
+        generate)
+            case "$prev" in
+                --checkpoint|-c) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --prompt-file) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --max-new-tokens) return 0  # a number: nothing to complete ;;
+                --max-length|--max_length) return 0  # a number: nothing to complete ;;
+                --temperature) return 0  # a number: nothing to complete ;;
+                --top-k) return 0  # a number: nothing to complete ;;
+                --top-p) return 0  # a number: nothing to complete ;;
+                --repetition-penalty) return 0  # a number: nothing to complete ;;
+                --num-samples) return 0  # a number: nothing to complete ;;
+                --seed) return 0  # a number: nothing to complete ;;
+                --device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=( $(compgen -W "--checkpoint -c --prompt-file --max-new-tokens --max-length --max_length --temperature --top-k --top-p --repetition-penalty --num-samples --seed --no-cache --device --help -h" -- "$cur") )
+            else
+                COMPREPLY=( $(compgen -f -- "$cur") )
+            fi
+            ;;
+        inspect)
+            case "$prev" in
+                --probe-text) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --probe-steps) return 0  # a number: nothing to complete ;;
+                --device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=( $(compgen -W "--weights --probe --probe-text --probe-steps --device --json --help -h" -- "$cur") )
+            else
+                COMPREPLY=( $(compgen -f -- "$cur") )
+            fi
+            ;;
+        train)
+            case "$prev" in
+                --config) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --preset) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --dataset) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --dataset-config) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --tokenizer) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --seq-len) return 0  # a number: nothing to complete ;;
+                --out-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --max-steps) return 0  # a number: nothing to complete ;;
+                --epochs) return 0  # a number: nothing to complete ;;
+                --max-tokens) return 0  # a number: nothing to complete ;;
+                --batch-size) return 0  # a number: nothing to complete ;;
+                --grad-accum) return 0  # a number: nothing to complete ;;
+                --lr) return 0  # a number: nothing to complete ;;
+                --solver) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --adjoint) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --beta) return 0  # a number: nothing to complete ;;
+                --tol) return 0  # a number: nothing to complete ;;
+                --solver-steps) return 0  # a number: nothing to complete ;;
+                --precision) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --eval-every) return 0  # a number: nothing to complete ;;
+                --save-every) return 0  # a number: nothing to complete ;;
+                --resume) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --seed) return 0  # a number: nothing to complete ;;
+                --progress) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --set) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+            esac
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=( $(compgen -W "--config --preset --dataset --dataset-config --tokenizer --offline --online --seq-len --out-dir --max-steps --epochs --max-tokens --batch-size --grad-accum --lr --solver --adjoint --beta --tol --solver-steps --precision --device --eval-every --save-every --resume --seed --progress --set --print-config --help -h" -- "$cur") )
             fi
             ;;
     esac

@@ -16,11 +16,100 @@ _revdeq() {
         command)
             local -a commands
             commands=(
+                'convert:Make a slim model directory (config, weights, tokenizer; no optimiser state) that AutoModelForCausalLM.from_pretrained loads after `import revdeq_cli`.'
+                'eval:Evaluate a checkpoint: perplexity and bits per byte (comparable across tokenizers) on the validation or test split of its dataset (or of --dataset), with tokens/s and mean solver steps. Several --solver-steps values print a table of perplexity against inference-time solver steps: a DEQ can iterate longer at test time than it trained.'
+                'generate:Generate text from a checkpoint. The prompt comes from PROMPT, --prompt-file, or stdin. The text is streamed to stdout as it is produced; statistics (tokens/s, solver steps per token, peak memory) go to stderr. Without --checkpoint the newest checkpoint under ./runs is used.'
+                'inspect:Show a checkpoint'\''s settings, parameter counts (total, embedding, non-embedding), dtypes, training step and tokens seen, recent losses, and its files. Reads config.json, the safetensors header and training_state.pt (weights-only); the model is loaded only for --probe.'
+                'train:Train a RevDEQ language model. With no options: a small model on the offline pydoc corpus, a few minutes on a laptop CPU.'
             )
             _describe -t commands 'revdeq command' commands
             ;;
         args)
             case $words[1] in
+                convert)
+                    _arguments \
+                        '--dtype[Cast the weights (default\: keep as stored).]:dtype:(float32 bfloat16 float16)' \
+                        '--from[What SOURCE is\: auto (a directory is a checkpoint, a file a RevDEQ-PyTorch model.pt).]:from:(auto checkpoint revdeq-pytorch)' \
+                        '--tokenizer[--from revdeq-pytorch only\: tokenizer to save beside the weights (byte, a local dir or a hub id).]:tokenizer:_files' \
+                        '--json[Print the result as JSON.]' \
+                        '(--help -h)'{--help,-h}'[Show this message and exit.]' \
+                        '1:source:_files' \
+                        '2:dest:_files'
+                    ;;
+                eval)
+                    _arguments \
+                        '--dataset[Dataset name or path (default\: the run'\''s).]:dataset:_files' \
+                        '--dataset-config[Hub dataset config name.]:dataset_config:_files' \
+                        '--split[Which split to score.]:split:(validation test)' \
+                        '*--solver-steps[Inference solver steps\: one value or a list (1,2,4,8 or repeated).]:solver_steps:_files' \
+                        '--seq-len[Window length (default\: the run'\''s).]:seq_len: ' \
+                        '--batch-size[Windows per batch.]:batch_size: ' \
+                        '--max-batches[Score only the first N batches (a quick estimate).]:max_batches: ' \
+                        '--device[auto, cpu, cuda, cuda\:N or mps.]:device:_files' \
+                        '--json[Print the results as JSON.]' \
+                        '(--help -h)'{--help,-h}'[Show this message and exit.]' \
+                        '1:checkpoint:_files'
+                    ;;
+                generate)
+                    _arguments \
+                        '(--checkpoint -c)'{--checkpoint,-c}'[Checkpoint or run dir (default\: the newest checkpoint under ./runs).]:checkpoint:_files' \
+                        '--prompt-file[Read the prompt from this file.]:prompt_file:_files' \
+                        '--max-new-tokens[Tokens to generate after the prompt \[default\: 100\].]:max_new_tokens: ' \
+                        '(--max-length --max_length)'{--max-length,--max_length}'[Alias of the earlier port\: total length in tokens, the prompt included.]:max_length: ' \
+                        '--temperature[0 = greedy (deterministic).]:temperature: ' \
+                        '--top-k[Sample from the k most likely tokens; 0 = all.]:top_k: ' \
+                        '--top-p[Nucleus sampling mass; 1 = off.]:top_p: ' \
+                        '--repetition-penalty[> 1 discourages repeating tokens; 1 = off.]:repetition_penalty: ' \
+                        '--num-samples[Independent samples to draw.]:num_samples: ' \
+                        '--seed[Random seed (default\: a fresh one, printed).]:seed: ' \
+                        '--no-cache[Recompute the whole sequence for every token.]' \
+                        '--device[auto, cpu, cuda, cuda\:N or mps.]:device:_files' \
+                        '(--help -h)'{--help,-h}'[Show this message and exit.]' \
+                        '1:prompt:_files'
+                    ;;
+                inspect)
+                    _arguments \
+                        '--weights[List every tensor\: name, shape, dtype.]' \
+                        '--probe[Run one batch and show the residual after each solver step.]' \
+                        '--probe-text[Text of the --probe batch.]:probe_text:_files' \
+                        '--probe-steps[Solver steps for --probe (default\: the model'\''s inference steps).]:probe_steps: ' \
+                        '--device[Device for --probe\: auto, cpu, cuda, mps.]:device:_files' \
+                        '--json[Print everything as JSON.]' \
+                        '(--help -h)'{--help,-h}'[Show this message and exit.]' \
+                        '1:checkpoint:_files'
+                    ;;
+                train)
+                    _arguments \
+                        '--config[YAML settings file (sectioned, dotted or the earlier port'\''s flat keys).]:config:_files' \
+                        '--preset[Model size\: tiny, small, base, paper (default tiny).]:preset:_files' \
+                        '--dataset[pydoc (offline), wikitext, wikitext-103, a hub id or a local path (default pydoc).]:dataset:_files' \
+                        '--dataset-config[Hub dataset configuration name.]:dataset_config:_files' \
+                        '--tokenizer[byte, bpe\[\:SIZE\], a hub id or a path (default byte).]:tokenizer:_files' \
+                        '(--offline --online)'{--offline,--online}'[Never touch the network.]' \
+                        '--seq-len[Tokens per training sequence (default 128).]:seq_len: ' \
+                        '--out-dir[The run directory (default runs/<dataset>-<timestamp>).]:out_dir:_files' \
+                        '--max-steps[Stop after N optimiser steps (default 400 when no other limit is set).]:max_steps: ' \
+                        '--epochs[Stop after this many passes over the data.]:epochs: ' \
+                        '--max-tokens[Stop after this many training tokens.]:max_tokens: ' \
+                        '--batch-size[Sequences per micro-batch per process (default 16).]:batch_size: ' \
+                        '--grad-accum[Micro-batches per optimiser step (default 1).]:grad_accum: ' \
+                        '--lr[Peak learning rate (default 2e-3).]:lr: ' \
+                        '--solver[reversible, picard, relaxed, anderson, broyden, explicit.]:solver:_files' \
+                        '--adjoint[reversible, unrolled, implicit, phantom.]:adjoint:_files' \
+                        '--beta[Relaxation in (0, 2), not 1 for reversible.]:beta: ' \
+                        '--tol[Solver stop tolerance on the relative residual (0\: always --solver-steps).]:tol: ' \
+                        '--solver-steps[Maximum solver steps in training.]:solver_steps: ' \
+                        '--precision[fp32, bf16 or fp16 (default fp32).]:precision:_files' \
+                        '--device[auto, cpu, cuda, cuda\:N or mps (default auto).]:device:_files' \
+                        '--eval-every[Validate every N steps (0\: only at the end) (default 100).]:eval_every: ' \
+                        '--save-every[Checkpoint every N steps (0\: only at the end) (default 200).]:save_every: ' \
+                        '--resume[auto (newest checkpoint of the run dir) or a checkpoint / run directory.]:resume:_files' \
+                        '--seed[Random seed (default 0).]:seed: ' \
+                        '--progress[auto, rich or plain (default auto).]:progress:_files' \
+                        '*--set[Any setting, e.g. --set train.weight_decay=0.05 (repeatable).]:set:_files' \
+                        '--print-config[Print the resolved settings as YAML and exit.]' \
+                        '(--help -h)'{--help,-h}'[Show this message and exit.]'
+                    ;;
             esac
             ;;
     esac

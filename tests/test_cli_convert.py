@@ -1,0 +1,144 @@
+"""`revdeq convert`: checkpoints and the earlier port's model.pt to slim model directories, in-process and
+as a subprocess; hostile and broken inputs exit 2 with one line and write nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli_helpers import FIXTURES, Hostile, invoke, one_error_line, run_cli, trained_run
+
+needs_fixture = pytest.mark.skipif(not (FIXTURES / "model.pt").is_file(),
+                                   reason=f"fixture {FIXTURES} absent (CI clones shared/ beside the repo)")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory)[0]
+
+
+def test_checkpoint_to_slim_model_dir(run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import revdeq_cli  # noqa: F401  (registers the Auto classes)
+
+    dest = tmp_path / "model"
+    result = invoke("convert", run, dest)
+    assert result.exit_code == 0, result.output
+    assert "checkpoint-000002" in result.stdout and "left out: training_state.pt" in result.stdout
+    files = {p.name for p in dest.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and "training_state.pt" not in files
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    original = AutoModelForCausalLM.from_pretrained(run / "checkpoint-000002")
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    tok = AutoTokenizer.from_pretrained(dest)
+    ids = torch.tensor([tok("def f():")["input_ids"]])
+    torch.testing.assert_close(model(ids).logits, original.eval()(ids).logits)
+    # A slim model has no training settings: eval then needs --dataset, and says so.
+    no_settings = invoke("eval", dest)
+    assert no_settings.exit_code == 2
+    one_error_line(no_settings.stderr, "--dataset")
+
+
+def test_dtype_conversion(run, tmp_path):
+    result = invoke("convert", run / "final", tmp_path / "half", "--dtype", "bfloat16", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["dtype"] == "bfloat16" and data["from"] == "checkpoint"
+    info = json.loads(invoke("inspect", tmp_path / "half", "--json").stdout)
+    assert set(info["dtypes"]) == {"bfloat16"}
+    assert info["config"]["dtype"] == "bfloat16"
+
+
+@needs_fixture
+def test_revdeq_pytorch_fixture(tmp_path):
+    dest = tmp_path / "ported"
+    result = invoke("convert", FIXTURES / "model.pt", dest, "--from", "revdeq-pytorch")
+    assert result.exit_code == 0, result.output
+    assert "20,672 total" in result.stdout and "pass --tokenizer" in result.stderr
+    info = json.loads(invoke("inspect", dest, "--json").stdout)
+    assert info["parameters"]["total"] == sum(
+        torch.Size(t["shape"]).numel() for t in json.loads((FIXTURES / "model.expected.json").read_text())[
+            "tensors"].values())
+
+
+def test_revdeq_pytorch_with_a_tokenizer(tmp_path):
+    path = tmp_path / "model.pt"
+    sd = {"token_embedding.weight": torch.randn(300, 8), "position_embedding.weight": torch.randn(16, 8),
+          "layer.attention.in_proj_weight": torch.randn(24, 8), "layer.attention.out_proj.weight": torch.randn(8, 8),
+          "layer.ffn.0.weight": torch.randn(16, 8), "layer.ffn.2.weight": torch.randn(8, 16),
+          "layer.norm1.weight": torch.ones(8), "layer.norm1.bias": torch.zeros(8), "layer.norm2.weight": torch.ones(8),
+          "layer.norm2.bias": torch.zeros(8), "ln_f.weight": torch.ones(8), "ln_f.bias": torch.zeros(8),
+          "lm_head.weight": torch.randn(300, 8)}
+    cfg = {"hidden_size": 8, "num_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16,
+           "vocab_size": 300, "use_bias": False, "num_fixed_point_iterations": 2, "use_reversible": True, "beta": 0.5}
+    torch.save({"model_state_dict": sd, "config": cfg}, path)
+    result = invoke("convert", path, tmp_path / "out", "--tokenizer", "byte")
+    assert result.exit_code == 0, result.output
+    gen = invoke("generate", "ab", "-c", tmp_path / "out", "--max-new-tokens", "3", "--temperature", "0")
+    assert gen.exit_code == 0, gen.output
+    assert gen.stdout.startswith("ab")
+
+
+def test_malicious_model_pt_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pt"
+    torch.save({"model_state_dict": {}, "config": Hostile(marker)}, path)
+    for source_format in ("auto", "revdeq-pytorch"):
+        result = invoke("convert", path, tmp_path / "out", "--from", source_format)
+        assert result.exit_code == 2
+        one_error_line(result.stderr, str(path), "refusing")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_malicious_training_state_in_a_checkpoint_is_refused(run, tmp_path):
+    import shutil
+
+    marker = tmp_path / "pwned"
+    ckpt = shutil.copytree(run / "checkpoint-000002", tmp_path / "checkpoint-000002")
+    torch.save({"step": 2, "settings": Hostile(marker)}, ckpt / "training_state.pt")
+    result = invoke("convert", ckpt, tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "training_state.pt")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("make_source", "fragment"),
+    [
+        (lambda p: p / "missing", "no such file or directory"),
+        (lambda p: (p / "empty-run").mkdir() or p / "empty-run", "no checkpoint"),
+        (lambda p: (p / "junk.pt").write_bytes(b"\x00garbage") and p / "junk.pt", "not a zip-format torch file"),
+    ],
+)
+def test_bad_sources(tmp_path, make_source, fragment):
+    source = make_source(tmp_path)
+    result = invoke("convert", source, tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result.stderr, str(source), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_dest_and_misplaced_tokenizer(run, tmp_path):
+    dest = tmp_path / "taken"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("keep me")
+    result = invoke("convert", run, dest)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, str(dest), "already exists")
+    assert [p.name for p in dest.iterdir()] == ["notes.txt"]
+    result = invoke("convert", run, tmp_path / "x", "--tokenizer", "byte")
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "--tokenizer")
+
+
+@needs_fixture
+def test_subprocess(tmp_path):
+    ok = run_cli("convert", FIXTURES / "model.pt", tmp_path / "ported", "--from", "revdeq-pytorch")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "ported" / "model.safetensors").is_file()
+    bad = run_cli("convert", tmp_path / "missing.pt", tmp_path / "out")
+    assert bad.returncode == 2
+    one_error_line(bad.stderr, "missing.pt")

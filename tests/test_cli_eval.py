@@ -1,0 +1,100 @@
+"""`revdeq eval`: perplexity, bits per byte and the solver-steps table, in-process and as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from cli_helpers import FIXTURES, invoke, one_error_line, run_cli, trained_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+def test_eval_matches_the_trainers_validation_loss(trained):
+    run, _ = trained
+    result = invoke("eval", run, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    [row] = data["results"]
+    state = json.loads(invoke("inspect", run, "--json").stdout)["training"]
+    # The same split, every target once, the same 2 solver steps: the trainer's final validation loss.
+    assert row["loss"] == pytest.approx(state["best_val_loss"], abs=1e-5)
+    assert row["solver_steps"] == 2 and row["mean_solver_steps"] == 2
+    assert row["perplexity"] == pytest.approx(math.exp(row["loss"]))
+    assert row["bits_per_byte"] == pytest.approx(row["nll"] / (math.log(2) * row["bytes"]))
+    # byte tokenizer: one token per byte (plus document separators), so bits/byte ~ loss / ln 2
+    assert row["bits_per_byte"] == pytest.approx(row["loss"] / math.log(2), rel=0.02)
+    assert row["tokens_per_sec"] > 0
+
+
+def test_solver_steps_table(trained):
+    run, _ = trained
+    result = invoke("eval", run, "--solver-steps", "1,2", "--solver-steps", "4", "--split", "test")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("solver steps"))
+    rows = [line.split() for line in lines[header + 2: header + 5]]
+    assert [r[0] for r in rows] == ["1", "2", "4"]
+    assert [r[4] for r in rows] == ["1.00", "2.00", "4.00"]  # mean solver steps taken
+    residuals = [float(r[5]) for r in rows]
+    assert residuals[0] > residuals[1] > residuals[2]  # more steps, closer to the fixed point
+    assert "test split" in result.stdout and "trained with max_steps 2" in result.stdout
+
+
+def test_dataset_override_and_max_batches(trained, tmp_path):
+    run, corpus = trained
+    other = tmp_path / "other"
+    other.mkdir()
+    for split in ("train", "validation", "test"):
+        (other / f"{split}.txt").write_text((corpus / "validation.txt").read_text())
+    result = invoke("eval", run, "--dataset", other, "--max-batches", "1", "--batch-size", "2", "--json")
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)["results"]
+    assert row["tokens"] == 2 * 32
+
+
+def test_converted_model_without_tokenizer_is_refused(tmp_path):
+    if not (FIXTURES / "model.pt").is_file():
+        pytest.skip(f"fixture {FIXTURES} absent")
+    assert invoke("convert", FIXTURES / "model.pt", tmp_path / "m").exit_code == 0
+    result = invoke("eval", tmp_path / "m")
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "tokenizer")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--solver-steps", "two"], "--solver-steps"),
+        (["--solver-steps", "0"], "--solver-steps"),
+        (["--seq-len", "100000"], "--seq-len"),
+    ],
+)
+def test_bad_options(trained, args, fragment):
+    result = invoke("eval", trained[0], *args)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, fragment)
+
+
+def test_bad_paths(tmp_path):
+    result = invoke("eval", tmp_path / "missing")
+    assert result.exit_code == 2
+    one_error_line(result.stderr, str(tmp_path / "missing"))
+    (tmp_path / "empty-run").mkdir()
+    result = invoke("eval", tmp_path / "empty-run")
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "no checkpoint")
+
+
+def test_subprocess(trained, tmp_path):
+    run, _ = trained
+    ok = run_cli("eval", run, "--solver-steps", "1,3", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert [r["solver_steps"] for r in json.loads(ok.stdout)["results"]] == [1, 3]
+    bad = run_cli("eval", tmp_path / "missing")
+    assert bad.returncode == 2
+    one_error_line(bad.stderr, "missing")

@@ -1,0 +1,137 @@
+"""`revdeq inspect`: in-process (CliRunner) and as a subprocess, with its error paths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from cli_helpers import Hostile, invoke, one_error_line, run_cli, trained_run
+from safetensors.torch import save_file
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory)[0]
+
+
+@pytest.fixture
+def checkpoint_copy(run, tmp_path):
+    """A private copy of the newest checkpoint, for tests that damage it."""
+    return shutil.copytree(run / "checkpoint-000002", tmp_path / "checkpoint-000002")
+
+
+def test_inspect_run_dir_shows_the_newest_checkpoint(run):
+    from revdeq_cli.model import RevDEQForCausalLM
+
+    result = invoke("inspect", run)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "checkpoint-000002" in out and "step 2 / 2" in out and "tokens seen 256" in out
+    counts = RevDEQForCausalLM.from_pretrained(run / "checkpoint-000002").num_parameters_split()
+    assert (f"{counts['total']:,} total | {counts['embedding']:,} embedding | "
+            f"{counts['non_embedding']:,} non-embedding") in out
+    assert "float32" in out and "train/loss" in out and "val/loss" in out
+    assert "training_state.pt" in out and "model.safetensors" in out
+
+
+def test_inspect_json_and_weights(run):
+    result = invoke("inspect", run / "checkpoint-000001", "--weights", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["training"]["step"] == 1 and data["config"]["model_type"] == "revdeq"
+    assert data["settings"]["data"]["seq_len"] == 32
+    names = {w["name"]: w for w in data["weights"]}
+    assert names["wte.weight"]["shape"] == [data["config"]["vocab_size"], 32]
+    assert names["blocks.0.attn.c_attn.weight"] == {"name": "blocks.0.attn.c_attn.weight", "shape": [96, 32],
+                                                    "dtype": "float32", "bytes": 96 * 32 * 4}
+    assert sum(w["bytes"] for w in data["weights"]) // 4 == data["parameters"]["total"]
+    assert [p[0] for p in data["recent"]["train/loss"]] == [1]  # only steps up to this checkpoint's
+
+
+def test_inspect_weights_of_a_safetensors_file(run):
+    result = invoke("inspect", run / "final" / "model.safetensors", "--weights")
+    assert result.exit_code == 0, result.output
+    assert "blocks.0.mlp.c_fc.weight" in result.stdout and "64x32" in result.stdout
+
+
+def test_probe_shows_the_residual_per_solver_step(run):
+    result = invoke("inspect", run, "--probe", "--probe-steps", "5", "--json")
+    assert result.exit_code == 0, result.output
+    residuals = json.loads(result.stdout)["probe"]["residuals"]
+    assert len(residuals) == 5 and all(r > 0 for r in residuals)
+    assert residuals[-1] < residuals[0]  # the iteration contracts
+    text = invoke("inspect", run, "--probe", "--probe-steps", "3").stdout
+    assert "residual" in text and "#" in text
+
+
+# ------------------------------------------------------------------------------------------ error paths
+def test_missing_path(tmp_path):
+    result = invoke("inspect", tmp_path / "nope")
+    assert result.exit_code == 2
+    one_error_line(result.stderr, str(tmp_path / "nope"))
+
+
+def test_run_dir_without_checkpoints(tmp_path):
+    (tmp_path / "logs").mkdir()
+    result = invoke("inspect", tmp_path)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, str(tmp_path), "no checkpoint")
+
+
+def test_truncated_weights(checkpoint_copy):
+    weights = checkpoint_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = invoke("inspect", checkpoint_copy)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, str(weights))
+
+
+def test_safetensors_that_is_not_ours(checkpoint_copy):
+    weights = checkpoint_copy / "model.safetensors"
+    save_file({"transformer.h.0.attn.weight": torch.zeros(4, 4)}, str(weights))
+    result = invoke("inspect", checkpoint_copy)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, str(weights), "not a revdeq model")
+
+
+def test_config_of_another_model(checkpoint_copy):
+    config = checkpoint_copy / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "gpt2"}))
+    result = invoke("inspect", checkpoint_copy)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, str(config), "'gpt2'")
+
+
+def test_corrupt_config(checkpoint_copy):
+    (checkpoint_copy / "config.json").write_text("{not json")
+    result = invoke("inspect", checkpoint_copy)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "config.json", "not valid JSON")
+
+
+def _plant_hostile_state(checkpoint, tmp_path):
+    """Replace training_state.pt by a pickle that would create a marker file if it were ever run."""
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "payload": Hostile(marker)}, checkpoint / "training_state.pt")
+    return marker
+
+
+def test_malicious_training_state_is_refused_without_running(checkpoint_copy, tmp_path):
+    marker = _plant_hostile_state(checkpoint_copy, tmp_path)
+    result = invoke("inspect", checkpoint_copy)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "training_state.pt")
+    assert not marker.exists()
+
+
+def test_subprocess(run, checkpoint_copy, tmp_path):
+    ok = run_cli("inspect", run, "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["training"]["step"] == 2
+    marker = _plant_hostile_state(checkpoint_copy, tmp_path)
+    bad = run_cli("inspect", checkpoint_copy)
+    assert bad.returncode == 2
+    one_error_line(bad.stderr, "training_state.pt")
+    assert not marker.exists()

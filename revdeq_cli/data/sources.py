@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from revdeq_cli.data.cache import cache_key
 from revdeq_cli.data.hub import first_line, hub_offline_mode, mirrored_path, offline_reason
 from revdeq_cli.errors import DataError
 
@@ -82,11 +83,6 @@ class Source(Protocol):
 def train_texts(source: Source) -> Iterator[str]:
     """The training split's documents (what a BPE tokenizer is trained on)."""
     return (text for split, text in source.documents() if split == "train")
-
-
-def _digest(*parts: object) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
 class PydocSource:
@@ -146,9 +142,9 @@ class DatasetSource:
     def fingerprint(self) -> str:
         options = (self.text_field, self.wikitext_articles)
         if self.fingerprint_hint is not None:
-            return _digest("files", self.fingerprint_hint, options)
+            return cache_key("files", self.fingerprint_hint, options)
         data = self.dataset()
-        return _digest("datasets", sorted((name, ds._fingerprint) for name, ds in data.items()), options)
+        return cache_key("datasets", sorted((name, ds._fingerprint) for name, ds in data.items()), options)
 
     def _splits(self) -> dict[str, str]:
         """Canonical split name -> the source's split name."""

@@ -34,13 +34,13 @@ _revdeq() {
         eval)
             case "$prev" in
                 --dataset) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --dataset-config) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --dataset-config) return 0 ;;
                 --split) COMPREPLY=( $(compgen -W "validation test" -- "$cur") ); return 0 ;;
-                --solver-steps) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --seq-len) return 0  # a number: nothing to complete ;;
-                --batch-size) return 0  # a number: nothing to complete ;;
-                --max-batches) return 0  # a number: nothing to complete ;;
-                --device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --solver-steps) return 0 ;;
+                --seq-len) return 0 ;;
+                --batch-size) return 0 ;;
+                --max-batches) return 0 ;;
+                --device) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=( $(compgen -W "--dataset --dataset-config --split --solver-steps --seq-len --batch-size --max-batches --device --json --help -h" -- "$cur") )
@@ -52,15 +52,15 @@ _revdeq() {
             case "$prev" in
                 --checkpoint|-c) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
                 --prompt-file) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --max-new-tokens) return 0  # a number: nothing to complete ;;
-                --max-length|--max_length) return 0  # a number: nothing to complete ;;
-                --temperature) return 0  # a number: nothing to complete ;;
-                --top-k) return 0  # a number: nothing to complete ;;
-                --top-p) return 0  # a number: nothing to complete ;;
-                --repetition-penalty) return 0  # a number: nothing to complete ;;
-                --num-samples) return 0  # a number: nothing to complete ;;
-                --seed) return 0  # a number: nothing to complete ;;
-                --device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --max-new-tokens) return 0 ;;
+                --max-length|--max_length) return 0 ;;
+                --temperature) return 0 ;;
+                --top-k) return 0 ;;
+                --top-p) return 0 ;;
+                --repetition-penalty) return 0 ;;
+                --num-samples) return 0 ;;
+                --seed) return 0 ;;
+                --device) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=( $(compgen -W "--checkpoint -c --prompt-file --max-new-tokens --max-length --max_length --temperature --top-k --top-p --repetition-penalty --num-samples --seed --no-cache --device --help -h" -- "$cur") )
@@ -70,9 +70,9 @@ _revdeq() {
             ;;
         inspect)
             case "$prev" in
-                --probe-text) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --probe-steps) return 0  # a number: nothing to complete ;;
-                --device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --probe-text) return 0 ;;
+                --probe-steps) return 0 ;;
+                --device) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=( $(compgen -W "--weights --probe --probe-text --probe-steps --device --json --help -h" -- "$cur") )
@@ -83,31 +83,31 @@ _revdeq() {
         train)
             case "$prev" in
                 --config) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --preset) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --preset) return 0 ;;
                 --dataset) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --dataset-config) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --dataset-config) return 0 ;;
                 --tokenizer) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --seq-len) return 0  # a number: nothing to complete ;;
+                --seq-len) return 0 ;;
                 --out-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --max-steps) return 0  # a number: nothing to complete ;;
-                --epochs) return 0  # a number: nothing to complete ;;
-                --max-tokens) return 0  # a number: nothing to complete ;;
-                --batch-size) return 0  # a number: nothing to complete ;;
-                --grad-accum) return 0  # a number: nothing to complete ;;
-                --lr) return 0  # a number: nothing to complete ;;
-                --solver) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --adjoint) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --beta) return 0  # a number: nothing to complete ;;
-                --tol) return 0  # a number: nothing to complete ;;
-                --solver-steps) return 0  # a number: nothing to complete ;;
-                --precision) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --eval-every) return 0  # a number: nothing to complete ;;
-                --save-every) return 0  # a number: nothing to complete ;;
+                --max-steps) return 0 ;;
+                --epochs) return 0 ;;
+                --max-tokens) return 0 ;;
+                --batch-size) return 0 ;;
+                --grad-accum) return 0 ;;
+                --lr) return 0 ;;
+                --solver) return 0 ;;
+                --adjoint) return 0 ;;
+                --beta) return 0 ;;
+                --tol) return 0 ;;
+                --solver-steps) return 0 ;;
+                --precision) return 0 ;;
+                --device) return 0 ;;
+                --eval-every) return 0 ;;
+                --save-every) return 0 ;;
                 --resume) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --seed) return 0  # a number: nothing to complete ;;
-                --progress) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
-                --set) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --seed) return 0 ;;
+                --progress) return 0 ;;
+                --set) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=( $(compgen -W "--config --preset --dataset --dataset-config --tokenizer --offline --online --seq-len --out-dir --max-steps --epochs --max-tokens --batch-size --grad-accum --lr --solver --adjoint --beta --tol --solver-steps --precision --device --eval-every --save-every --resume --seed --progress --set --print-config --help -h" -- "$cur") )

@@ -16,11 +16,11 @@ _revdeq() {
         command)
             local -a commands
             commands=(
-                'convert:Make a slim model directory (config, weights, tokenizer; no optimiser state) that AutoModelForCausalLM.from_pretrained loads after `import revdeq_cli`.'
-                'eval:Evaluate a checkpoint: perplexity and bits per byte (comparable across tokenizers) on the validation or test split of its dataset (or of --dataset), with tokens/s and mean solver steps. Several --solver-steps values print a table of perplexity against inference-time solver steps: a DEQ can iterate longer at test time than it trained.'
-                'generate:Generate text from a checkpoint. The prompt comes from PROMPT, --prompt-file, or stdin. The text is streamed to stdout as it is produced; statistics (tokens/s, solver steps per token, peak memory) go to stderr. Without --checkpoint the newest checkpoint under ./runs is used.'
-                'inspect:Show a checkpoint'\''s settings, parameter counts (total, embedding, non-embedding), dtypes, training step and tokens seen, recent losses, and its files. Reads config.json, the safetensors header and training_state.pt (weights-only); the model is loaded only for --probe.'
-                'train:Train a RevDEQ language model. With no options: a small model on the offline pydoc corpus, a few minutes on a laptop CPU.'
+                'convert:Convert a checkpoint or a RevDEQ-PyTorch model.pt to a slim model directory'
+                'eval:Evaluate a checkpoint: perplexity and bits per byte'
+                'generate:Generate text from a checkpoint'
+                'inspect:Describe a checkpoint'
+                'train:Train a RevDEQ language model'
             )
             _describe -t commands 'revdeq command' commands
             ;;
@@ -39,13 +39,13 @@ _revdeq() {
                 eval)
                     _arguments \
                         '--dataset[Dataset name or path (default\: the run'\''s).]:dataset:_files' \
-                        '--dataset-config[Hub dataset config name.]:dataset_config:_files' \
+                        '--dataset-config[Hub dataset config name.]:dataset_config: ' \
                         '--split[Which split to score.]:split:(validation test)' \
-                        '*--solver-steps[Inference solver steps\: one value or a list (1,2,4,8 or repeated).]:solver_steps:_files' \
+                        '*--solver-steps[Inference solver steps\: one value or a list (1,2,4,8 or repeated).]:solver_steps: ' \
                         '--seq-len[Window length (default\: the run'\''s).]:seq_len: ' \
                         '--batch-size[Windows per batch.]:batch_size: ' \
                         '--max-batches[Score only the first N batches (a quick estimate).]:max_batches: ' \
-                        '--device[auto, cpu, cuda, cuda\:N or mps.]:device:_files' \
+                        '--device[auto, cpu, cuda, cuda\:N or mps.]:device: ' \
                         '--json[Print the results as JSON.]' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]' \
                         '1:checkpoint:_files'
@@ -63,7 +63,7 @@ _revdeq() {
                         '--num-samples[Independent samples to draw.]:num_samples: ' \
                         '--seed[Random seed (default\: a fresh one, printed).]:seed: ' \
                         '--no-cache[Recompute the whole sequence for every token.]' \
-                        '--device[auto, cpu, cuda, cuda\:N or mps.]:device:_files' \
+                        '--device[auto, cpu, cuda, cuda\:N or mps.]:device: ' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]' \
                         '1:prompt:_files'
                     ;;
@@ -71,9 +71,9 @@ _revdeq() {
                     _arguments \
                         '--weights[List every tensor\: name, shape, dtype.]' \
                         '--probe[Run one batch and show the residual after each solver step.]' \
-                        '--probe-text[Text of the --probe batch.]:probe_text:_files' \
+                        '--probe-text[Text of the --probe batch.]:probe_text: ' \
                         '--probe-steps[Solver steps for --probe (default\: the model'\''s inference steps).]:probe_steps: ' \
-                        '--device[Device for --probe\: auto, cpu, cuda, mps.]:device:_files' \
+                        '--device[Device for --probe\: auto, cpu, cuda, mps.]:device: ' \
                         '--json[Print everything as JSON.]' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]' \
                         '1:checkpoint:_files'
@@ -81,9 +81,9 @@ _revdeq() {
                 train)
                     _arguments \
                         '--config[YAML settings file (sectioned, dotted or the earlier port'\''s flat keys).]:config:_files' \
-                        '--preset[Model size\: tiny, small, base, paper (default tiny).]:preset:_files' \
+                        '--preset[Model size\: tiny, small, base, paper (default tiny).]:preset: ' \
                         '--dataset[pydoc (offline), wikitext, wikitext-103, a hub id or a local path (default pydoc).]:dataset:_files' \
-                        '--dataset-config[Hub dataset configuration name.]:dataset_config:_files' \
+                        '--dataset-config[Hub dataset configuration name.]:dataset_config: ' \
                         '--tokenizer[byte, bpe\[\:SIZE\], a hub id or a path (default byte).]:tokenizer:_files' \
                         '(--offline --online)'{--offline,--online}'[Never touch the network.]' \
                         '--seq-len[Tokens per training sequence (default 128).]:seq_len: ' \
@@ -94,19 +94,19 @@ _revdeq() {
                         '--batch-size[Sequences per micro-batch per process (default 16).]:batch_size: ' \
                         '--grad-accum[Micro-batches per optimiser step (default 1).]:grad_accum: ' \
                         '--lr[Peak learning rate (default 2e-3).]:lr: ' \
-                        '--solver[reversible, picard, relaxed, anderson, broyden, explicit.]:solver:_files' \
-                        '--adjoint[reversible, unrolled, implicit, phantom.]:adjoint:_files' \
+                        '--solver[reversible, picard, relaxed, anderson, broyden, explicit.]:solver: ' \
+                        '--adjoint[reversible, unrolled, implicit, phantom.]:adjoint: ' \
                         '--beta[Relaxation in (0, 2), not 1 for reversible.]:beta: ' \
                         '--tol[Solver stop tolerance on the relative residual (0\: always --solver-steps).]:tol: ' \
                         '--solver-steps[Maximum solver steps in training.]:solver_steps: ' \
-                        '--precision[fp32, bf16 or fp16 (default fp32).]:precision:_files' \
-                        '--device[auto, cpu, cuda, cuda\:N or mps (default auto).]:device:_files' \
+                        '--precision[fp32, bf16 or fp16 (default fp32).]:precision: ' \
+                        '--device[auto, cpu, cuda, cuda\:N or mps (default auto).]:device: ' \
                         '--eval-every[Validate every N steps (0\: only at the end) (default 100).]:eval_every: ' \
                         '--save-every[Checkpoint every N steps (0\: only at the end) (default 200).]:save_every: ' \
                         '--resume[auto (newest checkpoint of the run dir) or a checkpoint / run directory.]:resume:_files' \
                         '--seed[Random seed (default 0).]:seed: ' \
-                        '--progress[auto, rich or plain (default auto).]:progress:_files' \
-                        '*--set[Any setting, e.g. --set train.weight_decay=0.05 (repeatable).]:set:_files' \
+                        '--progress[auto, rich or plain (default auto).]:progress: ' \
+                        '*--set[Any setting, e.g. --set train.weight_decay=0.05 (repeatable).]:set: ' \
                         '--print-config[Print the resolved settings as YAML and exit.]' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]'
                     ;;

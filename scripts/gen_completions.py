@@ -62,16 +62,17 @@ def _unwrap(annotation: object) -> object:
 
 
 def _value_kind(param: object) -> tuple[tuple[str, ...], bool]:
-    """(choices, completes-as-path) for a parameter's value."""
+    """(choices, completes-as-path) for a parameter's value: Enum/Literal -> choices; Path -> files; a free
+    string -> files when its help says it takes a path, file or directory (e.g. --dataset NAME|PATH)."""
     descriptor = getattr(param, "type_descriptor", None)
     annotation = _unwrap(descriptor.annotation) if descriptor is not None else str
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return tuple(str(m.value) for m in annotation), False
     if typing.get_origin(annotation) is typing.Literal:
         return tuple(str(a) for a in typing.get_args(annotation)), False
-    if annotation in (int, float, bool):
-        return (), False
-    return (), True  # Path and free strings (dataset names or paths, checkpoint dirs)
+    if annotation is str:
+        return (), bool(re.search(r"\b(path|file|dir|directory)\b", getattr(param, "help", None) or "", re.I))
+    return (), annotation not in (int, float, bool)
 
 
 def _param(p: object) -> Opt:
@@ -112,7 +113,8 @@ def command_tree() -> tuple[tuple[Opt, ...], tuple[Cmd, ...]]:
         help_opt = c.get_help_option(ctx)
         opts = tuple(_param(p) for p in [*params, help_opt] if p is not None and p.param_type_name == "option")
         args = tuple(_param(p) for p in params if p.param_type_name == "argument")
-        cmds.append(Cmd(name=name, help=_one_line(c.short_help or c.help), options=opts, arguments=args))
+        summary = _one_line(c.short_help or c.help).split(". ")[0].rstrip(".")
+        cmds.append(Cmd(name=name, help=summary, options=opts, arguments=args))
     return root_opts, tuple(cmds)
 
 
@@ -133,7 +135,7 @@ def render_bash(root_opts: tuple[Opt, ...], cmds: tuple[Cmd, ...]) -> str:
             elif o.files:
                 action = 'COMPREPLY=( $(compgen -f -- "$cur") ); return 0'
             else:
-                action = "return 0  # a number: nothing to complete"
+                action = "return 0"  # a number or a free value: nothing to complete
             lines.append(f"{indent}{pattern}) {action} ;;")
         return lines
 

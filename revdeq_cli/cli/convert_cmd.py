@@ -26,8 +26,9 @@ class WeightDtype(StrEnum):
 @app.command(
     "convert",
     help=(
-        "Make a slim model directory (config, weights, tokenizer; no optimiser state) that "
-        "AutoModelForCausalLM.from_pretrained loads after `import revdeq_cli`.\n\n"
+        "Convert a checkpoint or a RevDEQ-PyTorch model.pt to a slim model directory. DEST holds config, "
+        "weights and tokenizer, no optimiser state; AutoModelForCausalLM.from_pretrained loads it after "
+        "`import revdeq_cli`.\n\n"
         "With --from revdeq-pytorch the earlier PyTorch port's model.pt is imported without executing anything "
         "from its pickle; tensors that cannot be mapped are refused. DEST is written atomically: it appears "
         "complete or not at all."

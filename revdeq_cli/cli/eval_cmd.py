@@ -19,8 +19,9 @@ class Split(StrEnum):
 @app.command(
     "eval",
     help=(
-        "Evaluate a checkpoint: perplexity and bits per byte (comparable across tokenizers) on the validation "
-        "or test split of its dataset (or of --dataset), with tokens/s and mean solver steps. Several "
+        "Evaluate a checkpoint: perplexity and bits per byte. Scores the validation or test split of its "
+        "dataset (or of --dataset); bits per byte are comparable across tokenizers; tokens/s and mean solver "
+        "steps are reported too. Several "
         "--solver-steps values print a table of perplexity against inference-time solver steps: a DEQ can "
         "iterate longer at test time than it trained."
     ),

@@ -18,9 +18,9 @@ PROBE_TEXT = (
 @app.command(
     "inspect",
     help=(
-        "Show a checkpoint's settings, parameter counts (total, embedding, non-embedding), dtypes, training "
-        "step and tokens seen, recent losses, and its files. Reads config.json, the safetensors header and "
-        "training_state.pt (weights-only); the model is loaded only for --probe."
+        "Describe a checkpoint. Shows its settings, parameter counts (total, embedding, non-embedding), "
+        "dtypes, training step and tokens seen, recent losses, and its files. Reads config.json, the "
+        "safetensors header and training_state.pt (weights-only); the model is loaded only for --probe."
     ),
     epilog=(
         "Examples:\n\n"

@@ -153,11 +153,19 @@ class ImplicitAdjoint:
         fz = problem.evaluate(z_star)
         if fz.requires_grad:
             backward_solver = self.solver or Anderson(m=5)
+            inside = [False]
 
             def implicit_grad(g: Tensor) -> Tensor:
-                linear = _BackwardProblem(fz=fz, z=z_star, g=g, problem=problem)
-                with torch.enable_grad():
-                    solved = iterate(backward_solver, linear, g, self.tol, self.max_steps)  # type: ignore[arg-type]
+                # The VJPs below re-enter fz's graph and would fire this hook again: pass those through.
+                if inside[0]:
+                    return g
+                inside[0] = True
+                try:
+                    linear = _BackwardProblem(fz=fz, z=z_star, g=g, problem=problem)
+                    with torch.enable_grad():
+                        solved = iterate(backward_solver, linear, g, self.tol, self.max_steps)  # type: ignore[arg-type]
+                finally:
+                    inside[0] = False
                 stats.nfe += linear.nfe
                 return solved.state.z
 

@@ -100,9 +100,10 @@ class Anderson(Solver):
     """Anderson acceleration with memory `m` and mixing `beta`.
 
     The mixing weights solve the regularised least-squares problem
-    `min_a ||sum_i a_i (f(z_i) - z_i)||^2 + lam ||a||^2` subject to `sum_i a_i = 1` (per sample); the
-    regularisation keeps the bordered system non-singular even when the residuals are linearly dependent
-    or zero, and a failed solve falls back to the pseudo-inverse instead of raising.
+    `min_a ||sum_i a_i (f(z_i) - z_i)||^2 + lam * s * ||a||^2` subject to `sum_i a_i = 1` (per sample,
+    s = mean squared residual norm); the regularisation keeps the bordered system well conditioned when
+    the residuals are nearly linearly dependent, and a singular system (e.g. all residuals zero) falls
+    back to the pseudo-inverse instead of raising.
     """
 
     m: int = 5
@@ -136,7 +137,9 @@ class Anderson(Solver):
     def _weights(self, G: Tensor) -> Tensor:
         B, n, _ = G.shape
         GG = G @ G.transpose(1, 2)  # [B, n, n]
-        scale = 1.0 + GG.diagonal(dim1=1, dim2=2).mean(dim=1).detach()
+        # Regularise relative to the residuals' own scale, so tiny residuals near convergence are not
+        # swamped (an absolute lam would flatten the weights to uniform there).
+        scale = GG.diagonal(dim1=1, dim2=2).mean(dim=1).detach() + torch.finfo(G.dtype).tiny
         eye = torch.eye(n, dtype=G.dtype, device=G.device)
         H = torch.zeros(B, n + 1, n + 1, dtype=G.dtype, device=G.device)
         H[:, 0, 1:] = 1

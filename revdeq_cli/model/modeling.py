@@ -52,17 +52,14 @@ class SolverStats:
 
 @dataclass
 class RevDEQCausalLMOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` (loss, logits, cache) plus the solver statistics of this call."""
+    """`CausalLMOutputWithPast` (loss, logits, cache) plus the solver statistics of this call.
+
+    transformers v5 names the cache `cache`; `past_key_values` still reads it (with a deprecation warning)."""
 
     solver_steps: int | None = None
     solver_residual: float | None = None
     solver_nfe: int | None = None
     solver_backward: Any = None
-
-    @property
-    def past_key_values(self) -> Cache | None:
-        """The cache under its transformers-v4 name (v5 calls it `cache`)."""
-        return self.cache
 
 
 class RevDEQPreTrainedModel(PreTrainedModel):

@@ -1,0 +1,177 @@
+"""Generation speed with and without the key/value cache, and what the compact fixed-point cache costs
+in perplexity.
+
+    .venv/bin/python benchmarks/generation.py [--preset small] [--prompt 16] [--new 240] [--repeats 2]
+                                              [--ppl-train-steps 150] [--device cpu] [--threads 1]
+
+Part 1 (speed): an untrained `--preset` Reversible DEQ (context = prompt + new tokens) generates greedily with
+`model.generate`: the exact per-evaluation cache (default), the fixed-point cache, and `use_cache=False`
+(the whole sequence is re-solved for every token). All runs do the same inference_max_steps solver steps per
+solve. tokens/s counts new tokens; the best of --repeats runs is kept. It also checks that the cached and
+uncached runs produce the same tokens. Exits 1 if the exact cache is not at least 5x faster than no cache.
+
+Part 2 (perplexity): a `tiny` byte-level model is trained for --ppl-train-steps on CPython's pydoc topics,
+then scores held-out text token by token (teacher forcing) with each cache; the table gives the perplexity
+and the largest logit difference from the full forward. The exact cache matches to float rounding; the
+fixed-point cache is exact only where the solves converge, so its difference shrinks with more steps.
+
+--threads sets torch's CPU threads (default 1: decoding one sequence is latency-bound, and on a shared
+machine multi-threaded kernels stall on busy cores; 0 keeps torch's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed_generate(model, prompt, new: int, repeats: int, **kwargs):
+    import torch
+
+    best, out = math.inf, None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def speed_table(args) -> bool:
+    import torch
+
+    from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
+
+    context = args.prompt + args.new
+    torch.manual_seed(0)
+    config = RevDEQConfig.from_preset(args.preset, max_position_embeddings=context, pad_token_id=0)
+    model = RevDEQForCausalLM(config).to(args.device).eval()
+    prompt = torch.randint(1, config.vocab_size, (1, args.prompt), device=args.device)
+    split = model.num_parameters_split()
+    print(f"model: preset {args.preset}, width {config.hidden_size}, {config.num_attention_heads} heads, vocab "
+          f"{config.vocab_size}, {split['non_embedding'] / 1e6:.2f}M non-embedding params, "
+          f"{config.eval_max_steps} reversible steps = {1 + 2 * config.eval_max_steps} evaluations of f per solve")
+    print(f"generation: greedy, prompt {args.prompt} tokens, {args.new} new tokens (context {context}), "
+          f"best of {args.repeats}, device {args.device}")
+    print()
+
+    timed_generate(model, prompt, 4, 1)  # warm-up
+    exact, t_exact = timed_generate(model, prompt, args.new, args.repeats)
+    model.config.cache_mode = "fixed_point"
+    _, t_fixed = timed_generate(model, prompt, args.new, args.repeats)
+    model.config.cache_mode = "exact"
+    full, t_full = timed_generate(model, prompt, args.new, args.repeats, use_cache=False)
+
+    rows = [("exact KV cache (1 layer per evaluation)", t_exact), ("fixed-point KV cache (final states)", t_fixed),
+            ("no cache (re-solve the whole sequence)", t_full)]
+    print(f"{'mode':<42} {'seconds':>8} {'tokens/s':>9} {'vs no cache':>11}")
+    for name, seconds in rows:
+        print(f"{name:<42} {seconds:>8.2f} {args.new / seconds:>9.1f} {t_full / seconds:>10.1f}x")
+    same = torch.equal(exact, full)
+    speedup = t_full / t_exact
+    print()
+    print(f"cached and uncached tokens identical: {same}; exact-cache speed-up {speedup:.1f}x (required >= 5x)")
+    return same and speedup >= 5
+
+
+def pydoc_bytes() -> bytes:
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)).encode()
+
+
+def teacher_forced_logits(model, ids, **kwargs):
+    """Logits [1, T, V] computed one token at a time through the cache."""
+    import torch
+
+    out = model(ids[:, :1], use_cache=True)
+    logits = [out.logits]
+    for t in range(1, ids.shape[1]):
+        out = model(ids[:, t : t + 1], cache=out.cache)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+def perplexity_table(args) -> None:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
+
+    data = torch.from_numpy(np.frombuffer(pydoc_bytes(), dtype=np.uint8).astype(np.int64))
+    train, held_out = data[: int(0.9 * len(data))], data[int(0.9 * len(data)) :]
+    seq_len, batch = 128, 8
+    torch.manual_seed(0)
+    model = RevDEQForCausalLM(RevDEQConfig.from_preset("tiny", vocab_size=256)).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    start = time.perf_counter()
+    model.train()
+    for _ in range(args.ppl_train_steps):
+        starts = torch.randint(0, len(train) - seq_len - 1, (batch,))
+        block = torch.stack([train[s : s + seq_len + 1] for s in starts.tolist()]).to(args.device)
+        loss = model(block[:, :-1], shift_labels=block[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    print(f"model: preset tiny, byte vocabulary, trained {args.ppl_train_steps} steps of {batch}x{seq_len} bytes "
+          f"on pydoc topics ({time.perf_counter() - start:.0f} s, last train loss {loss.item():.3f})")
+    print("scored: 4 held-out windows of 192 bytes, every position teacher-forced")
+    print()
+    windows = [held_out[i * 5000 : i * 5000 + 193] for i in range(4)]
+
+    print(f"{'steps':>5} {'mode':<14} {'perplexity':>10} {'max |logit - full|':>19} {'final residual':>15}")
+    for steps in (4, 8, 16):
+        model.config.inference_max_steps = steps
+        for mode in ("full", "exact", "fixed_point"):
+            model.config.cache_mode = "exact" if mode == "full" else mode
+            nll, diff, residual = 0.0, 0.0, 0.0
+            for window in windows:
+                ids = window[None, :-1].to(args.device)
+                with torch.no_grad():
+                    full = model(ids).logits
+                    logits = full if mode == "full" else teacher_forced_logits(model, ids)
+                residual = max(residual, model.last_solver_stats.residual)
+                nll += F.cross_entropy(logits[0].float(), window[1:].to(args.device), reduction="sum").item()
+                diff = max(diff, float((logits - full).abs().max()))
+            ppl = math.exp(nll / sum(len(w) - 1 for w in windows))
+            print(f"{steps:>5} {mode:<14} {ppl:>10.3f} {diff:>19.2e} {residual:>15.3g}")
+    model.config.cache_mode = "exact"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new", type=int, default=240)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--ppl-train-steps", type=int, default=150, help="0 skips the perplexity table")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 = torch's default")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    print(f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs "
+          f"({torch.get_num_threads()} threads), {platform.machine()}")
+    print()
+    ok = speed_table(args)
+    if args.ppl_train_steps > 0:
+        print()
+        perplexity_table(args)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from enum import StrEnum
 from pathlib import Path
 
@@ -117,8 +119,10 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
                    f"bytes; seq_len {seq_len}, batch {batch_size}"
                    + (f", first {max_batches} batches only" if max_batches else ""))
     trained_steps = model.config.max_steps if model.config.is_deq else None
-    results = solver_steps_sweep(model, tokens, steps, split=split, split_bytes=corpus.split_bytes[split],
-                                 seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+    with _progress(len(steps) * _targets(tokens, seq_len, batch_size, max_batches)) as advance:
+        results = solver_steps_sweep(model, tokens, steps, split=split, split_bytes=corpus.split_bytes[split],
+                                     seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+                                     on_batch=advance)
     if as_json:
         echo_json({"checkpoint": path, "step": meta.get("step"), "dataset": corpus.source, "split": split,
                    "seq_len": seq_len, "trained_max_steps": trained_steps,
@@ -131,3 +135,24 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
                      rows, align="rrrrrrr"))
     if trained_steps is not None:
         typer.echo(f"(trained with max_steps {trained_steps}; inference default {model.config.eval_max_steps})")
+
+
+def _targets(tokens, seq_len: int, batch_size: int, max_batches: int | None) -> int:
+    """Targets one pass scores (all of the split's, or those of the first `max_batches` batches)."""
+    total = max(len(tokens) - 1, 0)
+    return total if max_batches is None else min(total, max_batches * batch_size * seq_len)
+
+
+@contextlib.contextmanager
+def _progress(total: int):
+    """A transient progress bar on stderr when it is a terminal; a no-op otherwise (logs stay clean)."""
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("evaluating"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("eval", total=total)
+        yield lambda n: bar.advance(task, n)

@@ -302,7 +302,7 @@ def _unknown_key_message(key: str, source: str) -> str:
     section, _, field = key.partition(".")
     if field and section in SECTIONS:
         known = list(SECTIONS[section].model_fields)
-        close = difflib.get_close_matches(field, known, n=1)
+        close = difflib.get_close_matches(field, known, n=1, cutoff=0.5)
         hint = f"did you mean {section}.{close[0]}?" if close else f"known keys: {', '.join(known)}"
         return f"{key}: unknown setting (from {source}); {hint}"
     candidates = list(SECTIONS) + list(ALIASES) + [f"{s}.{f}" for s, m in SECTIONS.items() for f in m.model_fields]
@@ -416,7 +416,7 @@ def preset_values(name: str) -> dict[str, Any]:
     return out
 
 
-def resolve_settings(
+def merge_layers(
     *,
     config_file: str | os.PathLike[str] | None = None,
     sets: list[str] | tuple[str, ...] = (),
@@ -425,16 +425,14 @@ def resolve_settings(
     environ: Mapping[str, str] | None = None,
     base: Mapping[str, Any] | None = None,
     base_source: str = "the resumed checkpoint",
-    fill_preset: bool = True,
-) -> Settings:
-    """Merge preset < `base` < `config_file` < environment < `--set` items < `flags` and validate.
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Merge `base` < `config_file` < environment < `--set` items < `flags`, unvalidated.
 
-    `flags` maps dotted keys to values of the dedicated CLI options that were given (None values are
-    skipped); `flag_names` maps the same keys to the option spelling used in error messages (`--lr`).
-    `base` is a nested settings mapping beneath the user's layers: a resumed run's stored settings, so
-    `--resume` continues the run as it was configured. With `fill_preset`, every model/solver field still
-    unset takes the preset's value (this imports the model package). Raises `ConfigError` naming the
-    field, its source and the fix.
+    Returns ({dotted key: value}, {dotted key: where the value came from}). Keys are checked (unknown ones
+    raise `ConfigError`), values are not: `resolve_settings` validates. `flags` maps dotted keys to values
+    of the dedicated CLI options that were given (None values are skipped); `flag_names` maps the same keys
+    to the option spelling used in messages (`--lr`). `base` is a nested settings mapping beneath the
+    user's layers: a resumed run's stored settings, so `--resume` continues the run as configured.
     """
     layers: list[tuple[str, Any, str]] = []  # (dotted key, value, source), lowest precedence first
     if base is not None:
@@ -457,6 +455,16 @@ def resolve_settings(
     for key, value, src in layers:
         merged[key] = value
         sources[key] = src
+    return merged, sources
+
+
+def resolve_settings(*, fill_preset: bool = True, **layers: Any) -> Settings:
+    """Merge the preset beneath the layers of `merge_layers` (same keyword arguments) and validate.
+
+    With `fill_preset`, every model/solver field still unset takes the preset's value (this imports the
+    model package). Raises `ConfigError` naming the field, its source and the fix.
+    """
+    merged, sources = merge_layers(**layers)
     if not any(merged.get(f"train.{k}") is not None for k in ("max_steps", "epochs", "max_tokens")):
         merged["train.max_steps"] = DEFAULT_MAX_STEPS
     if fill_preset:

@@ -112,7 +112,7 @@ def train_command(
              for name, (dotted, _) in FLAGS.items()}
     flag_names = {dotted: option for dotted, option in FLAGS.values()}
 
-    from revdeq_cli.settings import SettingsWarning, resolve_settings
+    from revdeq_cli.settings import DataSettings, SettingsWarning, merge_layers, resolve_settings
 
     shown: set[str] = set()  # settings are resolved twice when resuming; warn once
 
@@ -134,16 +134,22 @@ def train_command(
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
-    settings = resolve()
-    if settings.train.resume is not None:
-        # Continue the run as it was configured: its stored settings sit beneath everything given now.
+    # Resuming continues the run as it was configured: its stored settings sit beneath everything given
+    # now, so only the resume target is read before the full merge.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SettingsWarning)  # `resolve` below reports them
+        given, _ = merge_layers(config_file=config, sets=set_, flags=flags, flag_names=flag_names)
+    stored = None
+    if given.get("train.resume") is not None:
         from revdeq_cli.training.checkpoint import load_training_state
         from revdeq_cli.training.loop import find_resume_checkpoint
 
-        found = find_resume_checkpoint(settings.train.resume, settings.train.out_dir, settings.data.dataset)
-        stored = load_training_state(found, full=False).get("settings") if found is not None else None
-        if isinstance(stored, dict):
-            settings = resolve(stored, f"the settings of {found}")
+        out = given.get("train.out_dir")
+        found = find_resume_checkpoint(str(given["train.resume"]), None if out is None else str(out),
+                                       str(given.get("data.dataset", DataSettings().dataset)))
+        if found is not None:
+            stored = load_training_state(found, full=False).get("settings")
+    settings = resolve(stored, f"the settings of {found}") if isinstance(stored, dict) else resolve()
     if print_config:
         typer.echo(settings.to_yaml(), nl=False)
         raise typer.Exit()

@@ -1,0 +1,194 @@
+"""Settings: precedence of preset < --config < env < --set < flags, validation errors, earlier-port aliases,
+and the CLI's --print-config and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from revdeq_cli.cli.app import main
+from revdeq_cli.errors import ConfigError
+from revdeq_cli.settings import (
+    DEFAULT_MAX_STEPS,
+    Settings,
+    SettingsWarning,
+    resolve_settings,
+    settings_from_dict,
+)
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "revdeq-pytorch" / "default.yaml"
+if not FIXTURE.exists():  # the checkout's sibling shared/ dir, or /work/shared
+    FIXTURE = Path("/work/shared/fixtures/revdeq-pytorch/default.yaml")
+
+
+def test_defaults_take_the_tiny_preset_and_the_offline_pydoc_corpus():
+    s = resolve_settings(environ={})
+    assert s.model.preset == "tiny" and s.model.hidden_size == 128 and s.model.num_attention_heads == 4
+    assert s.solver.solver == "reversible" and s.solver.adjoint == "reversible" and s.solver.beta == 0.5
+    assert s.solver.state_dtype == "float64"
+    assert s.data.dataset == "pydoc" and s.data.tokenizer == "byte"
+    assert s.train.max_steps == DEFAULT_MAX_STEPS
+
+
+def test_precedence_preset_then_config_then_env_then_set_then_flag(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 0.1\n  batch_size: 3\nmodel:\n  hidden_size: 64\nsolver.beta: 0.7\n")
+    env = {"REVDEQ_TRAIN__LR": "0.2", "REVDEQ_TRAIN__SEED": "5", "REVDEQ_CACHE_DIR": "/ignored"}
+
+    only_file = resolve_settings(config_file=cfg, environ={})
+    assert (only_file.train.lr, only_file.train.batch_size, only_file.model.hidden_size) == (0.1, 3, 64)
+    assert only_file.solver.beta == 0.7
+    assert only_file.model.intermediate_size == 512  # the preset still fills what the file leaves out
+
+    with_env = resolve_settings(config_file=cfg, environ=env)
+    assert (with_env.train.lr, with_env.train.seed) == (0.2, 5)
+
+    with_set = resolve_settings(config_file=cfg, environ=env, sets=["train.lr=0.3", "model.hidden_size=96"])
+    assert (with_set.train.lr, with_set.model.hidden_size, with_set.train.batch_size) == (0.3, 96, 3)
+
+    with_flag = resolve_settings(config_file=cfg, environ=env, sets=["train.lr=0.3"],
+                                 flags={"train.lr": 0.4, "train.batch_size": None})
+    assert with_flag.train.lr == 0.4 and with_flag.train.batch_size == 3  # None = flag not given
+
+    other_preset = resolve_settings(flags={"model.preset": "small"}, environ={})
+    assert other_preset.model.hidden_size == 256
+
+
+def test_earlier_port_flat_yaml_loads_through_aliases_and_warns_about_meaningless_keys():
+    with pytest.warns(SettingsWarning) as caught:
+        s = resolve_settings(config_file=FIXTURE, environ={})
+    warned = " ".join(str(w.message) for w in caught)
+    assert "dataloader_num_workers" in warned and "report_to" in warned
+    raw = yaml.safe_load(FIXTURE.read_text())
+    assert s.model.hidden_size == raw["hidden_size"] == 768
+    assert s.model.num_attention_heads == raw["num_heads"]
+    assert s.model.intermediate_size == raw["intermediate_size"]
+    assert s.model.max_position_embeddings == raw["max_position_embeddings"]
+    assert s.model.vocab_size == raw["vocab_size"]
+    assert s.solver.max_steps == raw["num_fixed_point_iterations"]
+    assert s.solver.tol == float(raw["fixed_point_tol"])
+    assert (s.solver.solver, s.solver.adjoint, s.solver.beta) == ("reversible", "reversible", raw["beta"])
+    assert s.train.epochs == raw["num_epochs"] and s.train.max_steps is None  # epochs alone end the run
+    assert (s.train.batch_size, s.train.grad_accum) == (raw["batch_size"], raw["gradient_accumulation_steps"])
+    assert (s.train.lr, s.train.weight_decay, s.train.warmup_steps) == (
+        raw["learning_rate"], raw["weight_decay"], raw["warmup_steps"])
+    assert (s.log.log_every, s.train.save_every, s.train.keep_last) == (
+        raw["logging_steps"], raw["save_steps"], raw["save_total_limit"])
+    assert s.train.precision == "fp16" and s.data.tokenizer == "gpt2"
+
+
+def test_use_reversible_false_maps_to_the_relaxed_unrolled_baseline(tmp_path):
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("use_reversible: false\nbeta: 0.9\nbf16: true\nfp16: false\n")
+    s = resolve_settings(config_file=cfg, environ={})
+    assert (s.solver.solver, s.solver.adjoint, s.train.precision) == ("relaxed", "unrolled", "bf16")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "reason"),
+    [
+        ({"sets": ["solver.beta=1"]}, "solver.beta", "must not be 1"),
+        ({"sets": ["solver.beta=2.5"]}, "solver.beta", "less than 2"),
+        ({"flags": {"train.lr": 0.0}}, "train.lr", "greater than 0"),
+        ({"environ": {"REVDEQ_TRAIN__LR": "-3"}}, "train.lr", "REVDEQ_TRAIN__LR"),
+        ({"sets": ["model.num_attention_heads=3"]}, "model.num_attention_heads", "do not divide"),
+        ({"sets": ["data.seq_len=4096"]}, "data.seq_len", "max_position_embeddings"),
+        ({"sets": ["train.lrate=1"]}, "train.lrate", "did you mean train.lr"),
+        ({"sets": ["training.lr=1"]}, "training.lr", "unknown setting"),
+        ({"environ": {"REVDEQ_TRAIN__BATCH_SIZE": "many"}}, "train.batch_size", "valid integer"),
+        ({"sets": ["solver.solver=newton"]}, "solver.solver", "reversible"),
+        ({"sets": ["solver.solver=anderson", "solver.adjoint=reversible"]}, "solver.adjoint", "reversible"),
+        ({"sets": ["train.precision=fp8"]}, "train.precision", "fp16"),
+        ({"sets": ["train.device=tpu"]}, "train.device", "unknown device"),
+        ({"sets": ["model.preset=huge"]}, "model.preset", "tiny"),
+        ({"sets": ["noequals"]}, "--set", "KEY=VALUE"),
+    ],
+)
+def test_impossible_values_fail_naming_the_field(kwargs, field, reason):
+    kwargs.setdefault("environ", {})
+    with pytest.raises(ConfigError) as err:
+        resolve_settings(**kwargs)
+    msg = str(err.value)
+    assert msg.startswith(field) and reason in msg and "\n" not in msg, msg
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*not valid YAML"):
+        resolve_settings(config_file=bad, environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve_settings(config_file=tmp_path / "missing.yaml", environ={})
+    both = tmp_path / "both.yaml"
+    both.write_text("fp16: true\nbf16: true\n")
+    with pytest.raises(ConfigError, match="fp16/bf16"):
+        resolve_settings(config_file=both, environ={})
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("hidden_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"hidden_sise: unknown setting \(from --config .*unknown.yaml\)"):
+        resolve_settings(config_file=unknown, environ={})
+
+
+def test_resolved_settings_round_trip_through_yaml_and_model_overrides():
+    s = resolve_settings(sets=["solver.tol=0", "model.hidden_size=64"], environ={})
+    assert settings_from_dict(yaml.safe_load(s.to_yaml()), "x") == s
+    kw = s.model_config_overrides()
+    assert kw["hidden_size"] == 64 and kw["tol"] is None  # tol 0 = "never stop early" = the model's None
+    assert "preset" not in kw and "vocab_size" not in kw
+
+    from revdeq_cli.model import RevDEQConfig
+
+    cfg = RevDEQConfig.from_preset(s.model.preset, vocab_size=257, **kw)
+    assert cfg.hidden_size == 64 and cfg.tol is None
+
+
+def test_resume_base_layer_sits_beneath_the_users_layers():
+    stored = resolve_settings(sets=["train.lr=0.05", "model.hidden_size=64"], environ={}).model_dump()
+    s = resolve_settings(base=stored, flags={"train.max_steps": 70}, environ={})
+    assert (s.train.lr, s.model.hidden_size, s.train.max_steps) == (0.05, 64, 70)
+
+
+# --------------------------------------------------------------------------- through the CLI (in process)
+def _cli(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *argv])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_print_config_prints_the_resolved_yaml_and_exits(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REVDEQ_SOLVER__BETA", "0.8")
+    code, out, err = _cli(["--print-config", "--lr", "0.01", "--set", "train.weight_decay=0.05",
+                           "--solver-steps", "6"], capsys)
+    assert code == 0, err
+    s = Settings.model_validate(yaml.safe_load(out))
+    assert (s.train.lr, s.train.weight_decay, s.solver.max_steps, s.solver.beta) == (0.01, 0.05, 6, 0.8)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--lr", "-1"], "train.lr"),
+        (["--beta", "1"], "solver.beta"),
+        (["--set", "model.num_attention_heads=5"], "model.num_attention_heads"),
+        (["--set", "train.nope=1"], "train.nope"),
+        (["--precision", "fp64"], "train.precision"),
+    ],
+)
+def test_cli_validation_errors_exit_2_with_one_line(argv, needle, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli([*argv, "--print-config"], capsys)
+    assert code == 2
+    assert err.startswith("revdeq: error: ") and err.count("\n") == 1 and needle in err
+    assert "Traceback" not in err and out == ""
+
+
+def test_cli_warns_once_about_ignored_earlier_port_keys(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(["--config", str(FIXTURE), "--print-config"], capsys)
+    assert code == 0
+    assert err.count("revdeq: warning: dataloader_num_workers") == 1 and "report_to" in err

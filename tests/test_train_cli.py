@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_train_loop import small_corpus  # noqa: F401  (session fixture: the local test corpus)
 
 TINY_FLAGS = [

@@ -160,3 +160,23 @@ def test_anderson_generates_with_the_fixed_point_cache():
     model = make_model(solver="anderson", adjoint="implicit")
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert out.cache.mode == "fixed_point" and out.sequences.shape == (1, 7)
+
+
+def test_growing_cache_layer_equals_concatenation_through_crop_and_reorder():
+    from transformers.cache_utils import DynamicLayer
+
+    from revdeq_cli.model.cache import GrowingLayer
+
+    torch.manual_seed(0)
+    growing, reference = GrowingLayer(), DynamicLayer()
+    for step, length in enumerate([5, 1, 1, 40, 1, 30]):
+        k, v = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)
+        got, want = growing.update(k, v), reference.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        if step == 2:
+            growing.crop(-2)
+            reference.crop(-2)
+        if step == 4:
+            growing.reorder_cache(torch.tensor([1, 0]))
+            reference.reorder_cache(torch.tensor([1, 0]))
+    assert growing.get_seq_length() == reference.get_seq_length() == 76

@@ -84,8 +84,9 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
         )
         batch, _, length, _ = y.shape
-        y = y.transpose(1, 2).reshape(batch, length, -1)
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y.transpose(1, 2).reshape(batch, length, -1))
+        # skipping no-op modules matters when decoding one token: per-call overhead dominates there
+        return self.resid_dropout(y) if self.dropout else y
 
     def _qkv(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, length, hidden = u.shape
@@ -101,10 +102,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.c_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout else None
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(h))))
+        out = self.c_proj(F.gelu(self.c_fc(h)))
+        return self.dropout(out) if self.dropout is not None else out
 
 
 class Block(nn.Module):

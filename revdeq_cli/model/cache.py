@@ -22,7 +22,55 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` that appends into spare capacity instead of concatenating: an update copies only the
+    new positions (a decode step would otherwise copy every cached key/value of every evaluation layer).
+
+    `keys`/`values` are views [B, heads, S, d] of buffers [B, heads, capacity, d] that double when full. After
+    `crop` the next update overwrites the cropped positions; after operations that replace `keys` (beam
+    reordering, batch selection) the buffer is rebuilt from them. With autograd recording it falls back to
+    concatenation, so no in-place write touches a tensor the graph saved."""
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer: Tensor | None = None
+        self._value_buffer: Tensor | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            self._key_buffer = self._value_buffer = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if not self._buffer_holds_keys(key_states, length + new):
+            self._key_buffer = self._grow(self.keys, key_states, length, length + new)
+            self._value_buffer = self._grow(self.values, value_states, length, length + new)
+        self._key_buffer[:, :, length : length + new] = key_states
+        self._value_buffer[:, :, length : length + new] = value_states
+        self.keys = self._key_buffer[:, :, : length + new]
+        self.values = self._value_buffer[:, :, : length + new]
+        return self.keys, self.values
+
+    def _buffer_holds_keys(self, key_states: Tensor, needed: int) -> bool:
+        buffer = self._key_buffer
+        return (
+            buffer is not None and self.keys.numel() > 0 and self.keys.data_ptr() == buffer.data_ptr()
+            and buffer.shape[0] == key_states.shape[0] and buffer.shape[2] >= needed
+            and buffer.dtype == key_states.dtype and buffer.device == key_states.device
+        )
+
+    @staticmethod
+    def _grow(cached: Tensor, new: Tensor, length: int, needed: int) -> Tensor:
+        batch, heads, _, dim = new.shape
+        buffer = new.new_empty(batch, heads, max(2 * needed, 64), dim)
+        if length:
+            buffer[:, :, :length] = cached
+        return buffer
 
 
 class RevDEQCache(DynamicCache):
@@ -33,7 +81,7 @@ class RevDEQCache(DynamicCache):
     the number of evaluations of f per solve (exact mode)."""
 
     def __init__(self, mode: str = "exact") -> None:
-        super().__init__()
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
         if mode not in ("exact", "fixed_point"):
             raise ValueError(f"mode must be 'exact' or 'fixed_point', got {mode!r}")
         self.mode = mode

@@ -3,9 +3,10 @@
     python benchmarks/gradient_error.py                 # CPU: batch 8, length 128, width 128
 
 f is the RevDEQ language model's transformer block in float32 (random initialisation); the solver is
-Reversible (float64 states) run for exactly N steps, for each --betas value. The reference is UnrolledAdjoint (autograd through every step). For each
-other method the table gives the relative error ||g - g_ref|| / ||g_ref|| of the parameter gradient (all
-parameters concatenated) and of the input-injection gradient dL/dx, plus the forward residual reached.
+Reversible (float64 states) run for exactly N steps, for each --betas value. The reference is
+UnrolledAdjoint (autograd through every step). For each other method the table gives the relative
+error ||g - g_ref|| / ||g_ref|| of the parameter gradient (all parameters concatenated) and of the
+input-injection gradient dL/dx, plus the forward residual reached.
 Reversible is exact up to rounding (at beta = 0.5 the float64 reversal of float32 values is often exact to
 the bit, so its error prints as 0); Implicit and Phantom are approximations whose error depends on how
 well the forward converged, which an untrained block does not in a few steps.

@@ -17,7 +17,7 @@ Layers, lowest precedence first (`resolve_settings`):
     4. command line: `--set section.key=value` (repeatable), then the dedicated flags (`--lr`, ...)
 
 The run ends at whichever of train.max_steps, train.epochs, train.max_tokens comes first; when no layer
-sets any of them, train.max_steps = DEFAULT_MAX_STEPS (400: the no-flags run takes a few CPU minutes).
+sets any of them, train.max_steps = DEFAULT_MAX_STEPS (300: the no-flags run takes a few CPU minutes).
 
 A value that fails validation raises `revdeq_cli.errors.ConfigError` naming the dotted field, the reason and
 where the value came from, e.g. ``train.lr: must be > 0 (got -1.0, from REVDEQ_TRAIN__LR)``.
@@ -76,7 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from revdeq_cli.errors import ConfigError
 
 ENV_PREFIX = "REVDEQ_"
-DEFAULT_MAX_STEPS = 400  # the no-flags run: a few minutes on a 2-core CPU
+DEFAULT_MAX_STEPS = 300  # the no-flags run: a few minutes on a 2-core CPU
 
 
 class SettingsWarning(UserWarning):
@@ -175,7 +175,7 @@ class TrainSettings(_Section):
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.99, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-8, gt=0.0)
-    warmup_steps: int = Field(40, ge=0)
+    warmup_steps: int = Field(30, ge=0)
     schedule: Literal["cosine", "plateau", "constant"] = "cosine"
     plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)  # lr *= factor when val loss stalls
     plateau_patience: int = Field(2, ge=0)  # evaluations without improvement before a cut

@@ -83,14 +83,17 @@ def test_two_process_gloo_run_through_torchrun_saves_a_loadable_rank0_checkpoint
     cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc_per_node", "2",
            "-m", "revdeq_cli", "train", "--dataset", corpus, "--out-dir", str(out), "--max-steps", "4",
            "--eval-every", "2", "--save-every", "2", *TINY_FLAGS]
-    # Own process group, so a hang cannot leave orphaned workers behind: the whole group is killed.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache),
                             cwd=tmp_path, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=int(os.environ.get('REVDEQ_TEST_TORCHRUN_TIMEOUT', 300)))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        proc.terminate()  # torchrun forwards SIGTERM to its workers (they run in sessions of their own)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun run timed out:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

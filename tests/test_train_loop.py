@@ -225,12 +225,15 @@ def test_resolve_checkpoint_errors_name_the_path(tmp_path):
         ckpt.load_training_state(bad)
 
 
-def test_bf16_autocast_trains_with_float64_solver_states(tmp_path):
-    summary = run(tiny_settings(tmp_path / "run", train__precision="bf16", train__max_steps=2,
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_float64_solver_states(tmp_path, precision):
+    summary = run(tiny_settings(tmp_path / "run", train__precision=precision, train__max_steps=2,
                                 train__save_every=0, train__eval_every=0))
     assert all(math.isfinite(h["loss"]) for h in summary.history)
     cfg = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert cfg["state_dtype"] == "float64"
+    scaler = torch.load(tmp_path / "run" / "final" / "training_state.pt", weights_only=True)["scaler"]
+    assert bool(scaler) == (precision == "fp16")  # fp16 alone carries a grad scaler (its scale resumes)
 
 
 def test_epochs_and_tokens_limit_the_run(tmp_path):

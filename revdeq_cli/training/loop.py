@@ -128,10 +128,6 @@ def find_resume_checkpoint(resume: str | None, out_dir: str | None, dataset: str
     return ckpt.list_checkpoints(runs[-1])[-1][1] if runs else None
 
 
-def _run_dir_of(checkpoint: Path) -> Path:
-    return checkpoint.parent
-
-
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
     """Trains one model in this process (one rank). Build with `Trainer(settings)`; `run()` trains."""
@@ -142,7 +138,7 @@ class Trainer:
         tr = settings.train
         resume_from = find_resume_checkpoint(tr.resume, tr.out_dir, settings.data.dataset)
         run_dir = Path(tr.out_dir) if tr.out_dir else (
-            _run_dir_of(resume_from) if resume_from is not None else default_run_dir(settings.data.dataset))
+            resume_from.parent if resume_from is not None else default_run_dir(settings.data.dataset))
         self.run_dir = Path(broadcast_object(str(run_dir), info))
         # The stored settings name the actual run dir, so `--resume auto --out-dir` finds it again.
         self.settings = settings.model_copy(update={"train": tr.model_copy(update={"out_dir": str(self.run_dir)})})

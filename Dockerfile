@@ -11,7 +11,6 @@
 #
 # Build arguments:
 #   BASE             cpu (default) or cuda
-#   TORCH_VERSION    the torch release to install (default: the one CI tests)
 #   TORCH_INDEX_URL  PyTorch wheel index; defaults to .../whl/cpu for BASE=cpu and .../whl/cu128 for BASE=cuda
 #                    (choose the cuXXX index your driver supports, see https://pytorch.org/get-started/locally/)
 #   CUDA_IMAGE       the CUDA base image for BASE=cuda
@@ -39,7 +38,6 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:${PATH}
 
 FROM base-${BASE}
-ARG TORCH_VERSION=2.13.0
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -47,7 +45,7 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface
 WORKDIR /opt/revdeq
 # Quickstart step 1: torch, from the wheel index that matches the base image.
-RUN pip install torch==${TORCH_VERSION} --index-url ${TORCH_INDEX_URL}
+RUN pip install torch --index-url ${TORCH_INDEX_URL}
 COPY . .
 # Quickstart step 2: the package, exactly as the README installs it.
 RUN pip install -e ".[dev]"

@@ -100,32 +100,43 @@ class PlainProgress:
 
 
 class RichProgress:
-    """A live progress bar with the step's figures beside it; `log` prints above the bar."""
+    """A live bar (step, ETA) with the step's figures on the line(s) below; `log` prints above them."""
 
     def __init__(self, console=None) -> None:  # rich.console.Console | None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.console import Console, Group
+        from rich.live import Live
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
 
         self.console = console or Console()
         self._progress = Progress(
-            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[figures]}"),
-            console=self.console, transient=False, refresh_per_second=4,
+            TextColumn("[bold]train"), BarColumn(bar_width=30), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
         )
+        self._figures = Text("")
+        self._live = Live(Group(self._progress, self._figures), console=self.console, refresh_per_second=4)
         self._task = None
 
     def start(self, total_steps: int, done_steps: int) -> None:
-        self._progress.start()
-        self._task = self._progress.add_task("train", total=total_steps, completed=done_steps, figures="")
+        self._task = self._progress.add_task("train", total=total_steps, completed=done_steps)
+        self._live.start()
 
     def update(self, s: StepStats) -> None:
-        self._progress.update(self._task, completed=s.step, figures=describe_step(s))
+        self._progress.update(self._task, completed=s.step)
+        self._figures.plain = describe_step(s)
 
     def log(self, message: str) -> None:
-        self._progress.console.print(message, highlight=False, markup=False)
+        self.console.print(message, highlight=False, markup=False)
 
     def close(self) -> None:
-        self._progress.stop()
+        self._live.stop()
 
 
 def make_progress(mode: str, *, log_every: int, is_main: bool = True) -> Progress:

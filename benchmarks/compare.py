@@ -1,0 +1,684 @@
+"""RevDEQ against a classic DEQ, a Jacobian-free DEQ and explicit transformers, trained on the same corpus for
+the same wall-clock budget; plus peak memory against solver steps and perplexity against inference steps.
+
+    python benchmarks/compare.py                                   # CPU: tiny preset, pydoc, 180 s per model
+    python benchmarks/compare.py --budget 20 --name smoke          # a quick look
+    python benchmarks/compare.py --device cuda --precision bf16 --preset small --name compare-cuda-small
+    python benchmarks/compare.py --from-json benchmarks/results/compare.json   # redo table and plots only
+
+Writes `<out-dir>/<name>.md` (tables, machine), `<name>.json` (everything, curves included) and, when
+matplotlib is installed (`pip install -e ".[bench]"`), `<name>_val_ppl.png`, `<name>_memory.png` and
+`<name>_inference_steps.png`.
+
+The models (`--models`, all built with `RevDEQConfig.from_preset(--preset)` at the corpus's vocabulary):
+
+    revdeq             Reversible solver (beta 0.5, float64 states, 4 steps = 9 evaluations of f), exact gradient
+    deq-implicit       classic DEQ: Anderson (m 5, 8 steps = 10 evaluations), implicit (IFT) gradient
+    deq-phantom        Jacobian-free DEQ: Anderson as above, phantom gradient with 1 step
+    explicit-1         a 1-layer transformer: the DEQs' parameters exactly
+    explicit-9         9 layers (one per forward evaluation of the RevDEQ): same compute per token, 9x the block
+    explicit-9-narrow  9 layers at the width whose non-embedding parameter count is closest to the DEQs'
+
+Parameter matching: the three DEQs and `explicit-1` have identical parameters (one block). A 9-layer model
+cannot match both compute and parameters, so it appears twice: `explicit-9` matches forward compute (and has
+9x the block parameters), `explicit-9-narrow` matches non-embedding parameters by narrowing the width (same
+heads, MLP 4x width). The table reports total and non-embedding counts for every model.
+
+Training (same for every model): the same blocks in the same order (`training.data_order.BlockOrder`, one
+seed), AdamW (`training.optim.build_optimizer`, the trainer's defaults), gradient clipping at 1.0, linear
+warmup over --warmup-steps, then a cosine decay to 0.1x over the *time* budget (the step count is not known in
+advance). The clock counts training steps only: validation during training is excluded, so every model gets
+the same seconds of optimisation. Validation perplexity is measured on the first --eval-batches batches of the
+validation split every --budget/--eval-points seconds (the curve), and on the whole split at the end.
+Each model runs in a fresh process (one after another) so that its peak memory is its own: CUDA max
+allocated, or on CPU the peak resident set size (RSS) increase over the process's RSS just before the first
+step (weights, gradients, optimiser state and activations; not the interpreter or libraries).
+
+Memory vs solver steps: one forward+backward of the `--preset` language model (batch --memory-batch, random
+tokens, Reversible solver for every method so the forward is identical; no early stop) with the reversible,
+unrolled, implicit and phantom gradients at --memory-steps, each in a fresh process; measured as in
+benchmarks/solver_memory.py (which does the same for a bare block), after one warm-up pass on 8 tokens so
+that the first pass's one-off costs (library code pages, allocator pools) are not counted.
+
+Perplexity vs inference steps: every trained DEQ is evaluated (validation prefix) with
+`model.config.inference_max_steps` = each of --inference-steps (`training.evaluate.solver_steps_sweep`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MEMORY_METHODS = ("reversible", "unrolled", "implicit", "phantom")
+
+
+# ---------------------------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class ModelSpec:
+    """One contender: a label for tables and the `RevDEQConfig` overrides on top of the preset."""
+
+    label: str
+    overrides: dict[str, Any]
+    match_params_layers: int | None = None  # narrow the width to match the DEQ's non-embedding parameters
+
+
+_ANDERSON = {"solver": "anderson", "anderson_m": 5, "beta": 1.0, "max_steps": 8}
+
+MODELS: dict[str, ModelSpec] = {
+    "revdeq": ModelSpec("RevDEQ (reversible, exact grad)", {"solver": "reversible", "adjoint": "reversible",
+                                                            "beta": 0.5, "max_steps": 4}),
+    "deq-implicit": ModelSpec("DEQ (Anderson, implicit grad)", {**_ANDERSON, "adjoint": "implicit"}),
+    "deq-phantom": ModelSpec("DEQ (Anderson, phantom 1 step)", {**_ANDERSON, "adjoint": "phantom",
+                                                                "phantom_steps": 1}),
+    "explicit-1": ModelSpec("Transformer, 1 layer", {"solver": "explicit", "num_hidden_layers": 1}),
+    "explicit-9": ModelSpec("Transformer, 9 layers", {"solver": "explicit", "num_hidden_layers": 9}),
+    "explicit-9-narrow": ModelSpec("Transformer, 9 layers, narrow", {"solver": "explicit", "num_hidden_layers": 9},
+                                   match_params_layers=9),
+}
+
+
+def base_overrides(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+    """Preset overrides every model shares: vocabulary, context, optional width for quick runs."""
+    out: dict[str, Any] = {"vocab_size": vocab_size, "max_position_embeddings": max(args.seq_len, 8)}
+    if args.hidden_size:
+        out["hidden_size"] = args.hidden_size
+        out["intermediate_size"] = 4 * args.hidden_size
+    if args.heads:
+        out["num_attention_heads"] = args.heads
+    return out
+
+
+def _count_non_embedding(config) -> int:
+    import torch
+
+    from revdeq_cli.model import RevDEQForCausalLM
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        return RevDEQForCausalLM(config).num_parameters_split()["non_embedding"]
+
+
+def build_config(name: str, args: argparse.Namespace, vocab_size: int):
+    """The `RevDEQConfig` of model `name` (see MODELS)."""
+    from revdeq_cli.model import RevDEQConfig
+
+    spec = MODELS[name]
+    shared = base_overrides(args, vocab_size)
+    config = RevDEQConfig.from_preset(args.preset, **shared, **spec.overrides)
+    if spec.match_params_layers:
+        target = _count_non_embedding(RevDEQConfig.from_preset(args.preset, **shared, **MODELS["revdeq"].overrides))
+        heads = config.num_attention_heads
+        best = None
+        for width in range(heads, config.hidden_size + 1, heads):
+            candidate = RevDEQConfig.from_preset(args.preset, **{**shared, **spec.overrides, "hidden_size": width,
+                                                                 "intermediate_size": 4 * width})
+            gap = abs(_count_non_embedding(candidate) - target)
+            if best is None or gap < best[0]:
+                best = (gap, candidate)
+        config = best[1]
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------- machine
+def machine_description(device: str) -> str:
+    """CPU model, cores and torch version (and the GPU's name on CUDA)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    if device.startswith("cuda"):
+        text = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}); host {text}"
+    return text
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class MemoryMeter:
+    """Peak memory of what runs between `start()` and `peak_bytes()`: CUDA max allocated (absolute), or on CPU
+    the peak RSS increase over the RSS at `start()` (meaningful only in a fresh process: `exact` says so)."""
+
+    def __init__(self, device, fresh_process: bool) -> None:
+        self.device = device
+        self.exact = device.type == "cuda" or fresh_process
+
+    def start(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = _rss_bytes()
+
+    def peak_bytes(self) -> int | None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return _peak_rss_bytes() - self.before if self.exact else None
+
+
+def _autocast(device, precision: str):
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _prepare_corpus(args: argparse.Namespace):
+    from revdeq_cli.data import prepare_corpus
+
+    return prepare_corpus(args.dataset, dataset_config=args.dataset_config, tokenizer=args.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = False) -> dict[str, Any]:
+    """Train model `name` for `args.budget` seconds of training-step wall time; return its record (see module
+    docstring). Divergence ends the run early and is recorded, not raised."""
+    import numpy as np
+    import torch
+
+    from revdeq_cli import deq
+    from revdeq_cli.model import RevDEQForCausalLM
+    from revdeq_cli.training.data_order import BlockOrder
+    from revdeq_cli.training.evaluate import evaluate_split, solver_steps_sweep
+    from revdeq_cli.training.metrics import perplexity
+    from revdeq_cli.training.optim import build_optimizer
+
+    device = torch.device(args.device)
+    corpus = _prepare_corpus(args)
+    blocks = corpus.blocks("train", args.seq_len)
+    val = corpus.splits["validation"]
+    config = build_config(name, args, corpus.vocab_size)
+    torch.manual_seed(args.seed)
+    model = RevDEQForCausalLM(config).to(device).train()
+    optimizer = build_optimizer(model, lr=args.lr, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-8)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    order = BlockOrder(len(blocks), args.batch_size, args.seed)
+    if order.batches_per_epoch < 1:
+        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(blocks)} training blocks")
+
+    eval_kwargs = {"split_bytes": corpus.split_bytes["validation"], "seq_len": args.seq_len,
+                   "batch_size": args.eval_batch_size or args.batch_size, "device": device}
+
+    def validate(max_batches: int | None):
+        with _autocast(device, args.precision):
+            result = evaluate_split(model, val, max_batches=max_batches, **eval_kwargs)
+        model.train()
+        return result
+
+    def lr_at(step: int, elapsed: float) -> float:
+        if step < args.warmup_steps:
+            return args.lr * (step + 1) / args.warmup_steps
+        progress = min(1.0, elapsed / args.budget)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    curve = [{"seconds": 0.0, "step": 0, "tokens": 0, "ppl": validate(args.eval_batches).perplexity}]
+    eval_interval = args.budget / max(args.eval_points, 1)
+    next_eval = eval_interval
+    step, tokens, train_seconds, cpu_seconds = 0, 0, 0.0, 0.0
+    fwd_nfe, bwd_nfe, residuals = [], [], []
+    diverged: str | None = None
+    meter = MemoryMeter(device, fresh_process)
+    load_before = os.getloadavg()
+    meter.start()
+    epoch, batch_in_epoch, indices = 0, 0, order.epoch_indices(0)
+    while train_seconds < args.budget:
+        if batch_in_epoch == len(indices):
+            epoch, batch_in_epoch = epoch + 1, 0
+            indices = order.epoch_indices(epoch)
+        batch = blocks[indices[batch_in_epoch]].to(device)
+        batch_in_epoch += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, train_seconds)
+        try:
+            with _autocast(device, args.precision):
+                out = model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:])
+            scaler.scale(out.loss).backward()
+        except deq.SolverDivergedError as err:
+            diverged = f"solver residual not finite at solver step {err.step} (training step {step + 1})"
+            break
+        loss = float(out.loss.detach())
+        if not math.isfinite(loss):
+            diverged = f"loss {loss} at training step {step + 1}"
+            break
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds += time.perf_counter() - wall0
+        cpu_seconds += time.process_time() - cpu0
+        step += 1
+        tokens += batch.shape[0] * (batch.shape[1] - 1)
+        fwd_nfe.append(int(out.solver_nfe or 0))
+        if out.solver_backward is not None:
+            bwd_nfe.append(int(out.solver_backward.nfe))
+        if out.solver_residual is not None and config.is_deq:
+            residuals.append(float(out.solver_residual))
+        if train_seconds >= next_eval and train_seconds < args.budget:
+            curve.append({"seconds": train_seconds, "step": step, "tokens": tokens,
+                          "ppl": validate(args.eval_batches).perplexity})
+            next_eval += eval_interval
+    peak = meter.peak_bytes()
+    load_after = os.getloadavg()
+    if diverged is None:
+        curve.append({"seconds": train_seconds, "step": step, "tokens": tokens,
+                      "ppl": validate(args.eval_batches).perplexity})
+        final = validate(args.final_eval_batches)
+    else:
+        final = None
+
+    sweep = []
+    if config.is_deq and diverged is None and args.inference_steps:
+        with _autocast(device, args.precision):
+            rows = solver_steps_sweep(model, val, args.inference_steps, max_batches=args.eval_batches,
+                                      **eval_kwargs)
+        sweep = [{"steps": r.solver_steps, "ppl": r.perplexity, "max_residual": r.max_residual} for r in rows]
+
+    counts = model.num_parameters_split()
+    layers_or_evals = config.num_hidden_layers if not config.is_deq else None
+    return {
+        "name": name, "label": MODELS[name].label,
+        "config": {k: getattr(config, k) for k in ("hidden_size", "num_attention_heads", "intermediate_size",
+                                                  "num_hidden_layers", "solver", "adjoint", "beta", "tol",
+                                                  "max_steps", "state_dtype", "anderson_m", "phantom_steps",
+                                                  "implicit_max_steps", "implicit_tol")},
+        "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
+        "steps": step, "tokens": tokens, "train_seconds": train_seconds, "train_cpu_seconds": cpu_seconds,
+        "tokens_per_sec": tokens / train_seconds if train_seconds > 0 else math.nan,
+        "fwd_nfe": float(np.mean(fwd_nfe)) if fwd_nfe else math.nan,
+        "bwd_nfe": float(np.mean(bwd_nfe)) if bwd_nfe else None,
+        "explicit_layers": layers_or_evals,
+        "mean_train_residual": float(np.mean(residuals)) if residuals else None,
+        "peak_memory_bytes": peak, "memory_kind": "cuda max allocated" if device.type == "cuda"
+        else "peak RSS increase over the RSS before the first step",
+        "curve": curve,
+        "final_val_ppl": final.perplexity if final else math.nan,
+        "final_val_bits_per_byte": final.bits_per_byte if final else math.nan,
+        "final_val_tokens": final.tokens if final else 0,
+        "best_curve_ppl": min(p["ppl"] for p in curve),
+        "unigram_ppl": perplexity(_unigram_loss(corpus)),
+        "inference_sweep": sweep,
+        "diverged": diverged,
+        "load_average": {"before": load_before, "after": load_after},
+    }
+
+
+def _unigram_loss(corpus) -> float:
+    from revdeq_cli.training.metrics import unigram_cross_entropy
+
+    return unigram_cross_entropy(corpus.splits["train"], corpus.splits["validation"], corpus.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def memory_one(method: str, steps: int, args: argparse.Namespace, *, fresh_process: bool = False) -> dict[str, Any]:
+    """One forward+backward of the language model with gradient `method` and exactly `steps` Reversible steps."""
+    import torch
+
+    from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
+
+    device = torch.device(args.device)
+    shared = base_overrides(args, args.memory_vocab)
+    config = RevDEQConfig.from_preset(args.preset, **shared, solver="reversible", adjoint=method, beta=0.5,
+                                      tol=None, max_steps=steps)
+    torch.manual_seed(args.seed)
+    model = RevDEQForCausalLM(config).to(device).train()
+    tokens = torch.randint(0, args.memory_vocab, (args.memory_batch, args.seq_len + 1), device=device)
+    # Warm-up on 8 tokens: the first pass maps libtorch code pages and allocator pools into the process
+    # (tens of MiB of RSS that do not depend on the method or N); the measurement should not include them.
+    with _autocast(device, args.precision):
+        model(input_ids=tokens[:1, :8], shift_labels=tokens[:1, 1:9]).loss.backward()
+    model.zero_grad(set_to_none=True)
+    meter = MemoryMeter(device, fresh_process)
+    meter.start()
+    wall = time.perf_counter()
+    with _autocast(device, args.precision):
+        out = model(input_ids=tokens[:, :-1], shift_labels=tokens[:, 1:])
+    out.loss.backward()
+    peak = meter.peak_bytes()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"method": method, "steps": steps, "peak_memory_bytes": peak, "seconds": time.perf_counter() - wall,
+            "fwd_nfe": int(out.solver_nfe), "bwd_nfe": int(out.solver_backward.nfe)}
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def _in_child(task: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Run `task` in a fresh Python process (clean peak memory) and return its JSON result."""
+    payload = json.dumps({"task": task, "args": vars(args)})
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", payload]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{task} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_task(task: dict[str, Any], args: argparse.Namespace, fresh_process: bool) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if task["kind"] == "train":
+        return train_one(task["name"], args, fresh_process=fresh_process)
+    return memory_one(task["method"], task["steps"], args, fresh_process=fresh_process)
+
+
+def run_task(task: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    return _run_task(task, args, fresh_process=False) if args.in_process else _in_child(task, args)
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train every model, sweep memory, write the results; returns the record written to JSON."""
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_corpus(args)  # build the token cache once, before any timing
+    record: dict[str, Any] = {
+        "command": "python benchmarks/compare.py " + shlex.join(args.argv) if args.argv is not None else None,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_description(args.device),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("argv", "child", "from_json")},
+        "load_average_start": os.getloadavg(),
+        "models": [], "memory": [],
+    }
+    for name in args.models:
+        log(f"training {name} for {args.budget:g} s ...")
+        result = run_task({"kind": "train", "name": name}, args)
+        record["models"].append(result)
+        log(f"  {result['steps']} steps, {result['tokens_per_sec']:.0f} tokens/s, final val ppl "
+            f"{result['final_val_ppl']:.2f}" + (f"; DIVERGED: {result['diverged']}" if result["diverged"] else ""))
+    for steps in args.memory_steps:
+        for method in args.memory_methods:
+            row = run_task({"kind": "memory", "method": method, "steps": steps}, args)
+            record["memory"].append(row)
+            mib = "n/a" if row["peak_memory_bytes"] is None else f"{row['peak_memory_bytes'] / 2**20:.1f} MiB"
+            log(f"memory: {method:<10} {steps:>3} steps: {mib}")
+    record["load_average_end"] = os.getloadavg()
+    write_outputs(record, out_dir, args.name, log)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def _fmt_mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def _load(values) -> str:
+    return " / ".join(f"{v:.1f}" for v in values)
+
+
+def markdown(record: dict[str, Any], name: str) -> str:
+    s = record["settings"]
+    lines = [
+        f"# {name}: RevDEQ vs classic DEQs vs explicit transformers",
+        "",
+        f"- Machine: {record['machine']}; {s['threads']} torch threads; device `{s['device']}`, "
+        f"precision {s['precision']}.",
+        f"- Date: {record['date']}. Load average (1/5/15 min) at start {_load(record['load_average_start'])}, "
+        f"at end {_load(record.get('load_average_end', record['load_average_start']))}.",
+        f"- Command: `{record['command']}`" if record.get("command") else "- Command: (run from Python)",
+        f"- Data: `{s['dataset']}`, tokenizer `{s['tokenizer']}`, sequence length {s['seq_len']}, batch "
+        f"{s['batch_size']}; preset `{s['preset']}`; AdamW lr {s['lr']:g} (warmup {s['warmup_steps']} steps, "
+        f"cosine over the time budget), grad clip 1.0, seed {s['seed']}.",
+        f"- Budget: {s['budget']:g} s of training-step wall time per model, models run one after another, each "
+        "in a fresh process. Validation during training is not counted.",
+        "",
+        "## Comparison at equal training time",
+        "",
+        "| model | params total | non-emb. | fwd evals/step | bwd evals/step | steps | tokens/s | "
+        f"peak mem MiB | val ppl (curve, first {s['eval_batches']} batches) | final val ppl (full split) | "
+        "bits/byte |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in record["models"]:
+        if m["explicit_layers"] is not None:
+            bwd = f"{m['explicit_layers']} (autograd)"
+        else:
+            bwd = "—" if m["bwd_nfe"] is None else f"{m['bwd_nfe']:.1f}"
+        final = f"{m['final_val_ppl']:.2f}" if not m["diverged"] else "diverged"
+        bpb = f"{m['final_val_bits_per_byte']:.3f}" if not m["diverged"] else "—"
+        width = m["config"]["hidden_size"]
+        lines.append(
+            f"| {m['label']} (`{m['name']}`, width {width}) | {_fmt_count(m['params_total'])} | "
+            f"{_fmt_count(m['params_non_embedding'])} | {m['fwd_nfe']:.1f} | {bwd} | {m['steps']} | "
+            f"{m['tokens_per_sec']:.0f} | {_fmt_mib(m['peak_memory_bytes'])} | {m['curve'][-1]['ppl']:.2f} | "
+            f"{final} | {bpb} |"
+        )
+    if record["models"]:
+        mem_kind = record["models"][0]["memory_kind"]
+        lines += [
+            "",
+            f"Peak memory: {mem_kind}. Evaluations of the block f per training step: forward as reported by the "
+            "model (`out.solver_nfe`; Anderson evaluates f once more than its step count), backward from "
+            "`out.solver_backward.nfe` (reversible: 2 per step; implicit: its backward fixed-point iterations; "
+            "phantom: its steps). The explicit models evaluate each layer once forward and autograd backpropagates "
+            "through each once. Unigram (context-free) validation perplexity: "
+            f"{record['models'][0]['unigram_ppl']:.2f}.",
+        ]
+        diverged = [m for m in record["models"] if m["diverged"]]
+        for m in diverged:
+            lines.append(f"\n`{m['name']}` diverged: {m['diverged']}.")
+        lines += ["", "Load average around each model (1 min, before / after): " + "; ".join(
+            f"`{m['name']}` {m['load_average']['before'][0]:.1f} / {m['load_average']['after'][0]:.1f}"
+            for m in record["models"]) + "."]
+        lines += ["", f"![validation perplexity vs time]({name}_val_ppl.png)"]
+
+    sweeps = [m for m in record["models"] if m["inference_sweep"]]
+    if sweeps:
+        steps = [r["steps"] for r in sweeps[0]["inference_sweep"]]
+        lines += ["", "## Validation perplexity vs inference solver steps", "",
+                  f"Trained DEQs evaluated on the first {s['eval_batches']} validation batches with "
+                  "`inference_max_steps` set to each value (no early stop).", "",
+                  "| model | " + " | ".join(f"{k} steps" for k in steps) + " |",
+                  "|---|" + "---:|" * len(steps)]
+        for m in sweeps:
+            lines.append(f"| {m['label']} | " + " | ".join(f"{r['ppl']:.2f}" for r in m["inference_sweep"]) + " |")
+        lines += ["", f"![perplexity vs inference solver steps]({name}_inference_steps.png)"]
+
+    if record["memory"]:
+        steps = sorted({r["steps"] for r in record["memory"]})
+        methods = list(dict.fromkeys(r["method"] for r in record["memory"]))
+        table = {(r["method"], r["steps"]): r for r in record["memory"]}
+        kind = "CUDA max allocated" if s["device"].startswith("cuda") else "peak RSS increase (fresh process each)"
+        lines += ["", "## Peak memory of one forward+backward vs solver steps", "",
+                  f"The `{s['preset']}` language model (width {s['hidden_size'] or 'preset'}), batch "
+                  f"{s['memory_batch']} x {s['seq_len']} tokens, Reversible solver (beta 0.5, float64 states) for "
+                  f"exactly N steps; only the gradient method differs. Memory: {kind}, MiB. In brackets: "
+                  "forward / backward evaluations of f.", "",
+                  "| gradient | " + " | ".join(f"{k} steps" for k in steps) + " |",
+                  "|---|" + "---:|" * len(steps)]
+        for method in methods:
+            cells = []
+            for k in steps:
+                r = table.get((method, k))
+                bwd = r and (r["bwd_nfe"] or "autograd")
+                cells.append("—" if r is None else f"{_fmt_mib(r['peak_memory_bytes'])} ({r['fwd_nfe']}/{bwd})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        if any(r["peak_memory_bytes"] is not None for r in record["memory"]):
+            lines += ["", f"![peak memory vs solver steps]({name}_memory.png)"]
+        else:
+            lines += ["", "(Memory not measured: CPU peak memory needs a fresh process per point; run without "
+                      "--in-process.)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(record: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
+    """The three PNGs; needs matplotlib (the `bench` extra). Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    machine = record["machine"].split(",")[0]
+    if record["models"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in record["models"]:
+            xs = [p["seconds"] for p in m["curve"]]
+            ys = [p["ppl"] for p in m["curve"]]
+            ax.plot(xs, ys, marker="o", markersize=3, label=f"{m['label']} ({m['steps']} steps)")
+        ax.set_yscale("log")
+        ax.set_xlabel("training wall time, s (validation excluded)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title(f"Validation perplexity vs time ({record['settings']['preset']}, {machine})", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / f"{name}_val_ppl.png"))
+    sweeps = [m for m in record["models"] if m["inference_sweep"]]
+    if sweeps:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in sweeps:
+            ax.plot([r["steps"] for r in m["inference_sweep"]], [r["ppl"] for r in m["inference_sweep"]],
+                    marker="o", label=m["label"])
+            ax.axvline(m["config"]["max_steps"], color=ax.lines[-1].get_color(), linestyle=":", alpha=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("inference solver steps (dotted: training steps)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title("Perplexity vs inference solver steps", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / f"{name}_inference_steps.png"))
+    rows = [r for r in record["memory"] if r["peak_memory_bytes"] is not None]
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["steps"], r["peak_memory_bytes"] / 2**20) for r in rows if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("solver steps N (Reversible solver, 1 + 2N forward evaluations)")
+        ax.set_ylabel("peak memory, MiB")
+        ax.set_title(f"Memory of one forward+backward vs solver steps ({machine})", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / f"{name}_memory.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(record: dict[str, Any], out_dir: Path, name: str, log: Callable[[str], None] = print) -> None:
+    _write_text(out_dir / f"{name}.json", json.dumps(record, indent=1) + "\n")
+    _write_text(out_dir / f"{name}.md", markdown(record, name))
+    log(f"wrote {out_dir / (name + '.md')} and {name}.json")
+    try:
+        paths = write_plots(record, out_dir, name)
+    except ImportError:
+        log('plots skipped: matplotlib is not installed (pip install -e ".[bench]")')
+    else:
+        log("wrote " + ", ".join(p.name for p in paths))
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--budget", type=float, default=180.0, help="seconds of training per model")
+    parser.add_argument("--dataset", default="pydoc")
+    parser.add_argument("--dataset-config", default=None)
+    parser.add_argument("--tokenizer", default="byte")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "base", "paper"])
+    parser.add_argument("--hidden-size", type=int, default=None, help="override the preset's width (MLP 4x)")
+    parser.add_argument("--heads", type=int, default=None, help="override the preset's attention heads")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--eval-points", type=int, default=6, help="validations during the budget")
+    parser.add_argument("--eval-batches", type=int, default=4, help="validation batches for the curve and sweep")
+    parser.add_argument("--final-eval-batches", type=int, default=None, help="default: the whole split")
+    parser.add_argument("--inference-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--memory-steps", type=int, nargs="*", default=[2, 4, 8, 16])
+    parser.add_argument("--memory-methods", nargs="+", default=list(MEMORY_METHODS), choices=list(MEMORY_METHODS))
+    parser.add_argument("--memory-batch", type=int, default=2)
+    parser.add_argument("--memory-vocab", type=int, default=257, help="vocabulary of the memory sweep's model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--name", default="compare", help="file stem of the outputs")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every model in this process (quick; CPU peak memory is then not measured)")
+    parser.add_argument("--from-json", default=None, help="rewrite the table and plots from a results JSON")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        payload = json.loads(args.child)
+        child_args = argparse.Namespace(**payload["args"])
+        print(json.dumps(_run_task(payload["task"], child_args, fresh_process=True)))
+        return 0
+    if args.from_json:
+        path = Path(args.from_json)
+        write_outputs(json.loads(path.read_text()), path.parent, path.stem)
+        return 0
+    if args.in_process:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

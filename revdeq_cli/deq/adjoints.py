@@ -87,9 +87,13 @@ class AdjointOutput:
 
 
 def _accumulate(total: list[Tensor | None], new: Sequence[Tensor | None]) -> None:
+    # In place after the first: the first gradient autograd.grad returned is a fresh tensor we own.
     for i, g in enumerate(new):
         if g is not None:
-            total[i] = g if total[i] is None else total[i] + g
+            if total[i] is None:
+                total[i] = g
+            else:
+                total[i].add_(g)
 
 
 def _grad_leaves(problem: Problem) -> list[Tensor]:

@@ -130,7 +130,8 @@ def find_resume_checkpoint(resume: str | None, out_dir: str | None, dataset: str
 
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
-    """Trains one model in this process (one rank). Build with `Trainer(settings)`; `run()` trains."""
+    """Trains one model in this process (one rank of `info`) on `device`; `run()` trains and returns the
+    summary. `train()` below builds it from the environment (torchrun or a single process)."""
 
     def __init__(self, settings: Settings, *, info: DistInfo, device: torch.device,
                  progress: Progress | None = None) -> None:
@@ -240,7 +241,7 @@ class Trainer:
         state = ckpt.load_training_state(path)
         if not state:
             raise ckpt.CheckpointError(f"{path}: has no {ckpt.TRAINING_STATE}, so training cannot resume from it; "
-                                       "start a new run (or load its weights with --set ... in a fresh run)")
+                                       "start a new run without --resume")
         try:
             load_model(self.model, str(path / "model.safetensors"), strict=True, device=str(self.device))
         except (RuntimeError, KeyError) as err:
@@ -250,7 +251,8 @@ class Trainer:
             ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():  # empty unless the run used fp16
+            self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         self.step, self.epoch, self.micro_index = int(state["step"]), int(state["epoch"]), int(state["micro_index"])
         self.tokens_seen = int(state["tokens_seen"])

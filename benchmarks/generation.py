@@ -2,7 +2,7 @@
 in perplexity.
 
     .venv/bin/python benchmarks/generation.py [--preset small] [--prompt 16] [--new 240] [--repeats 3]
-                                              [--ppl-train-steps 150] [--device cpu] [--threads 1]
+                                              [--ppl-train-steps 80] [--device cpu] [--threads 1]
 
 Part 1 (speed): an untrained `--preset` Reversible DEQ (context = prompt + new tokens) generates greedily with
 `model.generate`: the exact per-evaluation cache (default), the fixed-point cache, and `use_cache=False`
@@ -116,7 +116,7 @@ def perplexity_table(args) -> None:
 
     data = torch.from_numpy(np.frombuffer(pydoc_bytes(), dtype=np.uint8).astype(np.int64))
     train, held_out = data[: int(0.9 * len(data))], data[int(0.9 * len(data)) :]
-    seq_len, batch = 128, 8
+    seq_len, batch = 96, 8
     torch.manual_seed(0)
     model = RevDEQForCausalLM(RevDEQConfig.from_preset("tiny", vocab_size=256)).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -161,7 +161,7 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new", type=int, default=240)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ppl-train-steps", type=int, default=150, help="0 skips the perplexity table")
+    parser.add_argument("--ppl-train-steps", type=int, default=80, help="0 skips the perplexity table")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 = torch's default")
     args = parser.parse_args()

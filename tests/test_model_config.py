@@ -67,13 +67,6 @@ def test_explicit_baseline_config_allows_many_layers_and_any_adjoint():
     assert not cfg.is_deq and cfg.num_hidden_layers == 6
 
 
-def test_exact_cache_falls_back_to_fixed_point_for_mixing_solvers():
-    assert RevDEQConfig().generation_cache_mode == "exact"
-    assert RevDEQConfig(solver="picard", adjoint="implicit").generation_cache_mode == "exact"
-    assert RevDEQConfig(solver="anderson", adjoint="implicit").generation_cache_mode == "fixed_point"
-    assert RevDEQConfig(solver="broyden", adjoint="phantom").generation_cache_mode == "fixed_point"
-
-
 def test_config_round_trips_through_autoconfig(tmp_path):
     register_auto_classes()
     register_auto_classes()  # idempotent

@@ -156,10 +156,14 @@ def test_fixed_point_cache_keeps_final_states_only(trained):
         trained.config.inference_tol = None
 
 
-def test_anderson_generates_with_the_fixed_point_cache():
-    model = make_model(solver="anderson", adjoint="implicit")
-    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    assert out.cache.mode == "fixed_point" and out.sequences.shape == (1, 7)
+@pytest.mark.parametrize("solver", ["anderson", "broyden", "picard"])
+def test_classic_deq_generation_uses_the_exact_cache_too(solver):
+    model = make_model(solver=solver, adjoint="implicit")
+    prompt = torch.tensor([[1, 2, 3]])
+    out = model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert out.cache.mode == "exact" and len(out.cache.layers) == 1 + model.config.eval_max_steps
+    diff, scale = greedy_scores_vs_full_forward(model, prompt, new=5)
+    assert diff <= 1e-4 * scale
 
 
 def test_growing_cache_layer_equals_concatenation_through_crop_and_reorder():

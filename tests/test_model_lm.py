@@ -143,6 +143,20 @@ def test_explicit_baseline_is_a_stack_of_untied_blocks():
         torch.testing.assert_close(model.lm_head(model.ln_f(z)), model(ids).logits)
 
 
+@pytest.mark.parametrize("solver", ["reversible", "picard", "relaxed", "anderson", "broyden", "explicit"])
+def test_earlier_positions_never_see_later_tokens(solver):
+    adjoint = "reversible" if solver == "reversible" else "implicit"
+    model = tiny_model(solver=solver, adjoint=adjoint, inference_max_steps=6,
+                       num_hidden_layers=2 if solver == "explicit" else 1).eval()
+    ids = tokens(batch=1, length=16)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % VOCAB
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    assert torch.equal(a[:, :-1], b[:, :-1])
+    assert not torch.equal(a[:, -1], b[:, -1])
+
+
 def test_solver_settings_are_read_at_call_time_on_a_loaded_model(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()

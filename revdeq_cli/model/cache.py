@@ -12,8 +12,10 @@ layer per block.
 **Fixed-point cache** (`mode="fixed_point"`). Layer 0 holds the keys/values of the final states z* only (1
 layer instead of 1 + 2N); each new token is solved to tolerance against them. It is exact only when every
 solve converged (a converged z* satisfies z* = f(z*), whose attention sees the final states of earlier
-positions), so its outputs are approximate. It is the only cache for Anderson/Broyden, whose updates mix
-positions.
+positions), so its outputs are approximate.
+
+Both need a solver update that is causal in the position: Reversible, Picard and Relaxed are elementwise;
+the model solves Anderson and Broyden with one sample per position (see `RevDEQForCausalLM._solve`).
 """
 
 from __future__ import annotations

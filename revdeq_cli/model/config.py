@@ -3,7 +3,9 @@
 One config describes three kinds of model (DESIGN §2–§3):
 
 * a Reversible DEQ (`solver="reversible"`, `adjoint="reversible"`): the paper's model;
-* a classic DEQ (`solver="anderson"|"broyden"|"picard"|"relaxed"`, `adjoint="implicit"|"phantom"|"unrolled"`);
+* a classic DEQ (`solver="anderson"|"broyden"|"picard"|"relaxed"`, `adjoint="implicit"|"phantom"|"unrolled"`;
+  Anderson and Broyden mix per position, so their reported residual is the largest over positions, not
+  over sequences);
 * an explicit transformer (`solver="explicit"`, `num_hidden_layers=L` untied blocks): an ordinary GPT.
 
 The solver settings (`solver`, `adjoint`, `beta`, `tol`, `max_steps`, `inference_max_steps`, `inference_tol`,
@@ -27,10 +29,10 @@ SOLVERS = (*deq.SOLVERS, "explicit")
 ADJOINTS = deq.ADJOINTS
 STATE_DTYPES = ("float64", "float32")
 CACHE_MODES = ("exact", "fixed_point")
-# Solvers whose update is elementwise in the state, so position t of the full-sequence solve depends only on
-# positions <= t at every evaluation: for them the per-evaluation key/value cache is exact. Anderson and
-# Broyden mix the whole [T*H] state with global coefficients, so they use the fixed-point cache instead.
-POSITIONWISE_SOLVERS = ("reversible", "picard", "relaxed", "explicit")
+# Solvers whose update mixes iterates with per-sample weights. The model solves them with one sample per
+# position (so no token's weights see later tokens); the elementwise solvers (Reversible, Picard, Relaxed)
+# are causal as they are and keep one sample per sequence, as in the paper (residual over the sequence).
+PER_POSITION_SOLVERS = ("anderson", "broyden")
 
 
 class RevDEQConfig(PreTrainedConfig):
@@ -117,13 +119,6 @@ class RevDEQConfig(PreTrainedConfig):
     def eval_max_steps(self) -> int:
         """Solver steps in eval mode and generation (`inference_max_steps`, else `max_steps`)."""
         return self.max_steps if self.inference_max_steps is None else self.inference_max_steps
-
-    @property
-    def generation_cache_mode(self) -> str:
-        """The cache `generate` uses: "exact" needs a position-wise solver, otherwise "fixed_point"."""
-        if self.cache_mode == "exact" and self.solver not in POSITIONWISE_SOLVERS:
-            return "fixed_point"
-        return self.cache_mode
 
     # ------------------------------------------------------------------ validation
     def check(self) -> None:

@@ -9,11 +9,15 @@ further input injection (x enters once, as the initial state).
 
 Which solve runs:
 
-* training mode (`model.train()`): `tol`, `max_steps`, the configured gradient method;
+* training mode (`model.train()`): `tol`, `max_steps`;
 * eval mode: `inference_tol` (default None: no early stop) and `inference_max_steps`, so the full
   recomputation does exactly the work of the cached path;
 * with a cache (`use_cache=True`, as `generate` does): exact mode always runs exactly
   `inference_max_steps` steps (see cache.py); fixed-point mode solves to `inference_tol` (else `tol`).
+
+Gradients come from the configured method (`adjoint`). With autograd off the result is the solver's own
+output z[N] for every method (Implicit and Phantom would otherwise add the 1 or k evaluations that attach
+their graph), so cached and uncached inference agree.
 
 Every solver setting is read from `self.config` at call time. State-dict names: `wte.weight` [V, H],
 `wpe.weight` [P, H], `blocks.{i}.*` (one block for a DEQ; names in block.py), `ln_f.weight`/`ln_f.bias`,
@@ -37,7 +41,7 @@ from revdeq_cli import deq
 from revdeq_cli.errors import UserError
 from revdeq_cli.model.block import MLP, AttentionMask, Block, CausalSelfAttention
 from revdeq_cli.model.cache import EvaluationKeyValues, PastKeyValues, RevDEQCache
-from revdeq_cli.model.config import RevDEQConfig
+from revdeq_cli.model.config import PER_POSITION_SOLVERS, RevDEQConfig
 
 
 @dataclass
@@ -216,7 +220,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         if isinstance(cache, RevDEQCache):
             return cache
         if cache is None or cache.get_seq_length() == 0:
-            return RevDEQCache("exact" if not self.config.is_deq else self.config.generation_cache_mode)
+            return RevDEQCache(self.config.cache_mode if self.config.is_deq else "exact")
         raise ValueError(
             f"cache: a filled {type(cache).__name__} was not made by this model; pass None or a RevDEQCache"
         )
@@ -235,7 +239,11 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             tol, steps = config.tol, config.max_steps
         else:
             tol, steps = config.inference_tol, config.eval_max_steps
-        return self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=self._adjoint())
+        # Without autograd every gradient method would give the solver's output z[N], except that Implicit and
+        # Phantom attach their graph through 1 or k extra evaluations of f; plain iteration keeps the work and
+        # the result equal to the cached path's.
+        adjoint = self._adjoint() if torch.is_grad_enabled() else deq.UnrolledAdjoint()
+        return self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=adjoint)
 
     def _solve_exact_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache) -> tuple[Tensor, SolverStats]:
         """Exactly `inference_max_steps` steps; evaluation k reads and extends cache layer k."""
@@ -272,13 +280,25 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
     def _solve(self, x: Tensor, mask: AttentionMask, hook: Any, *, tol: float | None, max_steps: int,
                adjoint: deq.Adjoint) -> tuple[Tensor, SolverStats]:
         block = self.blocks[0]
+        shape = x.shape
+        if self.config.solver in PER_POSITION_SOLVERS:
+            # deq mixes iterates per "sample" (dim 0). Anderson/Broyden over a whole [T, H] sequence would let
+            # later tokens steer earlier positions through the shared mixing weights (a leak of the future into
+            # the past until the solve converges); as [B*T, H] states every position has its own weights, so
+            # position t depends only on positions <= t, as in the Reversible/Picard/Relaxed updates.
+            def f(z: Tensor, x: Tensor) -> Tensor:
+                return block(z.view(shape), x, mask, hook).reshape(-1, shape[-1])
 
-        def f(z: Tensor, x: Tensor) -> Tensor:
-            return block(z, x, mask, hook)
+            z0 = x.new_zeros(shape[0] * shape[1], shape[-1])
+        else:
+            def f(z: Tensor, x: Tensor) -> Tensor:
+                return block(z, x, mask, hook)
 
-        sol = deq.solve(f, torch.zeros_like(x), x, solver=self._solver(), adjoint=adjoint, tol=tol,
-                        max_steps=max_steps, params=list(block.parameters()))
-        return sol.z, SolverStats(steps=sol.steps, residual=sol.max_residual, nfe=sol.nfe, backward=sol.backward)
+            z0 = torch.zeros_like(x)
+        sol = deq.solve(f, z0, x, solver=self._solver(), adjoint=adjoint, tol=tol, max_steps=max_steps,
+                        params=list(block.parameters()))
+        stats = SolverStats(steps=sol.steps, residual=sol.max_residual, nfe=sol.nfe, backward=sol.backward)
+        return sol.z.view(shape), stats
 
     def _solver(self) -> deq.Solver:
         c = self.config
@@ -286,8 +306,12 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
 
     def _adjoint(self) -> deq.Adjoint:
         c = self.config
-        return deq.make_adjoint(c.adjoint, implicit_tol=c.implicit_tol, implicit_max_steps=c.implicit_max_steps,
-                                phantom_steps=c.phantom_steps, phantom_beta=c.phantom_beta)
+        if c.adjoint == "implicit":
+            # Broyden solves the backward system: deq.Anderson's mixing weights are not finite for a sample
+            # whose residuals are all exactly zero, which per-position states produce at every position
+            # without a loss target (e.g. the last one with `labels`).
+            return deq.ImplicitAdjoint(tol=c.implicit_tol, max_steps=c.implicit_max_steps, solver=deq.Broyden())
+        return deq.make_adjoint(c.adjoint, phantom_steps=c.phantom_steps, phantom_beta=c.phantom_beta)
 
 
 def _lm_loss(logits: Tensor, labels: Tensor | None, shift_labels: Tensor | None) -> Tensor | None:

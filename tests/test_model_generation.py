@@ -11,6 +11,15 @@ from transformers import PreTrainedTokenizerFast, TextStreamer
 from revdeq_cli.model import RevDEQCache, RevDEQConfig, RevDEQForCausalLM
 
 VOCAB = 48
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread; a second one only adds OpenMP stalls on busy CI cores (restored after)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 PATTERN = [3, 7, 11, 19, 23, 5, 31, 2, 41, 13]  # a repeating sequence the "trained" model learns
 
 

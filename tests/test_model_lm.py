@@ -15,6 +15,15 @@ from revdeq_cli.model.block import AttentionMask
 VOCAB = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread; a second one only adds OpenMP stalls on busy CI cores (restored after)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def tiny_config(**overrides) -> RevDEQConfig:
     fields = {"vocab_size": VOCAB, "hidden_size": 32, "num_attention_heads": 4, "max_position_embeddings": 32}
     return RevDEQConfig(**{**fields, **overrides})

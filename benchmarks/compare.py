@@ -25,9 +25,10 @@ cannot match both compute and parameters, so it appears twice: `explicit-9` matc
 heads, MLP 4x width). The table reports total and non-embedding counts for every model.
 
 Training (same for every model): the same blocks in the same order (`training.data_order.BlockOrder`, one
-seed), AdamW (`training.optim.build_optimizer`, the trainer's defaults), gradient clipping at 1.0, linear
-warmup over --warmup-steps, then a cosine decay to 0.1x over the *time* budget (the step count is not known in
-advance). The clock counts training steps only: validation during training is excluded, so every model gets
+seed), AdamW (`training.optim.build_optimizer`, the trainer's defaults), gradient clipping at 1.0, and a learning
+rate that is a function of training *time*, not steps (models take different numbers of steps per second):
+linear warmup over the first --warmup fraction of the budget, then a cosine decay to 0.1x at its end.
+The clock counts training steps only: validation during training is excluded, so every model gets
 the same seconds of optimisation. Validation perplexity is measured on the first --eval-batches batches of the
 validation split every --budget/--eval-points seconds (the curve), and on the whole split at the end.
 Each model runs in a fresh process (one after another) so that its peak memory is its own: CUDA max
@@ -237,10 +238,12 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
         model.train()
         return result
 
-    def lr_at(step: int, elapsed: float) -> float:
-        if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
-        progress = min(1.0, elapsed / args.budget)
+    def lr_at(elapsed: float) -> float:
+        """Warmup then cosine, both in training time (models take different numbers of steps per second)."""
+        warmup = args.warmup * args.budget
+        if elapsed < warmup:
+            return args.lr * max(elapsed / warmup, 0.02)
+        progress = min(1.0, (elapsed - warmup) / max(args.budget - warmup, 1e-9))
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     curve = [{"seconds": 0.0, "step": 0, "tokens": 0, "ppl": validate(args.eval_batches).perplexity}]
@@ -263,7 +266,7 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
             torch.cuda.synchronize(device)
         wall0, cpu0 = time.perf_counter(), time.process_time()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, train_seconds)
+            group["lr"] = lr_at(train_seconds)
         try:
             with _autocast(device, args.precision):
                 out = model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:])
@@ -456,8 +459,8 @@ def markdown(record: dict[str, Any], name: str) -> str:
         f"at end {_load(record.get('load_average_end', record['load_average_start']))}.",
         f"- Command: `{record['command']}`" if record.get("command") else "- Command: (run from Python)",
         f"- Data: `{s['dataset']}`, tokenizer `{s['tokenizer']}`, sequence length {s['seq_len']}, batch "
-        f"{s['batch_size']}; preset `{s['preset']}`; AdamW lr {s['lr']:g} (warmup {s['warmup_steps']} steps, "
-        f"cosine over the time budget), grad clip 1.0, seed {s['seed']}.",
+        f"{s['batch_size']}; preset `{s['preset']}`; AdamW lr {s['lr']:g} (linear warmup over the first "
+        f"{s['warmup']:.0%} of the time budget, then cosine to 0.1x at its end), grad clip 1.0, seed {s['seed']}.",
         f"- Budget: {s['budget']:g} s of training-step wall time per model, models run one after another, each "
         "in a fresh process. Validation during training is not counted.",
         "",
@@ -556,12 +559,9 @@ def write_plots(record: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
             ys = [p["ppl"] for p in m["curve"]]
             ax.plot(xs, ys, marker="o", markersize=3, label=f"{m['label']} ({m['steps']} steps)")
         ax.set_yscale("log")
-        ax.set_xlabel("training wall time, s (validation excluded)")
-        ax.set_ylabel("validation perplexity")
-        ax.set_title(f"Validation perplexity vs time ({record['settings']['preset']}, {machine})", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out_dir / f"{name}_val_ppl.png"))
+        written.append(_save(fig, ax, out_dir / f"{name}_val_ppl.png", "training wall time, s (validation excluded)",
+                             "validation perplexity",
+                             f"Validation perplexity vs time ({record['settings']['preset']}, {machine})"))
     sweeps = [m for m in record["models"] if m["inference_sweep"]]
     if sweeps:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -571,12 +571,9 @@ def write_plots(record: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
             ax.axvline(m["config"]["max_steps"], color=ax.lines[-1].get_color(), linestyle=":", alpha=0.6)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("inference solver steps (dotted: training steps)")
-        ax.set_ylabel("validation perplexity")
-        ax.set_title("Perplexity vs inference solver steps", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out_dir / f"{name}_inference_steps.png"))
+        written.append(_save(fig, ax, out_dir / f"{name}_inference_steps.png",
+                             "inference solver steps (dotted: training steps)", "validation perplexity",
+                             "Perplexity vs inference solver steps"))
     rows = [r for r in record["memory"] if r["peak_memory_bytes"] is not None]
     if rows:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -584,18 +581,21 @@ def write_plots(record: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
             pts = sorted((r["steps"], r["peak_memory_bytes"] / 2**20) for r in rows if r["method"] == method)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("solver steps N (Reversible solver, 1 + 2N forward evaluations)")
-        ax.set_ylabel("peak memory, MiB")
-        ax.set_title(f"Memory of one forward+backward vs solver steps ({machine})", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out_dir / f"{name}_memory.png"))
+        written.append(_save(fig, ax, out_dir / f"{name}_memory.png",
+                             "solver steps N (Reversible solver, 1 + 2N forward evaluations)", "peak memory, MiB",
+                             f"Memory of one forward+backward vs solver steps ({machine})"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, grid and legend `ax`, then write `fig` to `path` (atomically) and close it."""
     import matplotlib.pyplot as plt
 
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
@@ -625,7 +625,8 @@ def write_outputs(record: dict[str, Any], out_dir: Path, name: str, log: Callabl
 # ---------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS),
+                        help="models to train (none: only the memory sweep)")
     parser.add_argument("--budget", type=float, default=180.0, help="seconds of training per model")
     parser.add_argument("--dataset", default="pydoc")
     parser.add_argument("--dataset-config", default=None)
@@ -637,7 +638,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--warmup", type=float, default=0.05, help="linear warmup, as a fraction of --budget")
     parser.add_argument("--eval-points", type=int, default=6, help="validations during the budget")
     parser.add_argument("--eval-batches", type=int, default=4, help="validation batches for the curve and sweep")
     parser.add_argument("--final-eval-batches", type=int, default=None, help="default: the whole split")

@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model_lm import _one_thread  # noqa: F401  (autouse fixture: one torch thread here too)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TextStreamer
 
 from revdeq_cli.model import RevDEQCache, RevDEQConfig, RevDEQForCausalLM
 
 VOCAB = 48
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread; a second one only adds OpenMP stalls on busy CI cores (restored after)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 PATTERN = [3, 7, 11, 19, 23, 5, 31, 2, 41, 13]  # a repeating sequence the "trained" model learns
 
 

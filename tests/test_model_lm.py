@@ -220,6 +220,17 @@ def test_sequence_longer_than_the_context_fails_naming_the_field():
         model(tokens(length=33))
 
 
+def test_inconsistent_arguments_are_refused():
+    model = tiny_model()
+    ids = tokens()
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, labels=ids, shift_labels=ids)
+    with pytest.raises(ValueError, match="attention_mask covers 5 positions, expected 12"):
+        model(ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(UserError, match="max_position_embeddings"):
+        model(tokens(length=4), position_ids=torch.arange(30, 34).expand(2, -1))
+
+
 def test_dropout_is_allowed_but_off_by_default():
     assert tiny_config().dropout == 0.0
     model = tiny_model(dropout=0.1).train()

@@ -201,16 +201,18 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
                    position_ids: Tensor | None) -> Tensor:
         """Position ids [B, T]: given, or counted over non-padding tokens, or past..past+T-1."""
         batch, length = input_ids.shape
-        if position_ids is None:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-            else:
-                position_ids = torch.arange(past, past + length, device=input_ids.device).expand(batch, -1)
         limit = self.config.max_position_embeddings
-        if length and int(position_ids.max()) >= limit:
+        if position_ids is None and (attention_mask is None or bool(attention_mask.all())):
+            last = past + length  # no device sync needed for the common case
+            position_ids = torch.arange(past, past + length, device=input_ids.device).expand(batch, -1)
+        else:
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            last = int(position_ids.max()) + 1 if length else 0
+        if last > limit:
             raise UserError(
-                f"input_ids: {int(position_ids.max()) + 1} positions exceed the context length "
-                f"max_position_embeddings={limit}; shorten the input (or max_new_tokens)"
+                f"input_ids: {last} positions exceed the context length max_position_embeddings={limit}; "
+                "shorten the input (or max_new_tokens)"
             )
         return position_ids
 

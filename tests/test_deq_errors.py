@@ -78,3 +78,9 @@ def test_unknown_names_in_factories():
     with pytest.raises(ValueError, match="unknown gradient method"):
         deq.make_adjoint("magic")
     assert isinstance(deq.make_solver("reversible", beta=0.8, state_dtype="float32"), deq.Reversible)
+
+
+def test_anderson_all_zero_residuals_give_finite_weights():
+    weights = deq.Anderson()._weights(torch.zeros(3, 2, 8))
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(3))

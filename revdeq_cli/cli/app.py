@@ -2,7 +2,7 @@
 
 Each command lives in its own module and registers itself on `app`; heavy libraries (torch,
 transformers, datasets) are imported inside the command functions so `revdeq --help` and shell
-completion stay fast. `main()` is the one place that turns errors into exit codes:
+completion stay fast. Exit codes (Typer handles usage errors and Ctrl-C, `_RevdeqGroup` a `UserError`):
 
     0    success
     2    bad input: a `UserError` (one readable line on stderr, no traceback)
@@ -11,14 +11,28 @@ completion stay fast. `main()` is the one place that turns errors into exit code
 
 from __future__ import annotations
 
-import sys
-
 import typer
+from typer.core import TyperGroup
 
 from revdeq_cli import __version__
+from revdeq_cli.errors import UserError
+
+
+class _RevdeqGroup(TyperGroup):
+    """Turns a `UserError` from any command into its one line on stderr and exit 2. Done here, not in
+    `main()`, so every way of invoking the app (the console script, `python -m`, `CliRunner`) agrees."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            typer.echo(f"revdeq: error: {err}", err=True)
+            raise typer.Exit(2) from None
+
 
 app = typer.Typer(
     name="revdeq",
+    cls=_RevdeqGroup,
     help="Reversible Deep Equilibrium Models: train, generate, evaluate, inspect and convert.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -59,12 +73,5 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI. Typer already maps usage errors to exit 2 and Ctrl-C to exit 130; a `UserError`
-    raised anywhere below becomes its one line on stderr and exit 2, without a traceback."""
-    from revdeq_cli.errors import UserError
-
-    try:
-        app(args=argv, standalone_mode=True)
-    except UserError as err:
-        typer.echo(f"revdeq: error: {err}", err=True)
-        sys.exit(2)
+    """Run the CLI: exit 0 on success, 2 on bad input (usage errors and `UserError`), 130 on Ctrl-C."""
+    app(args=argv)

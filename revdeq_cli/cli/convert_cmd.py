@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from revdeq_cli.cli.app import app
-from revdeq_cli.cli.output import echo_json, quiet_libraries, user_errors
+from revdeq_cli.cli.output import echo_json, quiet_libraries
 
 
 class SourceFormat(StrEnum):
@@ -57,31 +57,30 @@ def convert(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Convert SOURCE to the model directory DEST (help text: see the decorator)."""
-    with user_errors():
-        from revdeq_cli.errors import UserError
-        from revdeq_cli.interop import convert_checkpoint, convert_revdeq_pytorch, detect_source_kind
+    from revdeq_cli.errors import UserError
+    from revdeq_cli.interop import convert_checkpoint, convert_revdeq_pytorch, detect_source_kind
 
-        quiet_libraries()
-        kind = detect_source_kind(source) if source_format is SourceFormat.auto else source_format.value
-        dtype_name = dtype.value if dtype is not None else None
-        if kind == "revdeq-pytorch":
-            result = convert_revdeq_pytorch(source, dest, dtype=dtype_name, tokenizer=tokenizer)
-        else:
-            if tokenizer is not None:
-                raise UserError("--tokenizer: only for --from revdeq-pytorch (a checkpoint brings its own)")
-            result = convert_checkpoint(source, dest, dtype=dtype_name)
-        if as_json:
-            echo_json({"dest": result.dest, "source": result.source, "from": result.source_kind,
-                       "dtype": result.dtype, "parameters": result.parameters,
-                       "files": dict(result.files), "ignored": result.ignored, "notes": result.notes})
-            return
-        p = result.parameters
-        typer.echo(f"converted {result.source} ({result.source_kind}) -> {result.dest}")
-        typer.echo(f"parameters: {p['total']:,} total, {p['embedding']:,} embedding, "
-                   f"{p['non_embedding']:,} non-embedding; dtype {result.dtype}")
-        for name, size in result.files:
-            typer.echo(f"  {name:<28} {size:>12,} bytes")
-        if result.ignored:
-            typer.echo(f"left out: {', '.join(result.ignored)}")
-        for note in result.notes:
-            typer.echo(f"note: {note}", err=True)
+    quiet_libraries()
+    kind = detect_source_kind(source) if source_format is SourceFormat.auto else source_format.value
+    dtype_name = dtype.value if dtype is not None else None
+    if kind == "revdeq-pytorch":
+        result = convert_revdeq_pytorch(source, dest, dtype=dtype_name, tokenizer=tokenizer)
+    else:
+        if tokenizer is not None:
+            raise UserError("--tokenizer: only for --from revdeq-pytorch (a checkpoint brings its own)")
+        result = convert_checkpoint(source, dest, dtype=dtype_name)
+    if as_json:
+        echo_json({"dest": result.dest, "source": result.source, "from": result.source_kind,
+                   "dtype": result.dtype, "parameters": result.parameters,
+                   "files": dict(result.files), "ignored": result.ignored, "notes": result.notes})
+        return
+    p = result.parameters
+    typer.echo(f"converted {result.source} ({result.source_kind}) -> {result.dest}")
+    typer.echo(f"parameters: {p['total']:,} total, {p['embedding']:,} embedding, "
+               f"{p['non_embedding']:,} non-embedding; dtype {result.dtype}")
+    for name, size in result.files:
+        typer.echo(f"  {name:<28} {size:>12,} bytes")
+    if result.ignored:
+        typer.echo(f"left out: {', '.join(result.ignored)}")
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from revdeq_cli.cli.app import app
-from revdeq_cli.cli.output import echo_json, quiet_libraries, table, user_errors
+from revdeq_cli.cli.output import echo_json, quiet_libraries, table
 
 
 class Split(StrEnum):
@@ -55,9 +55,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Evaluate CHECKPOINT (help text: see the decorator)."""
-    with user_errors():
-        _evaluate(checkpoint, dataset, dataset_config, split.value, solver_steps, seq_len, batch_size,
-                  max_batches, device, as_json)
+    _evaluate(checkpoint, dataset, dataset_config, split.value, solver_steps, seq_len, batch_size,
+              max_batches, device, as_json)
 
 
 def parse_steps(values: list[str] | None) -> list[int | None]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from revdeq_cli.cli.app import app
-from revdeq_cli.cli.output import newest_checkpoint_under, quiet_libraries, user_errors
+from revdeq_cli.cli.output import newest_checkpoint_under, quiet_libraries
 
 RUNS_DIR = Path("runs")
 
@@ -52,9 +52,8 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Generate text (help text: see the decorator)."""
-    with user_errors():
-        _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, temperature, top_k, top_p,
-                  repetition_penalty, num_samples, seed, no_cache, device)
+    _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, temperature, top_k, top_p,
+              repetition_penalty, num_samples, seed, no_cache, device)
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from revdeq_cli.cli.app import app
-from revdeq_cli.cli.output import echo_json, quiet_libraries, table, user_errors
+from revdeq_cli.cli.output import echo_json, quiet_libraries, table
 
 PROBE_TEXT = (
     "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. "
@@ -43,37 +43,36 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
     """Describe CHECKPOINT (help text: see the decorator)."""
-    with user_errors():
-        from revdeq_cli.training.inspection import describe_checkpoint
+    from revdeq_cli.training.inspection import describe_checkpoint
 
-        report = describe_checkpoint(checkpoint)
-        residuals = _probe(report.path, probe_text, probe_steps, device) if probe else None
-        if as_json:
-            out = {
-                "path": report.path, "config": report.config, "parameters": report.parameters,
-                "dtypes": report.dtypes, "training": report.training, "settings": report.settings,
-                "recent": {k: [list(p) for p in v] for k, v in report.recent.items()},
-                "files": dict(report.files), "metadata": report.metadata,
-            }
-            if weights:
-                out["weights"] = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes}
-                                  for t in report.tensors]
-            if residuals is not None:
-                out["probe"] = {"text": probe_text, "residuals": residuals}
-            echo_json(out)
-            return
-        for line in _summary_lines(report):
-            typer.echo(line)
+    report = describe_checkpoint(checkpoint)
+    residuals = _probe(report.path, probe_text, probe_steps, device) if probe else None
+    if as_json:
+        out = {
+            "path": report.path, "config": report.config, "parameters": report.parameters,
+            "dtypes": report.dtypes, "training": report.training, "settings": report.settings,
+            "recent": {k: [list(p) for p in v] for k, v in report.recent.items()},
+            "files": dict(report.files), "metadata": report.metadata,
+        }
         if weights:
-            typer.echo("")
-            rows = [(t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, f"{t.numel:,}") for t in report.tensors]
-            typer.echo(table(("tensor", "shape", "dtype", "elements"), rows))
+            out["weights"] = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes}
+                              for t in report.tensors]
         if residuals is not None:
-            typer.echo("")
-            typer.echo(f"probe: {len(probe_text)} characters, relative residual ||z - f(z)|| / ||f(z)|| per step")
-            rows = [(k, f"{r:.3e}", "#" * max(1, min(40, round(40 * r / max(residuals[0], 1e-30)))))
-                    for k, r in enumerate(residuals, start=1)]
-            typer.echo(table(("step", "residual", ""), rows, align="rrl"))
+            out["probe"] = {"text": probe_text, "residuals": residuals}
+        echo_json(out)
+        return
+    for line in _summary_lines(report):
+        typer.echo(line)
+    if weights:
+        typer.echo("")
+        rows = [(t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, f"{t.numel:,}") for t in report.tensors]
+        typer.echo(table(("tensor", "shape", "dtype", "elements"), rows))
+    if residuals is not None:
+        typer.echo("")
+        typer.echo(f"probe: {len(probe_text)} characters, relative residual ||z - f(z)|| / ||f(z)|| per step")
+        rows = [(k, f"{r:.3e}", "#" * max(1, min(40, round(40 * r / max(residuals[0], 1e-30)))))
+                for k, r in enumerate(residuals, start=1)]
+        typer.echo(table(("step", "residual", ""), rows, align="rrl"))
 
 
 def _probe(path: Path, text: str, steps: int | None, device_spec: str) -> list[float]:

@@ -1,30 +1,16 @@
-"""Shared pieces of the generate / eval / inspect / convert commands: error handling, quiet libraries,
+"""Shared pieces of the generate / eval / inspect / convert commands: quiet libraries,
 JSON, tables and the checkpoint argument. Formatting only; the work happens in the layers below."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import typer
-
-from revdeq_cli.errors import UserError
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a `UserError` into its one line on stderr and exit 2, also when the command is invoked
-    directly (e.g. by `typer.testing.CliRunner`) rather than through `revdeq_cli.cli.app.main`."""
-    try:
-        yield
-    except UserError as err:
-        typer.echo(f"revdeq: error: {err}", err=True)
-        raise typer.Exit(2) from None
 
 
 def quiet_libraries() -> None:

@@ -37,12 +37,15 @@ class AutocastState:
         return AutocastState(device_type, enabled, torch.get_autocast_dtype(device_type) if enabled else None)
 
     def f_context(self) -> contextlib.AbstractContextManager:
+        """The caller's setting, re-entered (the backward pass may run under another one)."""
         if not self.enabled:
             return self.off_context()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def off_context(self) -> contextlib.AbstractContextManager:
-        if self.device_type not in ("cpu", "cuda", "mps", "xpu"):
+        """Autocast off. When the caller had it off already, entering nothing is cheaper (decoding one
+        token at a time pays this per evaluation)."""
+        if not self.enabled or self.device_type not in ("cpu", "cuda", "mps", "xpu"):
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, enabled=False)
 

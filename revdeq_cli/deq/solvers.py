@@ -139,7 +139,8 @@ class Anderson(Solver):
         GG = G @ G.transpose(1, 2)  # [B, n, n]
         # Regularise relative to the residuals' own scale, so tiny residuals near convergence are not
         # swamped (an absolute lam would flatten the weights to uniform there).
-        scale = GG.diagonal(dim1=1, dim2=2).mean(dim=1).detach() + torch.finfo(G.dtype).tiny
+        # The floor keeps lam * scale representable when every residual of a sample is exactly zero.
+        scale = GG.diagonal(dim1=1, dim2=2).mean(dim=1).detach().clamp_min(torch.finfo(G.dtype).tiny ** 0.5)
         eye = torch.eye(n, dtype=G.dtype, device=G.device)
         H = torch.zeros(B, n + 1, n + 1, dtype=G.dtype, device=G.device)
         H[:, 0, 1:] = 1
@@ -148,7 +149,7 @@ class Anderson(Solver):
         rhs = torch.zeros(B, n + 1, 1, dtype=G.dtype, device=G.device)
         rhs[:, 0] = 1
         sol, info = torch.linalg.solve_ex(H, rhs)
-        if bool((info != 0).any()):
+        if bool((info != 0).any()) or not bool(torch.isfinite(sol).all()):
             sol = torch.linalg.pinv(H) @ rhs
         return sol[:, 1:, 0]
 

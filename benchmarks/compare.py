@@ -649,7 +649,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-vocab", type=int, default=257, help="vocabulary of the memory sweep's model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per model")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per model (1: on a shared machine, multi-threaded kernels stall)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--name", default="compare", help="file stem of the outputs")

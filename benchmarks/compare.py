@@ -448,29 +448,38 @@ def _load(values) -> str:
     return " / ".join(f"{v:.1f}" for v in values)
 
 
+def _preset_width(preset: str) -> int:
+    from revdeq_cli.model import PRESETS
+
+    return PRESETS[preset]["hidden_size"]
+
+
 def markdown(record: dict[str, Any], name: str) -> str:
     s = record["settings"]
     lines = [
         f"# {name}: RevDEQ vs classic DEQs vs explicit transformers",
         "",
-        f"- Machine: {record['machine']}; {s['threads']} torch threads; device `{s['device']}`, "
+        f"- Machine: {record['machine']}; torch threads per model: {s['threads']}; device `{s['device']}`, "
         f"precision {s['precision']}.",
         f"- Date: {record['date']}. Load average (1/5/15 min) at start {_load(record['load_average_start'])}, "
         f"at end {_load(record.get('load_average_end', record['load_average_start']))}.",
         f"- Command: `{record['command']}`" if record.get("command") else "- Command: (run from Python)",
-        f"- Data: `{s['dataset']}`, tokenizer `{s['tokenizer']}`, sequence length {s['seq_len']}, batch "
-        f"{s['batch_size']}; preset `{s['preset']}`; AdamW lr {s['lr']:g} (linear warmup over the first "
-        f"{s['warmup']:.0%} of the time budget, then cosine to 0.1x at its end), grad clip 1.0, seed {s['seed']}.",
-        f"- Budget: {s['budget']:g} s of training-step wall time per model, models run one after another, each "
-        "in a fresh process. Validation during training is not counted.",
-        "",
-        "## Comparison at equal training time",
-        "",
-        "| model | params total | non-emb. | fwd evals/step | bwd evals/step | steps | tokens/s | "
-        f"peak mem MiB | val ppl (curve, first {s['eval_batches']} batches) | final val ppl (full split) | "
-        "bits/byte |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if record["models"]:
+        lines += [
+            f"- Data: `{s['dataset']}`, tokenizer `{s['tokenizer']}`, sequence length {s['seq_len']}, batch "
+            f"{s['batch_size']}; preset `{s['preset']}`; AdamW lr {s['lr']:g} (linear warmup over the first "
+            f"{s['warmup']:.0%} of the time budget, then cosine to 0.1x at its end), grad clip 1.0, seed {s['seed']}.",
+            f"- Budget: {s['budget']:g} s of training-step wall time per model, models run one after another, each "
+            "in a fresh process. Validation during training is not counted.",
+            "",
+            "## Comparison at equal training time",
+            "",
+            "| model | params total | non-emb. | fwd evals/step | bwd evals/step | steps | tokens/s | "
+            f"peak mem MiB | val ppl (curve, first {s['eval_batches']} batches) | final val ppl (full split) | "
+            "bits/byte |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for m in record["models"]:
         if m["explicit_layers"] is not None:
             bwd = f"{m['explicit_layers']} (autograd)"
@@ -522,7 +531,7 @@ def markdown(record: dict[str, Any], name: str) -> str:
         table = {(r["method"], r["steps"]): r for r in record["memory"]}
         kind = "CUDA max allocated" if s["device"].startswith("cuda") else "peak RSS increase (fresh process each)"
         lines += ["", "## Peak memory of one forward+backward vs solver steps", "",
-                  f"The `{s['preset']}` language model (width {s['hidden_size'] or 'preset'}), batch "
+                  f"The `{s['preset']}` language model (width {s['hidden_size'] or _preset_width(s['preset'])}), batch "
                   f"{s['memory_batch']} x {s['seq_len']} tokens, Reversible solver (beta 0.5, float64 states) for "
                   f"exactly N steps; only the gradient method differs. Memory: {kind}, MiB. In brackets: "
                   "forward / backward evaluations of f.", "",
@@ -553,18 +562,20 @@ def write_plots(record: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     written = []
     machine = record["machine"].split(",")[0]
     if record["models"]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9.5, 4.5))
         for m in record["models"]:
             xs = [p["seconds"] for p in m["curve"]]
             ys = [p["ppl"] for p in m["curve"]]
             ax.plot(xs, ys, marker="o", markersize=3, label=f"{m['label']} ({m['steps']} steps)")
+        ax.axhline(record["models"][0]["unigram_ppl"], color="grey", linestyle="--", linewidth=1,
+                   label="unigram (no context)")
         ax.set_yscale("log")
         written.append(_save(fig, ax, out_dir / f"{name}_val_ppl.png", "training wall time, s (validation excluded)",
                              "validation perplexity",
                              f"Validation perplexity vs time ({record['settings']['preset']}, {machine})"))
     sweeps = [m for m in record["models"] if m["inference_sweep"]]
     if sweeps:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9.5, 4.5))
         for m in sweeps:
             ax.plot([r["steps"] for r in m["inference_sweep"]], [r["ppl"] for r in m["inference_sweep"]],
                     marker="o", label=m["label"])
@@ -576,7 +587,7 @@ def write_plots(record: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
                              "Perplexity vs inference solver steps"))
     rows = [r for r in record["memory"] if r["peak_memory_bytes"] is not None]
     if rows:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9.5, 4.5))
         for method in dict.fromkeys(r["method"] for r in rows):
             pts = sorted((r["steps"], r["peak_memory_bytes"] / 2**20) for r in rows if r["method"] == method)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
@@ -595,7 +606,7 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a curve
     tmp = path.with_name(path.name + ".tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)

@@ -71,8 +71,11 @@ def test_memory_point_in_fresh_process_measures_growth_with_unrolled_steps(tmp_p
     """Unrolled backprop stores every step; the reversible gradient does not (fresh process per point)."""
     pytest.importorskip("psutil")
     compare = _compare_module()
-    args = compare.parse_args(["--threads", "1", "--seq-len", "128", "--memory-batch", "2"])  # tiny preset
+    args = compare.parse_args(["--threads", "1", "--seq-len", "128", "--memory-batch", "4"])  # tiny preset
     peak = {(m, n): compare.run_task({"kind": "memory", "method": m, "steps": n}, args)["peak_memory_bytes"]
             for m in ("reversible", "unrolled") for n in (2, 16)}
+    unrolled_growth = peak["unrolled", 16] - peak["unrolled", 2]
     assert peak["unrolled", 16] > 2 * peak["unrolled", 2]
-    assert peak["reversible", 16] < 1.5 * peak["reversible", 2]
+    # RSS carries a few MiB of allocator noise, so compare growth with unrolled's rather than a ratio
+    assert peak["reversible", 16] - peak["reversible", 2] < 0.15 * unrolled_growth
+    assert peak["reversible", 16] < 0.5 * peak["unrolled", 16]

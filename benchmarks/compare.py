@@ -31,9 +31,9 @@ linear warmup over the first --warmup fraction of the budget, then a cosine deca
 The clock counts training steps only: validation during training is excluded, so every model gets
 the same seconds of optimisation. Validation perplexity is measured on the first --eval-batches batches of the
 validation split every --budget/--eval-points seconds (the curve), and on the whole split at the end.
-Each model runs in a fresh process (one after another) so that its peak memory is its own: CUDA max
-allocated, or on CPU the peak resident set size (RSS) increase over the process's RSS just before the first
-step (weights, gradients, optimiser state and activations; not the interpreter or libraries).
+Each model runs in a fresh process (one after another) so that its peak memory is its own: the increase of
+CUDA max allocated, or on CPU of the peak resident set size (RSS), over what the process held just before the
+first step (gradients, optimiser state and activations; not the weights, the interpreter or libraries).
 
 Memory vs solver steps: one forward+backward of the `--preset` language model (batch --memory-batch, random
 tokens, Reversible solver for every method so the forward is identical; no early stop) with the reversible,
@@ -165,8 +165,8 @@ def _peak_rss_bytes() -> int:
 
 
 class MemoryMeter:
-    """Peak memory of what runs between `start()` and `peak_bytes()`: CUDA max allocated (absolute), or on CPU
-    the peak RSS increase over the RSS at `start()` (meaningful only in a fresh process: `exact` says so)."""
+    """Peak memory of what runs between `start()` and `peak_bytes()`, as an increase over what was in use at
+    `start()`: CUDA max allocated, or on CPU peak RSS (meaningful only in a fresh process: `exact` says so)."""
 
     def __init__(self, device, fresh_process: bool) -> None:
         self.device = device
@@ -178,14 +178,16 @@ class MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.before = _rss_bytes()
+            self.before = torch.cuda.memory_allocated(self.device)
+        else:
+            self.before = _rss_bytes()
 
     def peak_bytes(self) -> int | None:
         import torch
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device))
+            return int(torch.cuda.max_memory_allocated(self.device)) - self.before
         return _peak_rss_bytes() - self.before if self.exact else None
 
 
@@ -329,8 +331,9 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
         "bwd_nfe": float(np.mean(bwd_nfe)) if bwd_nfe else None,
         "explicit_layers": layers_or_evals,
         "mean_train_residual": float(np.mean(residuals)) if residuals else None,
-        "peak_memory_bytes": peak, "memory_kind": "cuda max allocated" if device.type == "cuda"
-        else "peak RSS increase over the RSS before the first step",
+        "peak_memory_bytes": peak,
+        "memory_kind": ("CUDA max allocated increase over the allocation before the first step" if device.type == "cuda"
+                        else "peak RSS increase over the RSS before the first step"),
         "curve": curve,
         "final_val_ppl": final.perplexity if final else math.nan,
         "final_val_bits_per_byte": final.bits_per_byte if final else math.nan,
@@ -529,7 +532,8 @@ def markdown(record: dict[str, Any], name: str) -> str:
         steps = sorted({r["steps"] for r in record["memory"]})
         methods = list(dict.fromkeys(r["method"] for r in record["memory"]))
         table = {(r["method"], r["steps"]): r for r in record["memory"]}
-        kind = "CUDA max allocated" if s["device"].startswith("cuda") else "peak RSS increase (fresh process each)"
+        cuda = s["device"].startswith("cuda")
+        kind = "CUDA max allocated increase" if cuda else "peak RSS increase (fresh process each)"
         lines += ["", "## Peak memory of one forward+backward vs solver steps", "",
                   f"The `{s['preset']}` language model (width {s['hidden_size'] or _preset_width(s['preset'])}), batch "
                   f"{s['memory_batch']} x {s['seq_len']} tokens, Reversible solver (beta 0.5, float64 states) for "

@@ -379,8 +379,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         backward = out.solver_backward
+        reconstruction = float(getattr(backward, "reconstruction_error", math.nan))
+        self._check_reversal(reconstruction)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "solver_steps": int(out.solver_steps or 0),
-                "solver_residual": residual, "backward_nfe": int(getattr(backward, "nfe", 0) or 0)}
+                "solver_residual": residual, "backward_nfe": int(getattr(backward, "nfe", 0) or 0),
+                "reconstruction_error": reconstruction}
+
+    # Above this max-abs error in rebuilding z0, the reversed iteration has left the forward one and the
+    # "exact" gradient is no longer exact (rounding grows ~((1 + beta Lip f) / |1 - beta|) per step).
+    RECONSTRUCTION_WARNING = 1e-3
+
+    def _check_reversal(self, error: float) -> None:
+        if error > self.RECONSTRUCTION_WARNING and not self._warned_reversal:
+            self._warned_reversal = True
+            self._log(f"warning: step {self.step + 1}: the reversible backward rebuilt z0 with error {error:.1e}, so "
+                      "its gradients are no longer exact; use beta 0.5, float64 solver states or fewer solver steps")
 
     # ------------------------------------------------------------------ the loop
     def _header(self) -> None:
@@ -419,6 +432,7 @@ class Trainer:
             self.tb = TensorBoardLog(self.run_dir / "logs")
         self._header()
         self.history: list[dict[str, float]] = []
+        self._warned_reversal = False
         self.final_val_loss: float | None = None
         self.test_loss: float | None = None
         self._session_start_tokens = self.tokens_seen

@@ -28,6 +28,7 @@ class StepStats:
     solver_steps: int  # forward solver steps taken
     solver_residual: float  # final relative residual of the forward solve (largest sample)
     backward_nfe: int  # function evaluations of the backward pass (0 when not reported)
+    reconstruction_error: float  # reversible backward: max |z0 rebuilt - z0| (nan for other gradients)
     memory_bytes: int  # peak CUDA allocation of this step, or process RSS on CPU
     tokens_seen: int
     elapsed: float  # seconds of training in this process

@@ -1,8 +1,9 @@
 """TensorBoard scalars of a run (DESIGN §6), written under the run's `logs/` by rank 0.
 
 Tags: train/loss, train/ppl, val/loss, val/ppl, lr, grad_norm, tokens_per_sec, solver/steps,
-solver/residual, solver/backward_nfe, mem/peak_gib; plus test/loss, test/ppl at the end and the run's
-hyperparameters (flattened settings) with the best and final validation perplexity as hparam metrics.
+solver/residual, solver/backward_nfe, solver/reconstruction_error (reversible only), mem/peak_gib; plus
+test/loss, test/ppl at the end and the run's hyperparameters (flattened settings) with the best and final
+validation perplexity as hparam metrics.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class TensorBoardLog:
         values = {"train/loss": s.loss, "train/ppl": s.ppl, "lr": s.lr, "grad_norm": s.grad_norm,
                   "tokens_per_sec": s.tokens_per_sec, "solver/steps": s.solver_steps,
                   "solver/residual": s.solver_residual, "solver/backward_nfe": s.backward_nfe,
+                  "solver/reconstruction_error": s.reconstruction_error,
                   "mem/peak_gib": s.memory_bytes / 2**30}
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, s.step)

@@ -35,9 +35,11 @@ DEFAULT_BPE_SIZE = 8192
 _BPE_SPEC = re.compile(r"^bpe(?::(\d+))?$")
 
 
+@functools.cache
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters (what the `tokenizers`
-    ByteLevel pre-tokenizer emits), so a byte-level vocabulary can name every byte."""
+    ByteLevel pre-tokenizer emits), so a byte-level vocabulary can name every byte. Cached (callers only
+    read it): building it costs as much as the rest of a cache hit."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = dict(zip(printable, printable, strict=True))
     extra = 0

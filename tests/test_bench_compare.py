@@ -74,8 +74,9 @@ def test_memory_point_in_fresh_process_measures_growth_with_unrolled_steps(tmp_p
     args = compare.parse_args(["--threads", "1", "--seq-len", "128", "--memory-batch", "4"])  # tiny preset
     peak = {(m, n): compare.run_task({"kind": "memory", "method": m, "steps": n}, args)["peak_memory_bytes"]
             for m in ("reversible", "unrolled") for n in (2, 16)}
+    # Peak RSS carries a per-process offset (seen from ~10 to ~100 MiB on the same machine), so compare how much
+    # each method grows from 2 to 16 steps rather than ratios of the peaks.
     unrolled_growth = peak["unrolled", 16] - peak["unrolled", 2]
-    assert peak["unrolled", 16] > 2 * peak["unrolled", 2]
-    # RSS carries a few MiB of allocator noise, so compare growth with unrolled's rather than a ratio
-    assert peak["reversible", 16] - peak["reversible", 2] < 0.15 * unrolled_growth
-    assert peak["reversible", 16] < 0.5 * peak["unrolled", 16]
+    reversible_growth = peak["reversible", 16] - peak["reversible", 2]
+    assert unrolled_growth > 40 * 2**20, peak
+    assert reversible_growth < 0.25 * unrolled_growth, peak

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -439,8 +441,9 @@ class Trainer:
         self._t0 = time.perf_counter()
         self._peak = 0
         try:
-            self._loop()
-            self._finish()
+            with self._graceful_interrupt():
+                self._loop()
+                self._finish()
         except KeyboardInterrupt:
             self._interrupted()
             raise
@@ -450,6 +453,37 @@ class Trainer:
                 self.tb.close()
         return self.summary()
 
+    @contextlib.contextmanager
+    def _graceful_interrupt(self):  # noqa: ANN202
+        """The first Ctrl-C asks the loop to stop at the next step boundary (so the checkpoint it saves is a
+        consistent state and no library is interrupted half-way, e.g. TensorBoard's writer queue); a second
+        Ctrl-C interrupts at once."""
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            self.progress.log("interrupt: stopping after this step (Ctrl-C again to stop now)")
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _check_stop(self) -> None:
+        """Raise KeyboardInterrupt at a step boundary if any process was asked to stop (all ranks agree, so
+        no rank is left waiting in a collective)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], dtype=torch.float64, device=self.device)
+        if self.info.world_size > 1:
+            flag = all_reduce_sum(flag, self.info)
+        if float(flag.item()) > 0:
+            raise KeyboardInterrupt
+
     def _loop(self) -> None:
         tr = self.settings.train
         throughput = Throughput()
@@ -458,6 +492,7 @@ class Trainer:
         epoch_indices = self.order.epoch_indices(self.epoch)
         self._rng_at_boundary = capture_rng_state()
         while self.step < self.total_steps:
+            self._check_stop()
             if self.micro_index + tr.grad_accum > self.steps_per_epoch * tr.grad_accum:
                 self.epoch, self.micro_index = self.epoch + 1, 0
                 epoch_indices = self.order.epoch_indices(self.epoch)

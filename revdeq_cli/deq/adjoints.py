@@ -15,6 +15,7 @@ Each has `run(problem, solver, z0, params, tol, max_steps) -> AdjointOutput`; `s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ class _BackwardProblem:
         (vjp,) = torch.autograd.grad(self.fz, self.z, u, retain_graph=True)
         return vjp + self.g
 
-    def arithmetic(self):  # noqa: ANN201 - same context as the forward problem
+    def arithmetic(self) -> contextlib.AbstractContextManager:
         return self.problem.arithmetic()
 
 

@@ -21,6 +21,7 @@ What is exact and what is not:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -83,12 +84,16 @@ def evaluate_split(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> EvalResult:
     """Score `tokens` (1-D ids) with `model` in eval mode; `solver_steps` overrides the inference steps.
 
     `split_bytes` is the UTF-8 size of the text behind `tokens` (`PreparedCorpus.split_bytes[split]`).
     `max_batches` evaluates a prefix only (then `bits_per_byte` scales bytes by the fraction of targets
-    scored, an estimate). `on_batch(n_targets)` is called after each batch (progress display)."""
+    scored, an estimate). `on_batch(n_targets)` is called after each batch (progress display).
+    `shard=(rank, world_size)` scores only every world_size-th batch starting at rank (the caller sums
+    `nll` and `tokens` over ranks); `autocast()` is entered around each forward (mixed precision)."""
     from revdeq_cli.data import eval_batches, num_eval_batches
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -101,9 +106,13 @@ def evaluate_split(
     max_residual = -math.inf
     t0 = time.perf_counter()
     with inference_steps(model, solver_steps):
-        for inputs, targets in eval_batches(tokens, seq_len, batch_size, max_batches=max_batches):
+        rank, world_size = shard
+        for i, (inputs, targets) in enumerate(eval_batches(tokens, seq_len, batch_size, max_batches=max_batches)):
+            if i % world_size != rank:
+                continue
             inputs, targets = inputs.to(device), targets.to(device)
-            out = model(input_ids=inputs, shift_labels=targets)
+            with autocast():
+                out = model(input_ids=inputs, shift_labels=targets)
             n = int((targets != -100).sum())
             nll += float(out.loss.double()) * n
             n_tokens += n
@@ -118,16 +127,16 @@ def evaluate_split(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    if n_tokens == 0:
+    if n_tokens == 0 and world_size == 1:  # a rank of several may legitimately get no batch
         raise ValueError(f"{split} split has no targets to evaluate (fewer than 2 tokens)")
     covered = n_tokens / max(len(tokens) - 1, 1)
     if max_batches is None or num_eval_batches(tokens, seq_len, batch_size) <= max_batches:
         covered = 1.0
-    loss = nll / n_tokens
+    loss = nll / max(n_tokens, 1)
     return EvalResult(
         split=split, solver_steps=limit, tokens=n_tokens, bytes=int(split_bytes), nll=nll, loss=loss,
         perplexity=perplexity(loss), bits_per_byte=nll / (math.log(2) * max(split_bytes * covered, 1.0)),
-        mean_solver_steps=step_tokens / n_tokens,
+        mean_solver_steps=step_tokens / max(n_tokens, 1),
         max_residual=max_residual if max_residual > -math.inf else math.nan, seconds=seconds,
         tokens_per_sec=n_tokens / seconds if seconds > 0 else math.inf, peak_memory_bytes=peak_memory_bytes(device),
     )

@@ -304,28 +304,20 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
-    @torch.no_grad()
     def evaluate(self, split: str, max_batches: int | None = None) -> float:
         """Mean loss (nats/token) over `split` (every target once; the first `max_batches` batches only if
         given). Batches are shared out over ranks and the sums all-reduced."""
-        from revdeq_cli.data import eval_batches
+        from revdeq_cli.training.evaluate import evaluate_split
 
-        self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        batches = eval_batches(self.corpus.splits[split], self.settings.data.seq_len,
-                               self.settings.train.eval_batch_size or self.settings.train.batch_size,
-                               max_batches=max_batches)
-        for i, (inputs, targets) in enumerate(batches):
-            if i % self.info.world_size != self.info.rank:
-                continue
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with self._autocast():
-                out = self.model(input_ids=inputs, shift_labels=targets)
-            n = (targets != -100).sum()
-            sums[0] += out.loss.double() * n
-            sums[1] += n
+        result = evaluate_split(
+            self.model, self.corpus.splits[split], split_bytes=self.corpus.split_bytes[split],
+            seq_len=self.settings.data.seq_len,
+            batch_size=self.settings.train.eval_batch_size or self.settings.train.batch_size, split=split,
+            device=self.device, max_batches=max_batches, shard=(self.info.rank, self.info.world_size),
+            autocast=self._autocast,
+        )
+        sums = torch.tensor([result.nll, result.tokens], dtype=torch.float64, device=self.device)
         all_reduce_sum(sums, self.info)
-        self.model.train()
         return float(sums[0] / sums[1].clamp(min=1))
 
     # ------------------------------------------------------------------ one optimiser step

@@ -224,6 +224,18 @@ def test_solution_fields():
     assert sol.max_residual == pytest.approx(sol.trace[-1])
 
 
+def test_trace_off_computes_the_final_residual_only_and_changes_nothing_else():
+    f = MLPBlock()
+    x = torch.randn(3, 6)
+    full = deq.solve(f, torch.zeros(3, 6), x, solver=deq.Reversible(0.5), tol=None, max_steps=4)
+    lean = deq.solve(f, torch.zeros(3, 6), x, solver=deq.Reversible(0.5), tol=None, max_steps=4, trace=False)
+    assert lean.steps == 4 and lean.nfe == 9 and lean.trace == full.trace[-1:]
+    assert torch.equal(lean.z, full.z) and torch.equal(lean.residual, full.residual)
+    # with a tolerance the residual is needed every step anyway: the trace is complete
+    early = deq.solve(f, torch.zeros(3, 6), x, solver=deq.Reversible(0.5), tol=1e-2, max_steps=50, trace=False)
+    assert len(early.trace) == early.steps > 1
+
+
 def test_closure_parameters_are_refused_not_silently_dropped():
     # The earlier port's bug: a reversible backward that silently gave parameters no gradient.
     w = torch.randn(4, 4, requires_grad=True)

@@ -56,6 +56,21 @@ def test_impossible_configs_fail_naming_the_field(fields, field_named):
         RevDEQConfig(**fields)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("beta", 1.0), ("max_steps", True), ("max_steps", 4.0), ("tol", [1e-3]), ("solver", "newton"), ("tol", -1.0)],
+)
+def test_solver_check_still_catches_a_change_after_valid_calls(field, value):
+    # check_solver remembers settings it found valid (it runs per generated token); a later bad value,
+    # even one equal to a valid one (True == 1, 4.0 == 4) or unhashable, must still be refused
+    cfg = RevDEQConfig.from_preset("tiny", vocab_size=64, max_steps=1)
+    cfg.check_solver()
+    cfg.check_solver()
+    setattr(cfg, field, value)
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        cfg.check_solver()
+
+
 def test_config_error_is_a_user_error_with_one_line():
     with pytest.raises(UserError) as info:
         RevDEQConfig(hidden_size=30, num_attention_heads=4)

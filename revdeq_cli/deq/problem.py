@@ -10,7 +10,7 @@ reports the same `nfe`. The solver arithmetic around it runs with autocast *off*
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +46,11 @@ class AutocastState:
         """Autocast off. When the caller had it off already, entering nothing is cheaper (decoding one
         token at a time pays this per evaluation)."""
         if not self.enabled or self.device_type not in ("cpu", "cuda", "mps", "xpu"):
-            return contextlib.nullcontext()
+            return _NOTHING
         return torch.autocast(self.device_type, enabled=False)
+
+
+_NOTHING = contextlib.nullcontext()  # reusable: entering and leaving it does nothing
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Problem:
     spec: StateSpec
     state_dtype: torch.dtype
     autocast: AutocastState
+    trace: bool = True  # record the residual after every step (see `solve`)
     nfe: int = 0
     _checked: bool = field(default=False, repr=False)
 
@@ -67,8 +71,12 @@ class Problem:
 
         `x` overrides the stored input (the backward passes copies that require grad)."""
         self.nfe += 1
-        with self.autocast.f_context():
-            out = self.f(self.spec.unflatten(z), self.x if x is None else x)
+        x = self.x if x is None else x
+        if not self.autocast.enabled:  # the common case without context managers: it runs per evaluation
+            out = self.f(self.spec.unflatten(z), x)
+        else:
+            with self.autocast.f_context():
+                out = self.f(self.spec.unflatten(z), x)
         if not self._checked:
             self.spec.check(out)
             self._checked = True
@@ -78,8 +86,6 @@ class Problem:
     def with_x(self, leaves: list[Tensor]) -> Any:
         return tree_replace(self.x, leaves)
 
-    @contextlib.contextmanager
-    def arithmetic(self) -> Iterator[None]:
+    def arithmetic(self) -> contextlib.AbstractContextManager:
         """Context for solver update arithmetic: autocast off, so it stays in the state dtype."""
-        with self.autocast.off_context():
-            yield
+        return self.autocast.off_context()

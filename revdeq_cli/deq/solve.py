@@ -33,7 +33,8 @@ class Solution:
     residual: [B] float64, the final per-sample relative residual ||z - f(z)|| / (1e-5 + ||f(z)||).
     nfe:      forward evaluations of f (Reversible: 1 + 2 * steps; others 1 + steps, plus the extra
               evaluations Implicit (1) and Phantom (k) attach to the graph).
-    trace:    the largest per-sample residual after each step (len == steps).
+    trace:    the largest per-sample residual after each step (len == steps); with `trace=False` and
+              tol=None, after the last step only (len == 1).
     backward: statistics of the backward pass, filled in when it runs (see `BackwardStats`).
     """
 
@@ -59,6 +60,7 @@ def solve(
     tol: float | None = 1e-3,
     max_steps: int = 8,
     params: Iterable[Tensor] | None = None,
+    trace: bool = True,
 ) -> Solution:
     """Solve `z = f(z, x)` from `z0` and return a `Solution` whose `z` carries the gradient `adjoint` defines.
 
@@ -74,6 +76,10 @@ def solve(
     tol:       stop once the largest per-sample relative residual is below tol; None runs exactly
                `max_steps` steps (a fixed evaluation schedule, as cached generation needs).
     max_steps: at most this many solver steps (>= 1).
+    trace:     compute the residual after every step. With tol=None nothing needs it but `Solution.trace`;
+               False computes it after the last step only (a non-finite residual is then reported at the
+               last step), which saves a few reductions per step when solving many tiny problems, e.g.
+               decoding one token at a time.
 
     Under `torch.no_grad()` nothing is recorded. Raises ValueError for bad arguments or an f whose output
     does not match z, and `SolverDivergedError` (naming the step) when the residual becomes non-finite.
@@ -95,7 +101,8 @@ def solve(
     spec = StateSpec.of(z0)
     state_dtype = solver.state_dtype or _promote(spec.dtypes)
     device = (z0[0] if isinstance(z0, tuple) else z0).device
-    problem = Problem(f=f, x=x, spec=spec, state_dtype=state_dtype, autocast=AutocastState.capture(device.type))
+    problem = Problem(f=f, x=x, spec=spec, state_dtype=state_dtype, autocast=AutocastState.capture(device.type),
+                      trace=trace)
     if params is None:
         params = f.parameters() if isinstance(f, nn.Module) else ()
     grad_params = [p for p in params if p.requires_grad]

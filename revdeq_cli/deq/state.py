@@ -46,12 +46,16 @@ class StateSpec:
 
     def flatten(self, state: State, dtype: torch.dtype) -> Tensor:
         """State -> [B, D] in `dtype` (differentiable)."""
+        if not self.is_tuple and isinstance(state, Tensor):  # the common case, kept cheap: solvers call it per step
+            return state.reshape(self.batch, -1).to(dtype)
         parts = _parts(state, "state")
         flat = [p.reshape(self.batch, -1).to(dtype) for p in parts]
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
     def unflatten(self, flat: Tensor) -> State:
         """[B, D] -> the user's structure, each part cast to its compute dtype (differentiable)."""
+        if not self.is_tuple:
+            return flat.reshape(self.shapes[0]).to(self.dtypes[0])
         sizes = [s[1:].numel() for s in self.shapes]
         chunks = torch.split(flat, sizes, dim=1) if len(sizes) > 1 else (flat,)
         parts = tuple(c.reshape(s).to(d) for c, s, d in zip(chunks, self.shapes, self.dtypes, strict=True))
@@ -83,7 +87,8 @@ def _parts(state: Any, what: str) -> tuple[Tensor, ...]:
 def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
     """Per-sample `||z - f(z)|| / (1e-5 + ||f(z)||)` for flat [B, D] states, as float64 [B]."""
     z64, fz64 = z.detach().double(), fz.detach().double()
-    return (z64 - fz64).norm(dim=1) / (1e-5 + fz64.norm(dim=1))
+    norm = torch.linalg.vector_norm
+    return norm(z64 - fz64, dim=1) / (1e-5 + norm(fz64, dim=1))
 
 
 # --- x: any nesting of tuples/lists/dicts whose tensor leaves may need gradients -------------------

@@ -48,23 +48,23 @@ class GrowingLayer(DynamicLayer):
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
             self._key_buffer = self._value_buffer = None
             return super().update(key_states, value_states, *args, **kwargs)
-        length, new = self.get_seq_length(), key_states.shape[-2]
-        if not self._buffer_holds_keys(key_states, length + new):
-            self._key_buffer = self._grow(self.keys, key_states, length, length + new)
+        keys, new = self.keys, key_states.shape[-2]
+        length = keys.shape[-2] if keys.dim() == 4 else 0
+        buffer = self._key_buffer
+        # The buffer is still ours only while `keys` is a view of it (crop and appends keep that; beam
+        # reordering or batch selection replace `keys` with a new tensor).
+        if (
+            buffer is None or buffer.shape[2] < length + new or (length and keys.data_ptr() != buffer.data_ptr())
+            or buffer.shape[0] != key_states.shape[0] or buffer.dtype != key_states.dtype
+            or buffer.device != key_states.device
+        ):
+            self._key_buffer = self._grow(keys, key_states, length, length + new)
             self._value_buffer = self._grow(self.values, value_states, length, length + new)
         self._key_buffer[:, :, length : length + new] = key_states
         self._value_buffer[:, :, length : length + new] = value_states
         self.keys = self._key_buffer[:, :, : length + new]
         self.values = self._value_buffer[:, :, : length + new]
         return self.keys, self.values
-
-    def _buffer_holds_keys(self, key_states: Tensor, needed: int) -> bool:
-        buffer = self._key_buffer
-        return (
-            buffer is not None and self.keys.numel() > 0 and self.keys.data_ptr() == buffer.data_ptr()
-            and buffer.shape[0] == key_states.shape[0] and buffer.shape[2] >= needed
-            and buffer.dtype == key_states.dtype and buffer.device == key_states.device
-        )
 
     @staticmethod
     def _grow(cached: Tensor, new: Tensor, length: int, needed: int) -> Tensor:
@@ -118,9 +118,11 @@ class EvaluationKeyValues:
         self.calls = 0
 
     def __call__(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.cache.update(keys, values, self.calls)
+        layers, k = self.cache.layers, self.calls
         self.calls += 1
-        return out
+        if k < len(layers):  # straight to the layer: this runs once per evaluation of f per generated token
+            return layers[k].update(keys, values)
+        return self.cache.update(keys, values, k)
 
 
 class PastKeyValues:

@@ -139,6 +139,20 @@ class RevDEQConfig(PreTrainedConfig):
 
     def check_solver(self) -> None:
         """The solver part of `check()`; also run on every forward call (settings may change after loading)."""
+        # Per forward call means per generated token: remember the settings already found valid. Plain dict
+        # reads, because attribute access on a PretrainedConfig costs microseconds each.
+        values = self.__dict__
+        try:
+            key = tuple((values[name], type(values[name])) for name in _SOLVER_FIELDS)  # True == 1, 1.0 == 1
+            if key in _VALID_SOLVER_SETTINGS:
+                return
+        except (KeyError, TypeError):  # a field set on the class only, or an unhashable (hence invalid) value
+            key = None
+        self._check_solver_fields()
+        if key is not None and len(_VALID_SOLVER_SETTINGS) < 1024:
+            _VALID_SOLVER_SETTINGS.add(key)
+
+    def _check_solver_fields(self) -> None:
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver: unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
         if self.cache_mode not in CACHE_MODES:
@@ -177,6 +191,14 @@ class RevDEQConfig(PreTrainedConfig):
             raise ConfigError(f"phantom_beta: must be in (0, 2), got {self.phantom_beta!r}")
         if not _is_real(self.implicit_tol) or not self.implicit_tol > 0:
             raise ConfigError(f"implicit_tol: must be > 0, got {self.implicit_tol!r}")
+
+
+_SOLVER_FIELDS = (
+    "solver", "cache_mode", "num_hidden_layers", "adjoint", "beta", "tol", "inference_tol", "max_steps",
+    "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
+    "implicit_tol",
+)
+_VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 
 
 def _is_real(value: Any) -> bool:

@@ -185,3 +185,21 @@ def test_growing_cache_layer_equals_concatenation_through_crop_and_reorder():
             growing.reorder_cache(torch.tensor([1, 0]))
             reference.reorder_cache(torch.tensor([1, 0]))
     assert growing.get_seq_length() == reference.get_seq_length() == 76
+
+
+@pytest.mark.parametrize("cache_mode", ["exact", "fixed_point"])
+def test_no_grad_forward_returns_ordinary_tensors_and_its_cache_works_with_autograd(cache_mode):
+    # Without autograd the model solves in inference mode; what it hands back must still behave normally.
+    model = make_model(cache_mode=cache_mode).train()
+    ids = torch.randint(1, VOCAB, (2, 6))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    assert not out.logits.is_inference()
+    out.logits[0, 0, 0] = 1.0  # in-place edits of the returned logits are allowed
+    step = model(ids[:, :1], cache=out.cache)  # continue the no-grad cache with autograd on
+    step.logits.sum().backward()
+    assert model.blocks[0].attn.c_attn.weight.grad.abs().sum() > 0
+    out.cache.reorder_cache(torch.tensor([1, 0]))
+    with torch.no_grad():
+        again = model(ids[:, :1], cache=step.cache)
+    assert again.cache.get_seq_length() == 8 and torch.isfinite(again.logits).all()

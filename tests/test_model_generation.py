@@ -203,3 +203,7 @@ def test_no_grad_forward_returns_ordinary_tensors_and_its_cache_works_with_autog
     with torch.no_grad():
         again = model(ids[:, :1], cache=step.cache)
     assert again.cache.get_seq_length() == 8 and torch.isfinite(again.logits).all()
+    with torch.no_grad():  # the cache's own update, called outside the model (no inference mode)
+        keys = torch.randn(2, 4, 1, 8)
+        got, _ = again.cache.update(keys, keys, 0)
+    assert got.shape[-2] == 9 and torch.equal(got[:, :, -1:], keys)

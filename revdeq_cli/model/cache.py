@@ -52,11 +52,13 @@ class GrowingLayer(DynamicLayer):
         length = keys.shape[-2] if keys.dim() == 4 else 0
         buffer = self._key_buffer
         # The buffer is still ours only while `keys` is a view of it (crop and appends keep that; beam
-        # reordering or batch selection replace `keys` with a new tensor).
+        # reordering or batch selection replace `keys` with a new tensor). A buffer made in inference mode (the
+        # model decodes in it) can only be written in inference mode: outside it, copy to an ordinary one.
         if (
             buffer is None or buffer.shape[2] < length + new or (length and keys.data_ptr() != buffer.data_ptr())
             or buffer.shape[0] != key_states.shape[0] or buffer.dtype != key_states.dtype
             or buffer.device != key_states.device
+            or (buffer.is_inference() and not torch.is_inference_mode_enabled())
         ):
             self._key_buffer = self._grow(keys, key_states, length, length + new)
             self._value_buffer = self._grow(self.values, value_states, length, length + new)

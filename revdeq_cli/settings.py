@@ -105,6 +105,8 @@ class ModelSettings(_Section):
     tie_word_embeddings: bool | None = None
     bias: bool | None = None
     layer_norm_eps: float | None = Field(None, gt=0.0)
+    init_state: Literal["zeros", "input"] | None = None  # z0 = 0 (the paper's) or z0 = x (the input injection)
+    output_init_scale: float | None = Field(None, gt=0.0)  # x the blocks' output projections' initial std
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelSettings:

@@ -28,6 +28,7 @@ from revdeq_cli.model.presets import PRESETS
 SOLVERS = (*deq.SOLVERS, "explicit")
 ADJOINTS = deq.ADJOINTS
 STATE_DTYPES = ("float64", "float32")
+INIT_STATES = ("zeros", "input")
 CACHE_MODES = ("exact", "fixed_point")
 # Solvers whose update mixes iterates with per-sample weights. The model solves them with one sample per
 # position (so no token's weights see later tokens); the elementwise solvers (Reversible, Picard, Relaxed)
@@ -43,7 +44,15 @@ class RevDEQConfig(PreTrainedConfig):
     `num_hidden_layers` (1 for a DEQ; L stacked untied blocks for `solver="explicit"`), `bias` (biases in the
     attention and MLP linears), `layer_norm_eps`, `dropout` (default 0; dropout breaks the exactness of the
     reversible gradient unless its mask is replayed, so keep it 0 for exact gradients), `tie_word_embeddings`
-    (head untied by default), `initializer_range`.
+    (head untied by default), `initializer_range`, `output_init_scale` (multiplies the initial standard
+    deviation of the blocks' output projections `attn.c_proj` and `mlp.c_proj`; 1 = GPT-2's
+    `initializer_range / sqrt(2 * num_hidden_layers)`).
+
+    State initialisation (DEQs only): `init_state` = "zeros" (the paper's y0 = z0 = 0) or "input" (z0 = y0 = x,
+    the input injection: the token's own embedding starts in the state, as in an explicit transformer's
+    residual stream). The fixed point is the same; the truncated iterate and its gradient are not (with
+    "input" the gradient also flows into the embeddings through z0, exactly, under every gradient method that
+    differentiates z0: unrolled and reversible).
 
     Solver: `solver`, `adjoint` (gradient method), `beta` (relaxation, in (0, 2); != 1 for the reversible
     solver), `tol` (training stop tolerance on the relative residual; None = always `max_steps`), `max_steps`
@@ -69,7 +78,9 @@ class RevDEQConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     dropout: float = 0.0
     initializer_range: float = 0.02
+    output_init_scale: float = 1.0
     tie_word_embeddings: bool = False
+    init_state: str = "zeros"
 
     solver: str = "reversible"
     adjoint: str = "reversible"
@@ -135,6 +146,8 @@ class RevDEQConfig(PreTrainedConfig):
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout!r}")
         if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
             raise ConfigError(f"layer_norm_eps: must be > 0, got {self.layer_norm_eps!r}")
+        if not _is_real(self.output_init_scale) or not self.output_init_scale > 0:
+            raise ConfigError(f"output_init_scale: must be > 0, got {self.output_init_scale!r}")
         self.check_solver()
 
     def check_solver(self) -> None:
@@ -155,6 +168,8 @@ class RevDEQConfig(PreTrainedConfig):
     def _check_solver_fields(self) -> None:
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver: unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if self.init_state not in INIT_STATES:
+            raise ConfigError(f"init_state: must be one of {', '.join(INIT_STATES)}, got {self.init_state!r}")
         if self.cache_mode not in CACHE_MODES:
             raise ConfigError(f"cache_mode: must be one of {', '.join(CACHE_MODES)}, got {self.cache_mode!r}")
         if self.solver == "explicit":
@@ -194,7 +209,7 @@ class RevDEQConfig(PreTrainedConfig):
 
 
 _SOLVER_FIELDS = (
-    "solver", "cache_mode", "num_hidden_layers", "adjoint", "beta", "tol", "inference_tol", "max_steps",
+    "solver", "init_state", "cache_mode", "num_hidden_layers", "adjoint", "beta", "tol", "inference_tol", "max_steps",
     "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
     "implicit_tol",
 )

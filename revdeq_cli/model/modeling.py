@@ -1,7 +1,8 @@
 """`RevDEQForCausalLM`: the Reversible DEQ language model (and its baselines) as a Hugging Face model.
 
     x      = wte(input_ids) + wpe(positions)                     [B, T, H]
-    z*     = deq.solve(f, 0, x)          f = Block (block.py)     [B, T, H]
+    z*     = deq.solve(f, z0, x)         f = Block (block.py)     [B, T, H]
+             z0 = 0 (init_state "zeros", the paper's) or x (init_state "input")
     logits = lm_head(ln_f(z*))                                   [B, T, V]
 
 For `solver="explicit"` the model is an ordinary GPT: z = x, then `num_hidden_layers` untied blocks with no
@@ -75,10 +76,12 @@ class RevDEQPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2 initialisation: N(0, initializer_range), output projections scaled by 1/sqrt(2 * layers)."""
+        """GPT-2 initialisation: N(0, initializer_range), output projections scaled by
+        output_init_scale / sqrt(2 * layers)."""
         super()._init_weights(module)
         if isinstance(module, (CausalSelfAttention, MLP)):
-            std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+            config = self.config
+            std = config.initializer_range * config.output_init_scale / math.sqrt(2 * config.num_hidden_layers)
             init.normal_(module.c_proj.weight, mean=0.0, std=std)
 
 
@@ -304,12 +307,14 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             def f(z: Tensor, x: Tensor) -> Tensor:
                 return block(z.view(shape), x, mask, hook).reshape(-1, shape[-1])
 
-            z0 = x.new_zeros(shape[0] * shape[1], shape[-1])
+            z0 = x.reshape(-1, shape[-1]) if self.config.init_state == "input" else x.new_zeros(
+                shape[0] * shape[1], shape[-1])
         else:
             def f(z: Tensor, x: Tensor) -> Tensor:
                 return block(z, x, mask, hook)
 
-            z0 = torch.zeros_like(x)
+            # z0 = x is elementwise in the position, so the exact cache stays exact
+            z0 = x if self.config.init_state == "input" else torch.zeros_like(x)
         # trace=False: only the final residual is reported, and per-step reductions add up when decoding
         params = list(block.parameters()) if torch.is_grad_enabled() else []
         sol = deq.solve(f, z0, x, solver=self._solver(), adjoint=adjoint, tol=tol, max_steps=max_steps,
@@ -324,9 +329,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
     def _adjoint(self) -> deq.Adjoint:
         c = self.config
         if c.adjoint == "implicit":
-            # Broyden solves the backward system: deq.Anderson's mixing weights are not finite for a sample
-            # whose residuals are all exactly zero, which per-position states produce at every position
-            # without a loss target (e.g. the last one with `labels`).
+            # Broyden solves the backward system (the study of its default memory is in deq/solvers.py).
             return deq.ImplicitAdjoint(tol=c.implicit_tol, max_steps=c.implicit_max_steps, solver=deq.Broyden())
         return deq.make_adjoint(c.adjoint, phantom_steps=c.phantom_steps, phantom_beta=c.phantom_beta)
 

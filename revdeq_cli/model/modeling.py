@@ -76,13 +76,18 @@ class RevDEQPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2 initialisation: N(0, initializer_range), output projections scaled by
-        output_init_scale / sqrt(2 * layers)."""
-        super()._init_weights(module)
-        if isinstance(module, (CausalSelfAttention, MLP)):
+        """GPT-2 initialisation: N(0, initializer_range), biases 0; the blocks' output projections (`c_proj` of
+        attention and MLP) with std initializer_range * output_init_scale / sqrt(2 * layers)."""
+        # The projections are marked in __init__: transformers v5 initialises each parameter once (it flags it),
+        # children before parents, so re-initialising c_proj from its parent module would be silently skipped.
+        if isinstance(module, nn.Linear) and getattr(module, "residual_projection", False):
             config = self.config
             std = config.initializer_range * config.output_init_scale / math.sqrt(2 * config.num_hidden_layers)
-            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            return
+        super()._init_weights(module)
 
 
 class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
@@ -104,6 +109,9 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
                   bias=config.bias, eps=config.layer_norm_eps)
             for _ in range(config.num_hidden_layers)
         )
+        for module in self.blocks.modules():
+            if isinstance(module, (CausalSelfAttention, MLP)):
+                module.c_proj.residual_projection = True  # see _init_weights
         self.ln_f = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
         self.last_solver_stats: SolverStats | None = None

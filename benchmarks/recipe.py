@@ -1,0 +1,316 @@
+"""The training-recipe study: RevDEQ variants against explicit transformers and the unrolled looped block, at
+equal optimiser steps, each model at its own best learning rate.
+
+    python benchmarks/recipe.py screen                      # every model x the lr grid, 300 steps, seed 0
+    python benchmarks/recipe.py confirm --models a,b,...    # finalists: lr grid at 1200 steps, + seed 1 at the best
+    python benchmarks/recipe.py report                      # recipe.md and recipe_val_ppl.png from the runs so far
+    python benchmarks/recipe.py run --models revdeq-input --lrs 2e-3 --steps 300 --seeds 0   # any subset
+
+Every run trains with `revdeq_cli.training.Trainer` (what `revdeq train` runs) on pydoc with the byte
+tokenizer and the `tiny` width, 128-token sequences, in a fresh process with one torch thread (`--jobs`
+processes at a time). All training settings are pinned here (RECIPE below), so a change of the package's
+defaults does not change a finished study; only the model options of each entry and the learning rate and
+seed differ. Validation perplexity is measured on the first --curve-batches batches every --curve-every steps
+(the curve) and on the whole validation split at the end (the table).
+
+Runs are appended to `benchmarks/results/recipe-runs.jsonl` (one JSON object a line) and skipped when
+already there, so a study can be stopped and continued; `report` rebuilds the table and plot from that file.
+
+The fairness rule: every model gets the same learning-rate grid and seeds; the table reports each at its
+own best rate (lowest mean final validation perplexity over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RUNS_FILE = RESULTS_DIR / "recipe-runs.jsonl"
+
+# Training settings every run shares (dotted settings keys; see revdeq_cli/settings.py).
+RECIPE: dict[str, Any] = {
+    "model.preset": "tiny",
+    "model.max_position_embeddings": 128,
+    "data.dataset": "pydoc",
+    "data.tokenizer": "byte",
+    "data.seq_len": 128,
+    "data.offline": True,
+    "train.batch_size": 16,
+    "train.grad_accum": 1,
+    "train.weight_decay": 0.1,
+    "train.schedule": "cosine",
+    "train.min_lr_ratio": 0.1,
+    "train.grad_clip": 1.0,
+    "train.precision": "fp32",
+    "train.device": "cpu",
+    "train.save_every": 0,
+    "train.keep_last": 1,
+    "log.progress": "plain",
+    "log.log_every": 1000000,
+    "log.tensorboard": False,
+}
+WARMUP_FRACTION = 0.1  # of the run's steps, for every model
+
+_REV = {"solver.solver": "reversible", "solver.adjoint": "reversible", "solver.tol": 0.0,
+        "solver.state_dtype": "float64"}
+_INPUT = {**_REV, "model.init_state": "input"}
+
+# name -> (label, settings overrides). DEQs run exactly max_steps solver steps (tol 0 = no early stop), so
+# every model's compute per step is fixed and known.
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "revdeq-zeros": ("RevDEQ, z0 = 0 (paper), beta 0.5, 4 steps",
+                     {**_REV, "model.init_state": "zeros", "solver.beta": 0.5, "solver.max_steps": 4}),
+    "revdeq-input": ("RevDEQ, z0 = x, beta 0.5, 4 steps",
+                     {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 4}),
+    "revdeq-input-b0.8": ("RevDEQ, z0 = x, beta 0.8, 4 steps",
+                          {**_INPUT, "solver.beta": 0.8, "solver.max_steps": 4}),
+    "revdeq-input-b1.2": ("RevDEQ, z0 = x, beta 1.2, 4 steps",
+                          {**_INPUT, "solver.beta": 1.2, "solver.max_steps": 4}),
+    "revdeq-input-s2": ("RevDEQ, z0 = x, beta 0.5, 2 steps",
+                        {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 2}),
+    "revdeq-input-s6": ("RevDEQ, z0 = x, beta 0.5, 6 steps",
+                        {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 6}),
+    "revdeq-input-o2": ("RevDEQ, z0 = x, beta 0.5, 4 steps, output init x2",
+                        {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 4, "model.output_init_scale": 2.0}),
+    "revdeq-input-o0.5": ("RevDEQ, z0 = x, beta 0.5, 4 steps, output init x0.5",
+                          {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 4, "model.output_init_scale": 0.5}),
+    "picard-input": ("Picard, z0 = x, 4 steps, unrolled gradient",
+                     {"solver.solver": "picard", "solver.adjoint": "unrolled", "solver.tol": 0.0,
+                      "solver.max_steps": 4, "model.init_state": "input"}),
+    "picard-zeros": ("Picard, z0 = 0, 4 steps, unrolled gradient",
+                     {"solver.solver": "picard", "solver.adjoint": "unrolled", "solver.tol": 0.0,
+                      "solver.max_steps": 4, "model.init_state": "zeros"}),
+    "explicit-1": ("Transformer, 1 layer (same parameters)",
+                   {"solver.solver": "explicit", "model.num_hidden_layers": 1}),
+    "explicit-9": ("Transformer, 9 layers (RevDEQ's forward evaluations)",
+                   {"solver.solver": "explicit", "model.num_hidden_layers": 9}),
+}
+SCREEN_MODELS = list(MODELS)
+LR_GRID = (1e-3, 2e-3, 4e-3)
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curve_batches: int) -> dict[str, Any]:
+    """Train one model in this process and return its record (called in a fresh child process)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from revdeq_cli.settings import resolve_settings
+    from revdeq_cli.training import loop
+
+    out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"revdeq-recipe-{os.getpid()}"
+    values = {**RECIPE, **MODELS[model][1], "train.lr": lr, "train.max_steps": steps, "train.seed": seed,
+              "train.warmup_steps": max(1, round(WARMUP_FRACTION * steps)), "train.eval_every": curve_every,
+              "train.eval_batches": curve_batches, "train.out_dir": str(out_dir)}
+    settings = resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
+
+    curve: list[tuple[int, float]] = []
+    validate = loop.Trainer._validate
+
+    def recording_validate(self, max_batches, *, save_best=True):  # noqa: ANN001, ANN202
+        loss = validate(self, max_batches, save_best=save_best)
+        if max_batches is not None:
+            curve.append((self.step, math.exp(loss)))
+        return loss
+
+    loop.Trainer._validate = recording_validate
+    t0 = time.perf_counter()
+    summary = loop.train(settings)
+    wall = time.perf_counter() - t0
+    import shutil
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    history = summary.history
+    return {
+        "model": model, "lr": lr, "steps": steps, "seed": seed, "val_ppl": math.exp(summary.final_val_loss),
+        "test_ppl": math.exp(summary.test_loss), "train_seconds": summary.seconds, "wall_seconds": wall,
+        "curve": curve, "final_residual": history[-1].get("solver_residual") if history else None,
+        "max_reconstruction_error": max((h.get("reconstruction_error") or 0.0) for h in history
+                                        if not math.isnan(h.get("reconstruction_error", math.nan))) if any(
+            not math.isnan(h.get("reconstruction_error", math.nan)) for h in history) else None,
+        "non_embedding_params": None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the study
+def load_runs() -> list[dict[str, Any]]:
+    if not RUNS_FILE.exists():
+        return []
+    return [json.loads(line) for line in RUNS_FILE.read_text().splitlines() if line.strip()]
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    return (r["model"], float(r["lr"]), int(r["steps"]), int(r["seed"]))
+
+
+def run_many(jobs_list: list[tuple[str, float, int, int]], args: argparse.Namespace) -> None:
+    done = {_key(r) for r in load_runs()}
+    todo = [j for j in jobs_list if (j[0], float(j[1]), j[2], j[3]) not in done]
+    print(f"{len(todo)} runs to do ({len(jobs_list) - len(todo)} already in {RUNS_FILE.name})", flush=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+
+    def child(job: tuple[str, float, int, int]) -> None:
+        model, lr, steps, seed = job
+        spec = json.dumps({"model": model, "lr": lr, "steps": steps, "seed": seed,
+                           "curve_every": args.curve_every or max(25, steps // 12),
+                           "curve_batches": args.curve_batches})
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env = {k: v for k, v in env.items() if not k.startswith("REVDEQ_") or k == "REVDEQ_CACHE_DIR"}
+        proc = subprocess.run([sys.executable, __file__, "child", spec], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(f"FAILED {job}: {proc.stderr.strip().splitlines()[-1:] or proc.stdout[-500:]}", flush=True)
+            record = {"model": model, "lr": lr, "steps": steps, "seed": seed, "val_ppl": math.inf,
+                      "failed": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        else:
+            record = json.loads(proc.stdout.strip().splitlines()[-1])
+        with RUNS_FILE.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(f"{model:22s} lr {lr:g} steps {steps} seed {seed}: val ppl {record['val_ppl']:.3f} "
+              f"({record.get('wall_seconds', 0):.0f} s)", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(child, todo))
+
+
+def best_per_model(runs: list[dict[str, Any]], steps: int) -> dict[str, dict[str, Any]]:
+    """For each model at `steps`: the lr with the lowest mean val ppl over its seeds, and that lr's runs."""
+    out: dict[str, dict[str, Any]] = {}
+    for model in MODELS:
+        by_lr: dict[float, list[dict[str, Any]]] = {}
+        for r in runs:
+            if r["model"] == model and int(r["steps"]) == steps:
+                by_lr.setdefault(float(r["lr"]), []).append(r)
+        if not by_lr:
+            continue
+        # judge every lr on the seeds all of them share (seed 0), then report the chosen lr over all its seeds
+        def seed0(lr: float, by_lr: dict[float, list[dict[str, Any]]] = by_lr) -> float:
+            vals = [r["val_ppl"] for r in by_lr[lr] if int(r["seed"]) == 0]
+            return vals[0] if vals else statistics.mean(r["val_ppl"] for r in by_lr[lr])
+
+        lr = min(by_lr, key=seed0)
+        vals = [r["val_ppl"] for r in by_lr[lr]]
+        out[model] = {"lr": lr, "runs": by_lr[lr], "mean": statistics.mean(vals),
+                      "spread": (max(vals) - min(vals)) / 2 if len(vals) > 1 else None,
+                      "grid": {g: seed0(g) for g in sorted(by_lr)}}
+    return out
+
+
+def report(args: argparse.Namespace) -> str:
+    runs = [r for r in load_runs() if math.isfinite(r.get("val_ppl", math.inf)) or "failed" in r]
+    lines = ["# Recipe study", "", f"Machine: {machine()}.", "",
+             "`python benchmarks/recipe.py screen` / `confirm` / `report`; pydoc, byte tokenizer, tiny width (128), "
+             "128-token sequences, batch 16, AdamW (weight decay 0.1), cosine schedule to 0.1x with "
+             f"{WARMUP_FRACTION:.0%} warmup, gradient clipping 1.0, fp32, one torch thread per run. "
+             "DEQs run exactly their solver steps. Validation perplexity on the whole validation split at the "
+             "end of the run; each model at its own best learning rate from the grid "
+             f"{', '.join(f'{g:g}' for g in LR_GRID)} (chosen on seed 0); mean ± half-range over seeds.", ""]
+    for steps in sorted({int(r["steps"]) for r in runs}):
+        best = best_per_model(runs, steps)
+        lines += [f"## {steps} steps", "",
+                  "| model | best lr | val ppl (mean ± half-range) | seeds | val ppl per lr (seed 0) | s/run |",
+                  "|---|---:|---:|---:|---|---:|"]
+        for model, b in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
+            spread = f" ± {b['spread']:.2f}" if b["spread"] is not None else ""
+            grid = ", ".join(f"{g:g}: {v:.2f}" for g, v in b["grid"].items())
+            secs = statistics.mean(r.get("train_seconds", math.nan) for r in b["runs"])
+            lines.append(f"| {MODELS[model][0]} | {b['lr']:g} | {b['mean']:.2f}{spread} | {len(b['runs'])} | "
+                         f"{grid} | {secs:.0f} |")
+        lines.append("")
+    text = "\n".join(lines)
+    (RESULTS_DIR / "recipe.md").write_text(text + "\n")
+    _plot(runs)
+    return text
+
+
+def _plot(runs: list[dict[str, Any]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    steps = max((int(r["steps"]) for r in runs), default=0)
+    best = best_per_model(runs, steps)
+    if not best:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for model, b in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
+        run = min(b["runs"], key=lambda r: int(r["seed"]))
+        if run.get("curve"):
+            xs, ys = zip(*run["curve"], strict=True)
+            ax.plot(list(xs) + [steps], list(ys) + [run["val_ppl"]], label=f"{MODELS[model][0]} (lr {b['lr']:g})")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("validation perplexity (byte)")
+    ax.set_title(f"Recipe study: best learning rate of each model, {steps} steps (seed 0)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(RESULTS_DIR / "recipe_val_ppl.png", bbox_inches="tight", dpi=110)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {cpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["screen", "confirm", "run", "report", "child"])
+    p.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--models", default=None, help="comma-separated names from MODELS")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the grid)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--curve-every", type=int, default=None)
+    p.add_argument("--curve-batches", type=int, default=4)
+    args = p.parse_args(argv)
+    if args.action == "child":
+        spec = json.loads(args.spec)
+        print(json.dumps(run_one(**spec)))
+        return 0
+    models = args.models.split(",") if args.models else SCREEN_MODELS
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else list(LR_GRID)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.action == "screen":
+        run_many([(m, lr, args.steps or 300, 0) for m in models for lr in lrs], args)
+    elif args.action == "confirm":
+        steps = args.steps or 1200
+        run_many([(m, lr, steps, 0) for m in models for lr in lrs], args)
+        best = best_per_model(load_runs(), steps)
+        run_many([(m, best[m]["lr"], steps, s) for m in models if m in best for s in (seeds if seeds != [0] else [1])],
+                 args)
+    elif args.action == "run":
+        run_many([(m, lr, args.steps or 300, s) for m in models for lr in lrs for s in seeds], args)
+    print(report(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

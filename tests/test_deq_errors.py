@@ -84,3 +84,53 @@ def test_anderson_all_zero_residuals_give_finite_weights():
     weights = deq.Anderson()._weights(torch.zeros(3, 2, 8))
     assert torch.isfinite(weights).all()
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(3))
+
+
+def test_backward_divergence_names_the_backward_solve_and_its_remedies():
+    # f(z) = x + s z with a huge s: the forward step is finite, but the implicit backward solve
+    # u = J^T u + g = s u + g overflows within a few steps.
+    x = torch.randn(2, 3, requires_grad=True)
+    sol = deq.solve(lambda z, x_: x_ + 1e30 * z, Z0, x, solver=deq.Picard(), tol=None, max_steps=1,
+                    adjoint=deq.ImplicitAdjoint(tol=1e-6, max_steps=50, solver=deq.Picard()))
+    with pytest.raises(deq.SolverDivergedError) as info:
+        sol.z.sum().backward()
+    err = info.value
+    assert err.where == "backward" and err.step < 50
+    message = str(err)
+    assert "backward (implicit-gradient) solver step" in message and "forward" not in message.split(":")[0]
+    assert "implicit_max_steps" in message and "phantom" in message and "reversible" in message
+    assert "smaller beta" not in message  # beta does not enter the backward solve
+
+
+def test_forward_divergence_says_forward():
+    def blows_up(z, x):
+        return z * 0 + math.inf
+
+    with pytest.raises(deq.SolverDivergedError, match="forward solver step 1") as info:
+        deq.solve(blows_up, Z0, X, solver=deq.Picard(), tol=None, max_steps=3)
+    assert info.value.where == "forward"
+
+
+@pytest.mark.parametrize("memory", [0, -1, 2.5, True])
+def test_broyden_memory_must_be_a_positive_int_or_none(memory):
+    with pytest.raises(ValueError, match="memory"):
+        deq.Broyden(memory=memory)
+
+
+def test_keep_best_is_refused_for_the_reversible_solver():
+    for adjoint in (None, deq.UnrolledAdjoint(), deq.ImplicitAdjoint()):
+        with pytest.raises(ValueError, match="keep_best is not available for the Reversible solver"):
+            deq.solve(_f, Z0, X, solver=deq.Reversible(0.5), adjoint=adjoint, keep_best=True)
+
+
+def test_forward_divergence_suggests_only_what_would_change_something():
+    def blows_up(z, x):
+        return z * 0 + math.inf
+
+    with pytest.raises(deq.SolverDivergedError) as info:  # float64 states already, beta 0.5
+        deq.solve(blows_up, Z0, X, solver=deq.Reversible(0.5), tol=None, max_steps=3)
+    assert "float64" not in str(info.value) and "smaller beta (now 0.5)" in str(info.value)
+    with pytest.raises(deq.SolverDivergedError) as info:  # float32 states, no beta
+        deq.solve(blows_up, Z0, X, solver=deq.Picard(), tol=None, max_steps=3)
+    assert "float64 solver states" in str(info.value) and "beta <" in str(info.value)
+    assert "smaller beta" not in str(info.value)

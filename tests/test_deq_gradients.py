@@ -177,7 +177,8 @@ def test_anderson_and_broyden_beat_picard_on_a_slow_contraction():
 
 
 def test_anderson_singular_system_does_not_crash():
-    # f constant: after one step every residual is zero and the least-squares system is singular.
+    # f constant: after one step every residual is zero; the unregularised least-squares system would be
+    # singular (the scale floor keeps the regularised one solvable).
     const = torch.randn(2, 5)
     sol = deq.solve(lambda z, x: const, torch.zeros(2, 5), None, solver=deq.Anderson(m=3), tol=None, max_steps=6)
     assert torch.allclose(sol.z, const)

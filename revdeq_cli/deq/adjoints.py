@@ -29,14 +29,42 @@ from revdeq_cli.deq.state import relative_residual, tree_leaves
 
 
 class SolverDivergedError(FloatingPointError):
-    """The residual became NaN or infinite; `step` is the solver step at which it first appeared."""
+    """The residual became NaN or infinite.
 
-    def __init__(self, step: int, where: str = "forward") -> None:
+    step:     the solver step at which it first appeared.
+    where:    "forward" (the fixed-point solve) or "backward" (ImplicitAdjoint's linear solve
+              `u = J^T u + g`, run when autograd reaches the DEQ). The message names the solve and the
+              remedies that apply to it.
+    remedies: forward only: what to suggest (`iterate` leaves out what would change nothing, e.g.
+              float64 states that are float64 already).
+    """
+
+    def __init__(self, step: int, where: str = "forward", remedies: Sequence[str] | None = None) -> None:
         self.step = step
-        super().__init__(
-            f"non-finite residual at {where} solver step {step}: the fixed-point iteration diverged "
-            "(try a smaller beta, a lower learning rate, or float64 solver states)"
-        )
+        self.where = where
+        if where == "backward":
+            message = (
+                f"non-finite residual at backward (implicit-gradient) solver step {step}: the linear solve "
+                "u = J^T u + g that ImplicitAdjoint runs at the fixed point diverged, as it does when f's Jacobian "
+                "there has spectral radius >= 1 or the forward solve did not converge. Try fewer backward steps "
+                "or a looser backward tolerance (ImplicitAdjoint max_steps/tol, the model's implicit_max_steps/"
+                "implicit_tol: the gradient is then more approximate), a lower learning rate, or a gradient "
+                "method without a backward solve (phantom, or the reversible solver with the reversible gradient)"
+            )
+        else:
+            if remedies is None:
+                remedies = ["a smaller beta", "a lower learning rate", "float64 solver states"]
+            message = (
+                f"non-finite residual at {where} solver step {step}: the fixed-point iteration diverged "
+                f"(try {', '.join(remedies[:-1])}{' or ' if len(remedies) > 1 else ''}{remedies[-1]})"
+            )
+        super().__init__(message)
+
+
+KEEP_BEST_REVERSIBLE = (
+    "keep_best is not available for the Reversible solver: its gradient reverses the iteration from the last "
+    "iterate (y_N, z_N), so the returned point must be z_N; stop earlier with tol/max_steps instead"
+)
 
 
 @dataclass
@@ -54,22 +82,43 @@ class BackwardStats:
 
 @dataclass
 class Iteration:
-    """A finished forward iteration: final solver state, steps taken, max residual per step, and the
-    final per-sample residual [B] (float64)."""
+    """A finished forward iteration.
+
+    state:    the solver's final state (its `z` is the last iterate z_N).
+    steps:    steps taken.
+    trace:    the largest per-sample residual after each step.
+    z:        the returned iterate [B, D]: `state.z`, or with `keep_best` each sample's lowest-residual
+              iterate (rows of different steps; differentiable, a `torch.where` selection).
+    residual: [B] float64, the relative residual of `z` (of what is returned, not necessarily z_N).
+    """
 
     state: IterateState
     steps: int
     trace: list[float]
     residual: Tensor
+    z: Tensor
 
 
-def iterate(solver: Solver, problem: Problem, z0: Tensor, tol: float | None, max_steps: int) -> Iteration:
+def iterate(
+    solver: Solver,
+    problem: Problem,
+    z0: Tensor,
+    tol: float | None,
+    max_steps: int,
+    keep_best: bool = False,
+    where: str = "forward",
+) -> Iteration:
     """Run `solver` from z0 for at most `max_steps` steps, stopping once the largest per-sample
     relative residual is below `tol` (tol=None: always `max_steps` steps). At least one step runs.
-    With tol=None and `problem.trace` off, the residual is computed after the last step only."""
+    With tol=None, `problem.trace` off and no `keep_best`, the residual is computed after the last step only.
+
+    keep_best: return each sample's lowest-residual iterate of steps 1..N (z0 is never returned) instead of
+    z_N; the solver itself carries on from its own state. `where` names the solve in a divergence error."""
     state = solver.init(problem, z0)
     trace: list[float] = []
-    skip_residuals = tol is None and not problem.trace
+    skip_residuals = tol is None and not problem.trace and not keep_best
+    best_z: Tensor | None = None
+    best_residual: Tensor | None = None
     for step in range(1, max_steps + 1):
         state = solver.step(problem, state)
         if skip_residuals and step < max_steps:
@@ -77,11 +126,33 @@ def iterate(solver: Solver, problem: Problem, z0: Tensor, tol: float | None, max
         residual = relative_residual(state.z, state.fz)
         worst = float(residual.max())
         if not math.isfinite(worst):
-            raise SolverDivergedError(step)
+            raise SolverDivergedError(step, where, _forward_remedies(solver, problem))
         trace.append(worst)
+        if keep_best:
+            if best_z is None or best_residual is None:
+                best_z, best_residual = state.z, residual
+            else:
+                # Strictly lower: a tie keeps the earlier iterate. torch.where, not in-place indexing, so
+                # UnrolledAdjoint differentiates through the selection (each row's gradient goes to the
+                # iterate that row was taken from).
+                better = residual < best_residual
+                best_z = torch.where(better[:, None], state.z, best_z)
+                best_residual = torch.where(better, residual, best_residual)
         if tol is not None and worst < tol:
             break
-    return Iteration(state=state, steps=step, trace=trace, residual=residual)
+    if keep_best and best_z is not None and best_residual is not None:
+        return Iteration(state=state, steps=step, trace=trace, residual=best_residual, z=best_z)
+    return Iteration(state=state, steps=step, trace=trace, residual=residual, z=state.z)
+
+
+def _forward_remedies(solver: Solver, problem: Problem) -> list[str]:
+    """What could stop a forward divergence, given this solver and state dtype (only what would change)."""
+    beta = getattr(solver, "beta", None)
+    remedies = [f"a smaller beta (now {beta:g})" if beta is not None else
+                "a damped solver (relaxed, or anderson with beta < 1)", "a lower learning rate"]
+    if getattr(problem, "state_dtype", torch.float64) != torch.float64:
+        remedies.append("float64 solver states")
+    return remedies
 
 
 @dataclass
@@ -109,10 +180,11 @@ class UnrolledAdjoint:
     """Backpropagate through every solver iteration with autograd (exact; memory grows with steps)."""
 
     def run(
-        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int
+        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
+        keep_best: bool = False,
     ) -> AdjointOutput:
-        iteration = iterate(solver, problem, z0, tol, max_steps)
-        return AdjointOutput(z=iteration.state.z, iteration=iteration)
+        iteration = iterate(solver, problem, z0, tol, max_steps, keep_best)
+        return AdjointOutput(z=iteration.z, iteration=iteration)
 
     def __repr__(self) -> str:
         return "UnrolledAdjoint()"
@@ -143,10 +215,14 @@ class _BackwardProblem:
 class ImplicitAdjoint:
     """Implicit-function-theorem gradients (classic DEQ). Approximate.
 
-    The forward solve runs without a graph; the output is one more evaluation `f(z*)` attached to the
-    graph, and its incoming gradient g is replaced by the solution of `u = J^T u + g` (J = df/dz at z*),
-    found with `solver` (default Anderson(m=5)) to relative tolerance `tol` in at most `max_steps` steps.
-    Gradients with respect to z0 are zero (the fixed point does not depend on the start).
+    The forward solve runs without a graph and returns z* (the last or, with keep_best, the best iterate)
+    itself, so `Solution.residual` describes the returned value. The gradient is attached through one more
+    evaluation `f(z*)` with a graph (value-neutral: the output is `z* + (f(z*) - f(z*).detach())`), and the
+    incoming gradient g is replaced by the solution of `u = J^T u + g` (J = df/dz at z*), found with
+    `solver` (default Anderson(m=5)) to relative tolerance `tol` in at most `max_steps` steps; a non-finite
+    residual there raises `SolverDivergedError` with where="backward". Without autograd (no_grad) the
+    extra evaluation is skipped. Gradients with respect to z0 are zero (the fixed point does not depend
+    on the start).
     """
 
     tol: float = 1e-6
@@ -154,40 +230,55 @@ class ImplicitAdjoint:
     solver: Solver | None = None
 
     def run(
-        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int
+        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
+        keep_best: bool = False,
     ) -> AdjointOutput:
         with torch.no_grad():
-            iteration = iterate(solver, problem, z0, tol, max_steps)
+            iteration = iterate(solver, problem, z0, tol, max_steps, keep_best)
         stats = BackwardStats()
-        z_star = iteration.state.z.detach().requires_grad_(torch.is_grad_enabled())
+        z_star = iteration.z.detach()
+        if not torch.is_grad_enabled():
+            return AdjointOutput(z=z_star, iteration=iteration, backward=stats)
+        z_star.requires_grad_(True)
         fz = problem.evaluate(z_star)
-        if fz.requires_grad:
-            backward_solver = self.solver or Anderson(m=5)
-            inside = [False]
+        if not fz.requires_grad:
+            return AdjointOutput(z=z_star.detach(), iteration=iteration, backward=stats)
+        backward_solver = self.solver or Anderson(m=5)
+        inside = [False]
 
-            def implicit_grad(g: Tensor) -> Tensor:
-                # The VJPs below re-enter fz's graph and would fire this hook again: pass those through.
-                if inside[0]:
-                    return g
-                inside[0] = True
-                try:
-                    linear = _BackwardProblem(fz=fz, z=z_star, g=g, problem=problem)
-                    with torch.enable_grad():
-                        solved = iterate(backward_solver, linear, g, self.tol, self.max_steps)  # type: ignore[arg-type]
-                finally:
-                    inside[0] = False
-                stats.nfe += linear.nfe
-                return solved.state.z
+        def implicit_grad(g: Tensor) -> Tensor:
+            # The VJPs below re-enter fz's graph and would fire this hook again: pass those through.
+            if inside[0]:
+                return g
+            inside[0] = True
+            try:
+                linear = _BackwardProblem(fz=fz, z=z_star, g=g, problem=problem)
+                with torch.enable_grad():
+                    solved = iterate(backward_solver, linear, g, self.tol, self.max_steps,  # type: ignore[arg-type]
+                                     where="backward")
+            finally:
+                inside[0] = False
+            stats.nfe += linear.nfe
+            return solved.z
 
-            fz.register_hook(implicit_grad)
-        return AdjointOutput(z=fz, iteration=iteration, backward=stats)
+        fz.register_hook(implicit_grad)
+        return AdjointOutput(z=_value_of(z_star, carrying=fz, problem=problem), iteration=iteration, backward=stats)
+
+
+def _value_of(z: Tensor, carrying: Tensor, problem: Problem) -> Tensor:
+    """`z`'s value exactly (x - x.detach() is exactly zero) with `carrying`'s graph: the gradient methods
+    that differentiate extra evaluations return the solver's point, whose residual `solve` reports."""
+    with problem.arithmetic():
+        return z.detach() + (carrying - carrying.detach())
 
 
 @dataclass(frozen=True)
 class PhantomAdjoint:
-    """Phantom gradients: from the detached fixed point z*, `steps` damped steps
-    `z <- (1 - beta) z + beta f(z)` run with a graph, and backprop goes through those only. Approximate;
-    steps=1, beta=1 is Jacobian-free backprop. Gradients with respect to z0 are zero."""
+    """Phantom gradients: from the detached fixed point z* (the last or, with keep_best, the best iterate),
+    `steps` damped steps `z <- (1 - beta) z + beta f(z)` run with a graph, and backprop goes through those
+    only. The returned value is z* itself (so `Solution.residual` describes it) carrying those steps'
+    graph. Approximate; steps=1, beta=1 is Jacobian-free backprop. Without autograd (no_grad) the extra
+    steps are skipped. Gradients with respect to z0 are zero."""
 
     steps: int = 1
     beta: float = 1.0
@@ -199,16 +290,21 @@ class PhantomAdjoint:
             raise ValueError(f"PhantomAdjoint: beta must be in (0, 1], got {self.beta}")
 
     def run(
-        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int
+        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
+        keep_best: bool = False,
     ) -> AdjointOutput:
         with torch.no_grad():
-            iteration = iterate(solver, problem, z0, tol, max_steps)
-        z = iteration.state.z.detach()
+            iteration = iterate(solver, problem, z0, tol, max_steps, keep_best)
+        z_star = iteration.z.detach()
+        if not torch.is_grad_enabled():
+            return AdjointOutput(z=z_star, iteration=iteration)
+        z = z_star
         for _ in range(self.steps):
             fz = problem.evaluate(z)
             with problem.arithmetic():
                 z = fz if self.beta == 1.0 else (1 - self.beta) * z + self.beta * fz
-        return AdjointOutput(z=z, iteration=iteration, backward=BackwardStats(nfe=self.steps))
+        out = _value_of(z_star, carrying=z, problem=problem) if z.requires_grad else z_star
+        return AdjointOutput(z=out, iteration=iteration, backward=BackwardStats(nfe=self.steps))
 
 
 class ReversibleAdjoint:
@@ -229,13 +325,16 @@ class ReversibleAdjoint:
     """
 
     def run(
-        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int
+        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
+        keep_best: bool = False,
     ) -> AdjointOutput:
         if not isinstance(solver, Reversible):
             raise ValueError(
                 f"ReversibleAdjoint needs the Reversible solver (got {type(solver).__name__}): only its "
                 "iteration can be run backwards; use UnrolledAdjoint, ImplicitAdjoint or PhantomAdjoint instead"
             )
+        if keep_best:
+            raise ValueError(KEEP_BEST_REVERSIBLE)
         x_leaves = _grad_leaves(problem)
         if not (torch.is_grad_enabled() and (z0.requires_grad or x_leaves or params)):
             with torch.no_grad():

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from revdeq_cli.deq.adjoints import (
+    KEEP_BEST_REVERSIBLE,
     BackwardStats,
     ImplicitAdjoint,
     PhantomAdjoint,
@@ -28,13 +29,18 @@ Adjoint = UnrolledAdjoint | ReversibleAdjoint | ImplicitAdjoint | PhantomAdjoint
 class Solution:
     """The result of `solve`.
 
-    z:        the returned state, same structure, shapes and dtypes as z0.
+    z:        the returned state, same structure, shapes and dtypes as z0: the solver's last iterate z_N
+              (with keep_best: each sample's lowest-residual iterate), carrying the gradient method's
+              graph. Every gradient method returns this point's value (ImplicitAdjoint and PhantomAdjoint
+              attach their extra evaluations' graph to it without changing it).
     steps:    solver steps taken (<= max_steps; fewer when the residual fell below tol).
-    residual: [B] float64, the final per-sample relative residual ||z - f(z)|| / (1e-5 + ||f(z)||).
+    residual: [B] float64, the per-sample relative residual ||z - f(z)|| / (1e-5 + ||f(z)||) of the
+              returned z (exactly, up to the cast back to the compute dtype, which is lossless when the
+              state dtype is no wider).
     nfe:      forward evaluations of f (Reversible: 1 + 2 * steps; others 1 + steps, plus the extra
-              evaluations Implicit (1) and Phantom (k) attach to the graph).
-    trace:    the largest per-sample residual after each step (len == steps); with `trace=False` and
-              tol=None, after the last step only (len == 1).
+              evaluations Implicit (1) and Phantom (k) attach to the graph when autograd is on).
+    trace:    the largest per-sample residual after each step (len == steps); with `trace=False`,
+              tol=None and no keep_best, after the last step only (len == 1).
     backward: statistics of the backward pass, filled in when it runs (see `BackwardStats`).
     """
 
@@ -61,6 +67,7 @@ def solve(
     max_steps: int = 8,
     params: Iterable[Tensor] | None = None,
     trace: bool = True,
+    keep_best: bool = False,
 ) -> Solution:
     """Solve `z = f(z, x)` from `z0` and return a `Solution` whose `z` carries the gradient `adjoint` defines.
 
@@ -80,6 +87,14 @@ def solve(
                False computes it after the last step only (a non-finite residual is then reported at the
                last step), which saves a few reductions per step when solving many tiny problems, e.g.
                decoding one token at a time.
+    keep_best: return each sample's lowest-residual iterate over steps 1..N instead of the last one (as
+               torchdeq does), for solves that may not converge: the solver still runs on from its own
+               state, and `residual` is the returned iterate's. Picard, Relaxed, Anderson and Broyden
+               only (ValueError for Reversible: its gradient reverses from the last iterate). Composes with
+               ImplicitAdjoint and PhantomAdjoint (they restart from the returned point) and with
+               UnrolledAdjoint, which differentiates through the per-sample selection (a `torch.where`
+               per step): each sample's gradient is exactly that of the iterate it returns, and the graph
+               keeps one more [B, D] tensor per step.
 
     Under `torch.no_grad()` nothing is recorded. Raises ValueError for bad arguments or an f whose output
     does not match z, and `SolverDivergedError` (naming the step) when the residual becomes non-finite.
@@ -90,6 +105,8 @@ def solve(
         raise ValueError(f"tol must be a finite number > 0 (or None for a fixed number of steps), got {tol!r}")
     if not isinstance(solver, Solver):
         raise ValueError(f"solver must be Picard, Relaxed, Anderson, Broyden or Reversible, got {solver!r}")
+    if keep_best and isinstance(solver, Reversible):
+        raise ValueError(KEEP_BEST_REVERSIBLE)
     if adjoint is None:
         adjoint = ReversibleAdjoint() if isinstance(solver, Reversible) else ImplicitAdjoint()
     if isinstance(adjoint, ReversibleAdjoint) and not isinstance(solver, Reversible):
@@ -109,7 +126,7 @@ def solve(
     with problem.arithmetic():
         z0_flat = spec.flatten(z0, state_dtype)
 
-    out = adjoint.run(problem, solver, z0_flat, grad_params, tol, max_steps)
+    out = adjoint.run(problem, solver, z0_flat, grad_params, tol, max_steps, keep_best=keep_best)
     with problem.arithmetic():
         z = spec.unflatten(out.z)
     it = out.iteration

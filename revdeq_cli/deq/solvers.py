@@ -101,9 +101,11 @@ class Anderson(Solver):
 
     The mixing weights solve the regularised least-squares problem
     `min_a ||sum_i a_i (f(z_i) - z_i)||^2 + lam * s * ||a||^2` subject to `sum_i a_i = 1` (per sample,
-    s = mean squared residual norm); the regularisation keeps the bordered system well conditioned when
-    the residuals are nearly linearly dependent, and a singular system (e.g. all residuals zero) falls
-    back to the pseudo-inverse instead of raising.
+    s = mean squared residual norm, floored so it stays positive when every residual is zero). The
+    regularisation makes the bordered system nonsingular in exact arithmetic, also when the residuals
+    are linearly dependent or all zero; the pseudo-inverse is a fallback for a system that rounding
+    leaves singular. That small system is solved in float32 or wider whatever the state dtype
+    (torch has no float16/bfloat16 LU); the weights are cast back to the state dtype for the mixing.
     """
 
     m: int = 5
@@ -128,14 +130,18 @@ class Anderson(Solver):
                 z = (1 - self.beta) * state.z + self.beta * state.fz
             else:
                 X, F = torch.stack(hz, dim=1), torch.stack(hf, dim=1)  # [B, n, D]
-                alpha = self._weights(F - X)  # [B, n]
+                alpha = self._weights(F - X).to(X.dtype)  # [B, n]
                 mix_f = torch.einsum("bn,bnd->bd", alpha, F)
                 mix_z = torch.einsum("bn,bnd->bd", alpha, X)
                 z = self.beta * mix_f + (1 - self.beta) * mix_z
         return AndersonState(z=z, fz=problem.evaluate(z), history_z=hz, history_fz=hf)
 
     def _weights(self, G: Tensor) -> Tensor:
+        """Mixing weights [B, n] summing to 1 per sample, for residuals G [B, n, D]; float32 for half G."""
         B, n, _ = G.shape
+        # Half-precision states: the Gram matrix and the solve run in float32 (no half LU in torch, and
+        # a 1e-4 regulariser is below bfloat16's resolution anyway).
+        G = G.to(torch.promote_types(G.dtype, torch.float32))
         GG = G @ G.transpose(1, 2)  # [B, n, n]
         # Regularise relative to the residuals' own scale, so tiny residuals near convergence are not
         # swamped (an absolute lam would flatten the weights to uniform there).
@@ -169,12 +175,29 @@ class Broyden(Solver):
     """Quasi-Newton root finding on `g(z) = f(z) - z` with Broyden's ("good") rank-one updates.
 
     The inverse Jacobian of g starts at `-I` (so the first step is a Picard step) and keeps the last
-    `memory` rank-one updates `B = -I + sum_i u_i v_i^T`, per sample. Steps have unit length (no line
-    search), as in the DEQ reference implementation.
+    `memory` rank-one updates `B = -I + sum_i u_i v_i^T`, per sample; None (the default) keeps them all,
+    as torchdeq does, which costs 2 [B, D] tensors per step taken (so at most 2 * max_steps). Steps have
+    unit length (no line search), as in the DEQ reference implementation.
+
+    Why keep every update: `python benchmarks/broyden_memory.py` (steps to tolerance, max 200; "-" = not
+    reached) found that dropping updates stalls or diverges on slow problems and buys nothing on fast ones:
+
+        problem      tol    m=8       m=16      m=32        m=64       all
+        linear-sym   1e-6   diverged  diverged  diverged    - (2e-2)   172
+        linear-rot   1e-6   - (1.3)   - (0.9)   - (1.2)     - (0.7)    - (2e-4)
+        tanh         1e-6   diverged  49        42          41         41
+        tanh-hard    1e-6   diverged  diverged  - (5e93)    - (2e25)   78
+        block-fwd    1e-4   17        18        18          18         18
+        block-bwd    1e-5   6         6         6           6          6
     """
 
-    memory: int = 32
+    memory: int | None = None
     state_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        m = self.memory
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            raise ValueError(f"Broyden: memory must be an integer >= 1 or None (keep every update), got {m!r}")
 
     def init(self, problem: Problem, z0: Tensor) -> BroydenState:
         return BroydenState(z=z0, fz=problem.evaluate(z0))
@@ -204,8 +227,9 @@ class Broyden(Solver):
             den = _dot(sB, dg)
             ok = den.abs() > 1e-12
             u = torch.where(ok, (dz - Bdg) / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(dz))
-        us = (state.us + [u])[-self.memory :]
-        vs = (state.vs + [sB])[-self.memory :]
+        us, vs = state.us + [u], state.vs + [sB]
+        if self.memory is not None and len(us) > self.memory:
+            us, vs = us[-self.memory :], vs[-self.memory :]
         return BroydenState(z=z, fz=fz, us=us, vs=vs)
 
 

@@ -19,6 +19,22 @@ Layers, lowest precedence first (`resolve_settings`):
 The run ends at whichever of train.max_steps, train.epochs, train.max_tokens comes first; when no layer
 sets any of them, train.max_steps = DEFAULT_MAX_STEPS (300: the no-flags run takes a few CPU minutes).
 
+Defaults that follow another setting (a value the user gives is kept and validated as given):
+
+    solver.adjoint       follows solver.solver (ADJOINT_FOR_SOLVER): reversible -> reversible, picard/relaxed
+                         -> unrolled, anderson/broyden -> implicit, explicit -> none (null; no solve to
+                         differentiate). With no solver given either, the preset's pair.
+    train.warmup_steps   null/"auto" = WARMUP_FRACTION of the run's optimiser steps, at most WARMUP_MAX_STEPS
+                         (`auto_warmup_steps`). Resolved here when train.max_steps alone ends the run, else by
+                         the trainer once it knows the run's steps (from epochs / max_tokens and the data); the
+                         run's config.yaml, header and checkpoints hold the resolved number.
+    data.seq_len         DEFAULT_SEQ_LEN, capped at model.max_position_embeddings.
+
+A resumed run's stored settings (the `base` layer) count as set: a resumed run keeps the values it started
+with (its warmup, its adjoint), so `--resume ... --solver anderson` of a reversible run must also name an
+adjoint. Only a warmup given now is checked against train.max_steps: a resumed run may stop before the
+warmup it started with has ended.
+
 A value that fails validation raises `revdeq_cli.errors.ConfigError` naming the dotted field, the reason and
 where the value came from, e.g. ``train.lr: must be > 0 (got -1.0, from REVDEQ_TRAIN__LR)``.
 
@@ -71,12 +87,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from revdeq_cli.errors import ConfigError
 
 ENV_PREFIX = "REVDEQ_"
 DEFAULT_MAX_STEPS = 300  # the no-flags run: a few minutes on a 2-core CPU
+DEFAULT_SEQ_LEN = 128  # capped at model.max_position_embeddings when data.seq_len is not given
+WARMUP_FRACTION = 0.1  # an unset train.warmup_steps: this fraction of the run's optimiser steps ...
+WARMUP_MAX_STEPS = 1000  # ... but at most this many
 
 
 class SettingsWarning(UserWarning):
@@ -84,6 +103,21 @@ class SettingsWarning(UserWarning):
 
 SOLVER_NAMES = ("reversible", "picard", "relaxed", "anderson", "broyden", "explicit")
 ADJOINT_NAMES = ("reversible", "unrolled", "implicit", "phantom")
+# The gradient method an unset solver.adjoint takes for each solver (None: the explicit model solves nothing).
+ADJOINT_FOR_SOLVER: dict[str, str | None] = {
+    "reversible": "reversible", "picard": "unrolled", "relaxed": "unrolled",
+    "anderson": "implicit", "broyden": "implicit", "explicit": None,
+}
+
+
+def auto_warmup_steps(total_steps: int) -> int:
+    """The warmup of a run whose `train.warmup_steps` is unset: WARMUP_FRACTION of its `total_steps`
+    optimiser steps (rounded), at most WARMUP_MAX_STEPS; never more than the run itself."""
+    return max(0, min(WARMUP_MAX_STEPS, round(WARMUP_FRACTION * total_steps), total_steps))
+
+
+def _auto_to_none(value: Any) -> Any:
+    return None if isinstance(value, str) and value.strip().lower() == "auto" else value
 
 
 class _Section(BaseModel):
@@ -141,9 +175,11 @@ class SolverSettings(_Section):
                 "use e.g. 0.5 or 0.8"
             )
         if self.adjoint == "reversible" and self.solver not in (None, "reversible"):
+            usual = ADJOINT_FOR_SOLVER.get(self.solver)
+            fix = (f"use --adjoint {usual} (solver {self.solver}'s default), or drop --adjoint" if usual
+                   else "drop --adjoint (the explicit model needs none)")
             raise ValueError(
-                f"solver.adjoint: 'reversible' needs solver.solver=reversible (got {self.solver!r}); "
-                "use adjoint unrolled, implicit or phantom"
+                f"solver.adjoint: 'reversible' needs solver.solver=reversible (got {self.solver!r}); {fix}"
             )
         return self
 
@@ -154,7 +190,7 @@ class DataSettings(_Section):
     dataset: str = "pydoc"
     dataset_config: str | None = None
     tokenizer: str = "byte"
-    seq_len: int = Field(128, gt=1)
+    seq_len: int = Field(DEFAULT_SEQ_LEN, gt=1)  # not given: DEFAULT_SEQ_LEN capped at max_position_embeddings
     offline: bool = False
     max_vocab_size: int | None = Field(None, gt=0)
     cache_dir: str | None = None
@@ -177,7 +213,7 @@ class TrainSettings(_Section):
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.99, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-8, gt=0.0)
-    warmup_steps: int = Field(30, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)  # None / "auto": auto_warmup_steps(the run's steps)
     schedule: Literal["cosine", "plateau", "constant"] = "cosine"
     plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)  # lr *= factor when val loss stalls
     plateau_patience: int = Field(2, ge=0)  # evaluations without improvement before a cut
@@ -192,14 +228,16 @@ class TrainSettings(_Section):
     keep_last: int = Field(3, gt=0)
     resume: str | None = None  # None | "auto" | PATH
 
+    @field_validator("warmup_steps", mode="before")
+    @classmethod
+    def _warmup_auto(cls, value: Any) -> Any:
+        return _auto_to_none(value)
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
         if self.max_steps is None and self.epochs is None and self.max_tokens is None:
             raise ValueError("train.max_steps: set at least one of train.max_steps, train.epochs, "
                              "train.max_tokens so the run can end")
-        if self.warmup_steps and self.max_steps is not None and self.warmup_steps > self.max_steps:
-            raise ValueError(f"train.warmup_steps: {self.warmup_steps} is more than train.max_steps "
-                             f"{self.max_steps}; lower it")
         dev = self.device
         if dev not in ("auto", "cpu", "mps", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
             raise ValueError(f"train.device: unknown device {dev!r}; use auto, cpu, cuda, cuda:N or mps")
@@ -464,11 +502,14 @@ def resolve_settings(*, fill_preset: bool = True, **layers: Any) -> Settings:
     """Merge the preset beneath the layers of `merge_layers` (same keyword arguments) and validate.
 
     With `fill_preset`, every model/solver field still unset takes the preset's value (this imports the
-    model package). Raises `ConfigError` naming the field, its source and the fix.
+    model package). Defaults that follow another setting are derived here (see the module docstring).
+    Raises `ConfigError` naming the field, its source and the fix.
     """
     merged, sources = merge_layers(**layers)
+    base_source = layers.get("base_source", "the resumed checkpoint") if layers.get("base") is not None else None
     if not any(merged.get(f"train.{k}") is not None for k in ("max_steps", "epochs", "max_tokens")):
         merged["train.max_steps"] = DEFAULT_MAX_STEPS
+    _adjoint_follows_solver(merged, sources)
     if fill_preset:
         preset = merged.get("model.preset", ModelSettings.model_fields["preset"].default)
         if not isinstance(preset, str):
@@ -477,7 +518,59 @@ def resolve_settings(*, fill_preset: bool = True, **layers: Any) -> Settings:
             if key not in merged:
                 merged[key] = value
                 sources[key] = f"preset {preset}"
-    return validate(merged, sources)
+    _seq_len_follows_context(merged, sources)
+    _warmup_follows_max_steps(merged, sources)
+    settings = validate(merged, sources)
+    _check_given_warmup(settings, sources, base_source)
+    return settings
+
+
+def _adjoint_follows_solver(merged: dict[str, Any], sources: dict[str, str]) -> None:
+    """An unset solver.adjoint takes ADJOINT_FOR_SOLVER[solver] when a layer names the solver (with neither
+    given, the preset supplies the pair)."""
+    solver = merged.get("solver.solver")
+    if merged.get("solver.adjoint") is not None:
+        return
+    if isinstance(solver, str) and solver in ADJOINT_FOR_SOLVER:
+        merged["solver.adjoint"] = ADJOINT_FOR_SOLVER[solver]
+        sources["solver.adjoint"] = f"the default for solver.solver={solver}"
+    elif solver is None:
+        merged.pop("solver.adjoint", None)  # `null` = not given: the preset's adjoint, with its solver
+
+
+def _seq_len_follows_context(merged: dict[str, Any], sources: dict[str, str]) -> None:
+    """An unset data.seq_len is DEFAULT_SEQ_LEN, capped at model.max_position_embeddings."""
+    if merged.get("data.seq_len") is not None:
+        return
+    mpe = merged.get("model.max_position_embeddings")
+    if isinstance(mpe, int) and not isinstance(mpe, bool) and 1 < mpe < DEFAULT_SEQ_LEN:
+        merged["data.seq_len"] = mpe
+        sources["data.seq_len"] = f"the default {DEFAULT_SEQ_LEN} capped at model.max_position_embeddings"
+    else:
+        merged.pop("data.seq_len", None)  # `null` = not given
+
+
+def _warmup_follows_max_steps(merged: dict[str, Any], sources: dict[str, str]) -> None:
+    """An unset (null / "auto") train.warmup_steps is resolved now when train.max_steps alone ends the run;
+    with epochs or max_tokens the run's length depends on the data, so the trainer resolves it."""
+    if _auto_to_none(merged.get("train.warmup_steps")) is not None:
+        return
+    steps = merged.get("train.max_steps")
+    alone = merged.get("train.epochs") is None and merged.get("train.max_tokens") is None
+    if alone and isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        merged["train.warmup_steps"] = auto_warmup_steps(steps)
+        sources["train.warmup_steps"] = f"auto: {WARMUP_FRACTION:g} of train.max_steps"
+
+
+def _check_given_warmup(settings: Settings, sources: Mapping[str, str], base_source: str | None) -> None:
+    """A warmup given now must fit in train.max_steps; one the resumed run started with is kept as it is."""
+    tr = settings.train
+    src = sources.get("train.warmup_steps")
+    if src is None or src == base_source or src.startswith("auto"):
+        return
+    if tr.warmup_steps and tr.max_steps is not None and tr.warmup_steps > tr.max_steps:
+        raise ConfigError(f"train.warmup_steps: {tr.warmup_steps} is more than train.max_steps {tr.max_steps}; "
+                          f"lower it, or leave it unset to follow the run's length (from {src})")
 
 
 def validate(dotted: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Settings:

@@ -197,3 +197,94 @@ def test_cli_warns_once_about_ignored_earlier_port_keys(capsys, monkeypatch, tmp
     code, out, err = _cli(["--config", str(FIXTURE), "--print-config"], capsys)
     assert code == 0
     assert err.count("revdeq: warning: dataloader_num_workers") == 1 and "report_to" in err
+
+
+# --------------------------------------------------------------------------- defaults that follow other settings
+@pytest.mark.parametrize(("max_steps", "warmup"), [(3, 0), (6, 1), (300, 30), (10**6, 1000)])
+def test_an_unset_warmup_follows_max_steps(max_steps, warmup):
+    from revdeq_cli.settings import WARMUP_MAX_STEPS, auto_warmup_steps
+
+    s = resolve_settings(flags={"train.max_steps": max_steps}, environ={})
+    assert s.train.warmup_steps == warmup == auto_warmup_steps(max_steps) <= max_steps
+    assert auto_warmup_steps(10**9) == WARMUP_MAX_STEPS
+
+
+def test_warmup_auto_is_left_to_the_trainer_when_epochs_or_tokens_may_end_the_run():
+    assert resolve_settings(flags={"train.epochs": 2.0}, environ={}).train.warmup_steps is None
+    both = resolve_settings(flags={"train.max_steps": 50, "train.max_tokens": 4096}, environ={})
+    assert both.train.warmup_steps is None  # the run may end before max_steps: resolved on the real length
+    assert resolve_settings(sets=["train.warmup_steps=auto"], flags={"train.max_steps": 40},
+                            environ={}).train.warmup_steps == 4
+
+
+def test_a_given_warmup_is_still_checked_but_a_resumed_runs_own_is_kept():
+    with pytest.raises(ConfigError, match=r"^train\.warmup_steps: 30 is more than train\.max_steps 6.*--set"):
+        resolve_settings(sets=["train.warmup_steps=30"], flags={"train.max_steps": 6}, environ={})
+    stored = resolve_settings(environ={}).model_dump()  # 300 steps: warmup 30
+    assert stored["train"]["warmup_steps"] == 30
+    resumed = resolve_settings(base=stored, base_source="the settings of ckpt", flags={"train.max_steps": 10},
+                               environ={})
+    assert (resumed.train.warmup_steps, resumed.train.max_steps) == (30, 10)  # the run keeps its warmup
+    with pytest.raises(ConfigError, match="train.warmup_steps: 20 is more"):
+        resolve_settings(base=stored, base_source="the settings of ckpt", sets=["train.warmup_steps=20"],
+                         flags={"train.max_steps": 10}, environ={})
+
+
+@pytest.mark.parametrize(("solver", "adjoint"), [("reversible", "reversible"), ("picard", "unrolled"),
+                                                 ("relaxed", "unrolled"), ("anderson", "implicit"),
+                                                 ("broyden", "implicit"), ("explicit", None)])
+@pytest.mark.parametrize("layer", ["flag", "set", "yaml", "env"])
+def test_an_unset_adjoint_follows_the_solver_from_every_layer(solver, adjoint, layer, tmp_path):
+    kwargs: dict = {"environ": {}}
+    if layer == "flag":
+        kwargs["flags"] = {"solver.solver": solver}
+    elif layer == "set":
+        kwargs["sets"] = [f"solver.solver={solver}"]
+    elif layer == "yaml":
+        (tmp_path / "c.yaml").write_text(f"solver:\n  solver: {solver}\n")
+        kwargs["config_file"] = tmp_path / "c.yaml"
+    else:
+        kwargs["environ"] = {"REVDEQ_SOLVER__SOLVER": solver}
+    s = resolve_settings(**kwargs)
+    assert (s.solver.solver, s.solver.adjoint) == (solver, adjoint)
+
+
+def test_a_given_adjoint_is_kept_and_checked_and_null_means_unset():
+    s = resolve_settings(flags={"solver.solver": "anderson", "solver.adjoint": "phantom"}, environ={})
+    assert s.solver.adjoint == "phantom"
+    with pytest.raises(ConfigError, match=r"solver.adjoint: 'reversible' needs .* use --adjoint implicit"):
+        resolve_settings(flags={"solver.solver": "anderson", "solver.adjoint": "reversible"}, environ={})
+    assert resolve_settings(sets=["solver.adjoint=null"], environ={}).solver.adjoint == "reversible"  # preset's
+
+
+def test_a_resumed_runs_adjoint_counts_as_given():
+    stored = resolve_settings(environ={}).model_dump()  # reversible / reversible
+    with pytest.raises(ConfigError) as err:
+        resolve_settings(base=stored, base_source="the settings of runs/x/checkpoint-000006",
+                         flags={"solver.solver": "anderson"}, environ={})
+    msg = str(err.value)
+    assert "--adjoint implicit" in msg and "runs/x/checkpoint-000006" in msg and "\n" not in msg
+    ok = resolve_settings(base=stored, flags={"solver.solver": "anderson", "solver.adjoint": "implicit"},
+                          environ={})
+    assert (ok.solver.solver, ok.solver.adjoint) == ("anderson", "implicit")
+    picard = resolve_settings(flags={"solver.solver": "picard"}, environ={}).model_dump()
+    assert resolve_settings(base=picard, environ={}).solver.adjoint == "unrolled"
+    explicit = resolve_settings(flags={"solver.solver": "explicit"}, environ={}).model_dump()
+    again = resolve_settings(base=explicit, environ={})
+    assert (again.solver.solver, again.solver.adjoint) == ("explicit", None)
+
+
+def test_an_unset_seq_len_is_capped_at_the_context_but_a_given_one_is_checked():
+    s = resolve_settings(sets=["model.max_position_embeddings=64"], environ={})
+    assert s.data.seq_len == 64
+    assert resolve_settings(environ={}).data.seq_len == 128
+    with pytest.raises(ConfigError, match="data.seq_len: 100 is longer"):
+        resolve_settings(sets=["model.max_position_embeddings=64", "data.seq_len=100"], environ={})
+
+
+def test_print_config_shows_the_resolved_warmup_and_adjoint(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(["--print-config", "--max-steps", "6", "--solver", "anderson"], capsys)
+    assert code == 0, err
+    s = Settings.model_validate(yaml.safe_load(out))
+    assert (s.train.warmup_steps, s.solver.adjoint) == (1, "implicit")

@@ -16,9 +16,8 @@ from test_train_loop import small_corpus  # noqa: F401  (session fixture: the lo
 TINY_FLAGS = [
     "--seq-len", "32", "--batch-size", "4", "--solver-steps", "2", "--device", "cpu", "--offline",
     "--progress", "plain", "--set", "model.hidden_size=32", "--set", "model.num_attention_heads=2",
-    "--set", "model.intermediate_size=64", "--set", "train.warmup_steps=1", "--set", "train.eval_batch_size=64",
-    "--set", "train.eval_batches=1",
-]
+    "--set", "model.intermediate_size=64", "--set", "train.eval_batch_size=64", "--set", "train.eval_batches=1",
+]  # no warmup: the default follows the run's length (the torchrun and Ctrl-C + resume runs below rely on it)
 
 
 def _env(cache: str) -> dict[str, str]:
@@ -108,3 +107,51 @@ def test_two_process_gloo_run_through_torchrun_saves_a_loadable_rank0_checkpoint
     assert meta["tokens_seen"] == 4 * 2 * 4 * 32  # steps x processes x batch x seq_len
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("logs")) == [
         "best", "checkpoint-000002", "checkpoint-000004", "config.yaml", "final"]
+
+
+# --------------------------------------------------------------------------- defaults that compose (in process)
+def _train(argv: list[str], capsys) -> tuple[int, str]:
+    from revdeq_cli.cli.app import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *argv])
+    out = capsys.readouterr()
+    return exc.value.code, out.out + out.err
+
+
+def _compose_flags(corpus: str, cache: str) -> list[str]:
+    """Tiny model and data, and nothing else: every other setting is the default."""
+    return ["--dataset", corpus, "--set", f"data.cache_dir={cache}", "--offline", "--device", "cpu",
+            "--progress", "plain", "--seq-len", "32", "--batch-size", "4", "--set", "model.hidden_size=32",
+            "--set", "model.num_attention_heads=2", "--set", "model.intermediate_size=64"]
+
+
+@pytest.mark.parametrize(("solver", "shown"), [(None, "solver reversible / adjoint reversible"),
+                                               ("explicit", "explicit, 1 layer"),
+                                               ("anderson", "solver anderson / adjoint implicit")])
+def test_a_three_step_run_succeeds_with_every_other_setting_default(solver, shown, tmp_path, small_corpus,  # noqa: F811
+                                                                     capsys):
+    argv = ["--max-steps", "3", "--out-dir", str(tmp_path / "run"), *_compose_flags(*small_corpus)]
+    code, out = _train([*argv, *(["--solver", solver] if solver else [])], capsys)
+    assert code in (0, None), out
+    assert "done: 3/3 steps" in out and shown in out and "warmup 0" in out
+
+
+def test_the_short_run_of_a_resume_check_then_resumes_with_its_own_warmup(tmp_path, small_corpus, capsys):  # noqa: F811
+    out_dir = tmp_path / "run"
+    flags = [*_compose_flags(*small_corpus), "--out-dir", str(out_dir)]
+    code, out = _train(["--max-steps", "6", *flags], capsys)
+    assert code in (0, None) and "warmup 1)" in out, out
+    code, out = _train(["--max-steps", "8", "--resume", "auto", *flags], capsys)
+    assert code in (0, None), out
+    assert "resumed from" in out and "done: 8/8 steps" in out and "warmup 1)" in out  # kept, not 0.1 * 8
+
+
+def test_the_default_run_shortened_succeeds(tmp_path, monkeypatch, capsys, small_corpus):  # noqa: F811
+    """`revdeq train --max-steps 3` as a new user types it (the default model on the offline pydoc corpus)."""
+    monkeypatch.setenv("REVDEQ_CACHE_DIR", small_corpus[1])
+    monkeypatch.chdir(tmp_path)
+    code, out = _train(["--max-steps", "3", "--device", "cpu", "--progress", "plain"], capsys)
+    assert code in (0, None), out
+    assert "done: 3/3 steps" in out and "warmup 0" in out
+    assert len(list((tmp_path / "runs").glob("pydoc-*/final"))) == 1

@@ -162,7 +162,8 @@ def test_non_finite_loss_stops_with_step_and_remedies_and_keeps_last_good_checkp
         run(tiny_settings(tmp_path / "run"))
     msg = str(err.value)
     assert "step 3" in msg and "checkpoint-000002" in msg
-    assert "--lr" in msg and "beta" in msg and "float64" in msg
+    assert "--lr 0.005" in msg and "--beta 0.25" in msg and "train.grad_clip=0.5" in msg
+    assert "float64" not in msg  # the states already are float64: no advice that changes nothing
     assert err.value.step == 3
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "run")] == ["checkpoint-000002"]
     assert ckpt.load_checkpoint(tmp_path / "run").meta["step"] == 2
@@ -275,3 +276,51 @@ def test_block_order_is_deterministic_and_ranks_get_disjoint_equal_shards():
     shards = [BlockOrder(103, 4, seed=7, rank=r, world_size=2).epoch_indices(0) for r in range(2)]
     assert shards[0].shape == shards[1].shape == (12, 4)
     assert not set(shards[0].ravel()) & set(shards[1].ravel())
+
+
+@pytest.mark.parametrize(
+    ("sets", "wanted", "unwanted"),
+    [
+        ([], ["--lr 0.001", "--beta 0.25", "train.grad_clip=0.5"], ["float64", "--precision"]),
+        (["solver.state_dtype=float32", "train.grad_clip=0", "train.precision=fp16"],
+         ["solver.state_dtype=float64, now float32", "train.grad_clip=1.0, now off", "--precision bf16"], []),
+        (["solver.solver=picard"], ["--lr"], ["beta"]),
+        (["solver.solver=explicit", "solver.state_dtype=float32"], ["--lr", "grad_clip"], ["beta", "float64"]),
+    ],
+)
+def test_divergence_advice_names_only_changes_that_change_something(sets, wanted, unwanted):
+    from revdeq_cli.training.loop import divergence_remedies
+
+    s = resolve_settings(sets=sets, environ={})
+    advice = " ".join(divergence_remedies(s, is_deq=s.solver.solver != "explicit"))
+    assert all(w in advice for w in wanted), advice
+    assert not any(u in advice for u in unwanted), advice
+
+
+def test_an_unset_warmup_follows_the_runs_length_when_tokens_end_it(tmp_path):
+    s = tiny_settings(tmp_path / "run", "train.warmup_steps=auto", train__max_tokens=10 * 4 * 32,
+                      train__max_steps=None, train__save_every=0, train__eval_every=0)
+    assert s.train.warmup_steps is None  # the length depends on the data: the trainer resolves it
+    lines = []
+
+    class Lines(PlainProgress):
+        def log(self, message: str) -> None:
+            lines.append(message)
+
+    summary = run(s, progress=Lines(log_every=1))
+    assert summary.steps == 10
+    assert any("warmup 1)" in line for line in lines), lines  # round(0.1 * 10 steps), in the run header
+    stored = __import__("yaml").safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert stored["train"]["warmup_steps"] == 1
+    state = torch.load(tmp_path / "run" / "final" / "training_state.pt", weights_only=False)
+    assert state["settings"]["train"]["warmup_steps"] == 1  # a resumed run keeps it
+    assert summary.history[0]["lr"] == pytest.approx(1e-2)  # one warmup step: full lr at once
+
+
+def test_tensorboard_logs_the_last_step_whatever_log_every(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tiny_settings(tmp_path / "run", "log.log_every=4", train__save_every=0, train__eval_every=0))
+    acc = EventAccumulator(str(tmp_path / "run" / "logs"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 4, 6]

@@ -79,8 +79,9 @@ def train_command(
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3).", rich_help_panel=_LOOP),
     solver: str | None = typer.Option(None, "--solver", help="reversible, picard, relaxed, anderson, broyden, "
                                       "explicit.", rich_help_panel=_MODEL),
-    adjoint: str | None = typer.Option(None, "--adjoint", help="reversible, unrolled, implicit, phantom.",
-                                       rich_help_panel=_MODEL),
+    adjoint: str | None = typer.Option(None, "--adjoint", help="reversible, unrolled, implicit, phantom "
+                                       "(default: follows --solver; reversible -> reversible, picard/relaxed -> "
+                                       "unrolled, anderson/broyden -> implicit).", rich_help_panel=_MODEL),
     beta: float | None = typer.Option(None, "--beta", help="Relaxation in (0, 2), not 1 for reversible.",
                                       rich_help_panel=_MODEL),
     tol: float | None = typer.Option(None, "--tol", help="Solver stop tolerance on the relative residual "

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from revdeq_cli.errors import ConfigError, UserError
-from revdeq_cli.settings import Settings
+from revdeq_cli.settings import Settings, auto_warmup_steps
 from revdeq_cli.training import checkpoint as ckpt
 from revdeq_cli.training.data_order import BlockOrder
 from revdeq_cli.training.distributed import (
@@ -104,6 +104,33 @@ class TrainSummary:
         if self.final_checkpoint is not None:
             out.append(f"checkpoint: {self.final_checkpoint}")
         return out
+
+
+# --------------------------------------------------------------------------- divergence advice
+BETA_SOLVERS = ("reversible", "relaxed", "anderson")  # the solvers whose step uses solver.beta
+
+
+def divergence_remedies(s: Settings, *, is_deq: bool) -> list[str]:
+    """What might stop a diverging run, each phrased as the flag to pass and the value now: only changes
+    that would change something for this run (no beta advice for a solver without one, no float64 advice
+    when the states already are float64, a tighter clip when clipping is already on)."""
+    tr, sv = s.train, s.solver
+    out = [f"a lower learning rate (--lr {tr.lr / 2:g}, now {tr.lr:g})"]
+    if is_deq and sv.solver in BETA_SOLVERS and sv.beta is not None:
+        out.append(f"a smaller beta (--beta {sv.beta / 2:g}, now {sv.beta:g})")
+    if is_deq and sv.state_dtype != "float64":
+        out.append(f"float64 solver states (--set solver.state_dtype=float64, now {sv.state_dtype})")
+    if tr.grad_clip == 0:
+        out.append("gradient clipping (--set train.grad_clip=1.0, now off)")
+    else:
+        out.append(f"tighter gradient clipping (--set train.grad_clip={tr.grad_clip / 2:g}, now {tr.grad_clip:g})")
+    if tr.precision == "fp16":
+        out.append("a wider number format (--precision bf16 or fp32, now fp16)")
+    return out
+
+
+def _join_or(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
 
 
 # --------------------------------------------------------------------------- run directory and resume
@@ -225,6 +252,9 @@ class Trainer:
         if tr.max_tokens:
             limits.append(max(1, math.ceil(tr.max_tokens / self.tokens_per_step)))
         self.total_steps = min(limits)
+        if tr.warmup_steps is None:  # unset: follows the run's length, now known (settings.auto_warmup_steps)
+            tr = tr.model_copy(update={"warmup_steps": auto_warmup_steps(self.total_steps)})
+            self.settings = self.settings.model_copy(update={"train": tr})
         self.schedule = LRSchedule(self.optimizer, kind=tr.schedule, lr=tr.lr, warmup_steps=tr.warmup_steps,
                                    total_steps=self.total_steps, min_lr_ratio=tr.min_lr_ratio,
                                    plateau_factor=tr.plateau_factor, plateau_patience=tr.plateau_patience)
@@ -322,16 +352,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimiser step
     def _diverged(self, what: str, value: float) -> TrainingDivergedError:
-        s = self.settings
         if self.last_saved is not None:
             kept = f"the last good checkpoint is {self.last_saved[1]} (step {self.last_saved[0]})"
         else:
             kept = "no checkpoint had been saved yet"
         return TrainingDivergedError(
-            f"training diverged at step {self.step + 1}: {what} is {value}; {kept}. Try a lower learning rate "
-            f"(--lr, now {s.train.lr:g}), a smaller beta (--beta, now {s.solver.beta:g}), float64 solver states "
-            f"(--set solver.state_dtype=float64, now {s.solver.state_dtype}) or gradient clipping "
-            f"(--set train.grad_clip=1.0, now {s.train.grad_clip:g})",
+            f"training diverged at step {self.step + 1}: {what} is {value}; {kept}. Try "
+            + _join_or(divergence_remedies(self.settings, is_deq=self.model.config.is_deq)),
             step=self.step + 1,
         )
 
@@ -398,10 +425,13 @@ class Trainer:
         self._log(f"data: {c.source}; tokens train {len(c.splits['train']):,} / validation "
                   f"{len(c.splits['validation']):,} / test {len(c.splits['test']):,}; vocab {c.vocab_size} "
                   f"({s.data.tokenizer}); prepared in {format_duration(self.data_seconds)}")
+        if self.model.config.is_deq:
+            body = (f"solver {s.solver.solver} / adjoint {s.solver.adjoint}, beta {s.solver.beta}, max "
+                    f"{s.solver.max_steps} steps, tol {s.solver.tol}, states {s.solver.state_dtype}")
+        else:
+            body = f"explicit, {self.model.config.num_hidden_layers} layer(s)"
         self._log(f"model: preset {s.model.preset}, {counts['total']:,} parameters "
-                  f"({counts['non_embedding']:,} non-embedding); solver {s.solver.solver} / adjoint "
-                  f"{s.solver.adjoint}, beta {s.solver.beta}, max {s.solver.max_steps} steps, tol {s.solver.tol}, "
-                  f"states {s.solver.state_dtype}")
+                  f"({counts['non_embedding']:,} non-embedding); {body}")
         self._log(f"train: {self.total_steps} steps ({self.steps_per_epoch} per epoch), batch {tr.batch_size} x "
                   f"accum {tr.grad_accum} x {self.info.world_size} process(es) x {s.data.seq_len} tokens = "
                   f"{self.tokens_per_step:,} tokens/step; lr {tr.lr:g} ({tr.schedule}, warmup {tr.warmup_steps}); "
@@ -410,13 +440,14 @@ class Trainer:
 
     def run(self) -> TrainSummary:
         """Train to the end (or until Ctrl-C / divergence); rank 0 writes config.yaml, logs and checkpoints."""
-        s = self.settings
         if self.info.is_main:
             ckpt.remove_stale_temp_dirs(self.run_dir)
-            ckpt.atomic_write_text(self.run_dir / "config.yaml", s.to_yaml())
         self._prepare_data()
         self._build_model()
-        self._build_optimisation()
+        self._build_optimisation()  # resolves the settings that follow the run's length (warmup)
+        s = self.settings
+        if self.info.is_main:
+            ckpt.atomic_write_text(self.run_dir / "config.yaml", s.to_yaml())
         if self.resume_from is not None:
             self._restore(self.resume_from)
         self.tb = None
@@ -504,7 +535,8 @@ class Trainer:
             self.history.append({"step": self.step, **figures})
             if self.info.is_main:
                 self.progress.update(stats)
-                if self.tb is not None and (self.step % self.settings.log.log_every == 0 or self.step == 1):
+                log_now = self.step % self.settings.log.log_every == 0 or self.step in (1, self.total_steps)
+                if self.tb is not None and log_now:
                     self.tb.train_step(stats)
             side_start = time.perf_counter()
             if tr.eval_every and self.step % tr.eval_every == 0 and self.step < self.total_steps:

@@ -20,8 +20,13 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: max bytes allocated since the last reset. Elsewhere: this process's resident set size (RSS),
-    which includes the Python interpreter and libraries, not only tensors."""
+    """CUDA: max bytes allocated by tensors since the last `reset_peak_memory` (the caching allocator's
+    reserve and the CUDA context excluded). Elsewhere: this process's resident set size (RSS) *now*, not a
+    peak: called after an optimiser step, it misses the step's activations (already freed) and includes the
+    interpreter and libraries (~390 MiB of torch/transformers for the tiny model on CPU) and the memory the C
+    allocator keeps after tensors are freed (glibc's heap grows with freed-but-retained chunks and with
+    garbage awaiting Python's cycle collector). The training summary's "peak memory" is the largest of these
+    per-step samples."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(psutil.Process().memory_info().rss)

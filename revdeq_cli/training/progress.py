@@ -29,7 +29,7 @@ class StepStats:
     solver_residual: float  # final relative residual of the forward solve (largest sample)
     backward_nfe: int  # function evaluations of the backward pass (0 when not reported)
     reconstruction_error: float  # reversible backward: max |z0 rebuilt - z0| (nan for other gradients)
-    memory_bytes: int  # peak CUDA allocation of this step, or process RSS on CPU
+    memory_bytes: int  # peak CUDA allocation of this step, or process RSS after the step on CPU (metrics)
     tokens_seen: int
     elapsed: float  # seconds of training in this process
     eta: float  # seconds, estimated from the recent step time

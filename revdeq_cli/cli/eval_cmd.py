@@ -103,9 +103,6 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
     if seq_len > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {seq_len}: longer than the model's context "
                         f"({model.config.max_position_embeddings} positions)")
-    if len(tokenizer) > model.config.vocab_size:
-        raise CheckpointError(f"{path}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
-                              f"vocabulary ({model.config.vocab_size}); the files do not belong together")
     corpus = prepare_corpus(dataset, dataset_config=dataset_config, tokenizer=str(path),
                             offline=bool(data.offline) if data is not None else False,
                             cache_dir=data.cache_dir if data is not None else None)

@@ -140,16 +140,18 @@ def train_command(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SettingsWarning)  # `resolve` below reports them
         given, _ = merge_layers(config_file=config, sets=set_, flags=flags, flag_names=flag_names)
+    # The resume target is opened (every file checked, training_state.pt complete) before anything is
+    # written, so a damaged checkpoint is one line and leaves the run directory as it was.
     stored = None
     if given.get("train.resume") is not None:
-        from revdeq_cli.training.checkpoint import load_training_state
+        from revdeq_cli.training.checkpoint_files import open_checkpoint
         from revdeq_cli.training.loop import find_resume_checkpoint
 
         out = given.get("train.out_dir")
         found = find_resume_checkpoint(str(given["train.resume"]), None if out is None else str(out),
                                        str(given.get("data.dataset", DataSettings().dataset)))
         if found is not None:
-            stored = load_training_state(found, full=False).get("settings")
+            stored = open_checkpoint(found, resume=True).training_state.get("settings")
     settings = resolve(stored, f"the settings of {found}") if isinstance(stored, dict) else resolve()
     if print_config:
         typer.echo(settings.to_yaml(), nl=False)

@@ -42,6 +42,11 @@ CHECKPOINT_PREFIX = "checkpoint-"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)$")
 # Keys of training_state.pt that only resuming needs; everything else is cheap metadata.
 RESUME_KEYS = ("optimizer", "schedule", "scaler", "rng")
+# Keys `revdeq train` writes into every training_state.pt -> their types. Reading the metadata needs `step`
+# (the others, where present, must have their type); resuming needs every one of them.
+STATE_TYPES: dict[str, type] = {"format": int, "step": int, "epoch": int, "micro_index": int, "tokens_seen": int,
+                                "settings": dict, "optimizer": dict, "schedule": dict, "scaler": dict, "rng": dict}
+REQUIRED_STATE = ("step",)
 
 
 def checkpoint_name(step: int) -> str:
@@ -198,7 +203,11 @@ def prune_checkpoints(run_dir: str | os.PathLike[str], keep_last: int) -> list[P
 # --------------------------------------------------------------------------- loading
 def load_training_state(checkpoint: str | os.PathLike[str], *, full: bool = True) -> dict[str, Any]:
     """Read `training_state.pt` safely (`weights_only=True`). With `full=False` the resume-only parts
-    (optimizer, schedule, scaler, rng) are dropped. Returns {} for a checkpoint without one."""
+    (optimizer, schedule, scaler, rng) are dropped. Returns {} for a checkpoint without one.
+
+    Checked: the file loads through the weights-only unpickler and holds a dict with `step`; every key of
+    `STATE_TYPES` it has is of that type; with `full=True` (resuming) every key of `STATE_TYPES` is there.
+    Otherwise `CheckpointError` naming the file."""
     import torch
 
     path = Path(checkpoint) / TRAINING_STATE
@@ -208,9 +217,21 @@ def load_training_state(checkpoint: str | os.PathLike[str], *, full: bool = True
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a corrupt or foreign file: say which one
         raise CheckpointError(f"{path}: cannot read training state ({type(err).__name__}); the file is "
-                              "corrupt or not from revdeq") from None
+                              "corrupt or not from revdeq: use another checkpoint of the run") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a revdeq training state")
+        raise CheckpointError(f"{path}: not a revdeq training state (it holds a {type(state).__name__}, not a "
+                              "dict); use another checkpoint of the run")
+    required = STATE_TYPES if full else REQUIRED_STATE
+    missing = [key for key in required if key not in state]
+    mistyped = [key for key, kind in STATE_TYPES.items() if key in state
+                and (not isinstance(state[key], kind) or isinstance(state[key], bool))]
+    if missing or mistyped:
+        what = "; ".join(([f"lacks {', '.join(missing)}"] if missing else [])
+                         + ([f"has {', '.join(mistyped)} of the wrong type"] if mistyped else []))
+        fix = ("resume from another checkpoint of the run" if full else
+               "use another checkpoint of the run, or delete the file to use the weights without it")
+        raise CheckpointError(f"{path}: {what}, so it is not a training state revdeq wrote (damaged or "
+                              f"replaced); {fix}")
     if not full:
         state = {k: v for k, v in state.items() if k not in RESUME_KEYS}
     return state
@@ -230,31 +251,53 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a checkpoint dir or a run dir (its newest checkpoint, see `resolve_checkpoint`).
 
-    The model comes back in eval mode on `device` (default CPU) in `dtype` (default: as saved). `meta`
-    holds step, epoch, tokens_seen, best_val_loss, ... (empty for converted checkpoints) and "path", the
-    resolved checkpoint directory. Nothing is unpickled: weights via safetensors, state via weights_only.
+    Every file is checked first by `checkpoint_files.open_checkpoint` (weights, config, tokenizer files,
+    training_state.pt), so a damaged checkpoint is one `CheckpointError` naming the file, before anything
+    is built. The model comes back in eval mode on `device` (default CPU) in `dtype` (default: as saved);
+    the tokenizer (None when the dir has none) always has a pad token (its end-of-text token unless it has
+    one), and a model config without `pad_token_id` is given the tokenizer's. `meta` holds step, epoch,
+    tokens_seen, best_val_loss, ... (empty for converted checkpoints) and "path", the resolved checkpoint
+    directory. Nothing is unpickled: weights via safetensors, state via weights_only.
     """
-    from transformers import AutoTokenizer
-
     from revdeq_cli.model import RevDEQForCausalLM
     from revdeq_cli.settings import settings_from_dict
+    from revdeq_cli.training.checkpoint_files import open_checkpoint
 
-    ckpt = resolve_checkpoint(path)
+    files = open_checkpoint(path)
+    ckpt = files.path
     try:
         model = RevDEQForCausalLM.from_pretrained(ckpt, dtype=dtype) if dtype is not None \
             else RevDEQForCausalLM.from_pretrained(ckpt)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         if isinstance(err, CheckpointError):
             raise
-        raise CheckpointError(f"{ckpt}: cannot load the model ({str(err).splitlines()[0]})") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"{ckpt}: cannot load the model ({reason}); use another checkpoint") from None
     if device is not None:
         model.to(device)
     model.eval()
-    tokenizer = None
-    if (ckpt / "tokenizer.json").is_file() or (ckpt / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    meta = load_training_state(ckpt, full=False)
+    tokenizer = _load_tokenizer(ckpt) if files.has_tokenizer else None
+    if tokenizer is not None and model.config.pad_token_id is None:  # a checkpoint saved without a pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    meta = dict(files.training_state)
     stored = meta.get("settings")
     settings = settings_from_dict(stored, f"{ckpt / TRAINING_STATE}") if isinstance(stored, dict) else None
     meta["path"] = str(ckpt)
     return LoadedCheckpoint(model, tokenizer, settings, meta)
+
+
+def _load_tokenizer(ckpt: Path) -> Any:
+    """The checkpoint's tokenizer (files already checked), with a pad token (see `ensure_pad_token`)."""
+    from transformers import AutoTokenizer
+
+    from revdeq_cli.data.tokenizer import ensure_pad_token
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"{ckpt / 'tokenizer_config.json'}: the tokenizer does not load ({reason}); "
+                              "copy the checkpoint again or save the tokenizer it was trained with") from None
+    return ensure_pad_token(tokenizer)

@@ -4,13 +4,14 @@
 
 Everything comes from small reads: `config.json`, the safetensors header (names, shapes, dtypes; no tensor
 data), `training_state.pt` through the weights-only unpickler (resume-only parts dropped), and the run's
-TensorBoard scalars. Parameter counts are exact: the header lists every stored tensor, and a tied output
-head is stored once, as `num_parameters_split()` counts it.
+TensorBoard scalars. The files are checked first by `checkpoint_files.open_checkpoint`, as for every
+other command, so a damaged checkpoint is an error naming the damage, not a summary. Parameter counts are
+exact: the header lists every stored tensor, and a tied output head is stored once, as
+`num_parameters_split()` counts it.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,8 @@ from typing import Any
 
 from revdeq_cli.errors import CheckpointError
 from revdeq_cli.interop.safetensors_header import SafetensorsHeader, TensorInfo, read_safetensors_header
-from revdeq_cli.training.checkpoint import load_training_state, resolve_checkpoint
+from revdeq_cli.training.checkpoint_files import open_checkpoint
 
-MODEL_TYPE = "revdeq"
 # Our model's tensor names (revdeq_cli.model.modeling); anything else in the weights is not ours.
 _OUR_NAMES = re.compile(r"^(wte|wpe|ln_f|lm_head)\.(weight|bias)$|^blocks\.\d+\.[a-z_0-9.]+$")
 EMBEDDING_TENSORS = ("wte.weight", "wpe.weight")
@@ -43,26 +43,29 @@ class CheckpointReport:
 
 
 def describe_checkpoint(path: str | Path, *, recent: int = 5) -> CheckpointReport:
-    """Read what `path` (checkpoint dir, run dir, or a .safetensors file) holds; `CheckpointError` naming
-    the file at fault if it is missing, corrupt, truncated or not a revdeq model."""
+    """Read what `path` (checkpoint dir, run dir, or a .safetensors file) holds.
+
+    A directory (and a weights file with a config.json beside it) goes through `open_checkpoint`, the
+    checks every command runs (weights fit their files and agree with config.json, config fields typed,
+    tokenizer files readable, training_state.pt is ours): a damaged checkpoint is a `CheckpointError`
+    naming the file at fault, never a clean-looking summary. A lone .safetensors file gets the header
+    checks and must hold a revdeq model's tensor names."""
     path = Path(path).expanduser()
-    if path.is_file() and path.suffix == ".safetensors":
-        directory, weight_files = path.parent, [path]
-        config = _read_config(directory / "config.json") if (directory / "config.json").is_file() else {}
+    if path.is_file() and path.suffix == ".safetensors" and not (path.parent / "config.json").is_file():
+        directory, config, state = path.parent, {}, {}
+        headers = [read_safetensors_header(path)]
+        _check_ours(path, [t for h in headers for t in h.tensors])
     else:
-        directory = resolve_checkpoint(path)
-        config = _read_config(directory / "config.json")
-        weight_files = _weight_files(directory)
-    headers = [read_safetensors_header(f) for f in weight_files]
+        files = open_checkpoint(path.parent if path.is_file() and path.suffix == ".safetensors" else path)
+        directory, config, headers = files.path, files.config, files.headers
+        state = dict(files.training_state)
     tensors = [t for h in headers for t in h.tensors]
-    _check_ours(weight_files[0] if len(weight_files) == 1 else directory, tensors)
     total = sum(t.numel for t in tensors)
     embedding = sum(t.numel for t in tensors if t.name in EMBEDDING_TENSORS)
     dtypes: dict[str, int] = {}
     for h in headers:
         for name, n in h.dtypes().items():
             dtypes[name] = dtypes.get(name, 0) + n
-    state = load_training_state(directory, full=False) if path.is_dir() else {}
     settings = state.pop("settings", None)
     report = CheckpointReport(
         path=directory, config=config, tensors=tensors,
@@ -75,34 +78,6 @@ def describe_checkpoint(path: str | Path, *, recent: int = 5) -> CheckpointRepor
     if recent and (run_dir / "logs").is_dir():
         report.recent = recent_scalars(run_dir / "logs", last=recent, up_to_step=state.get("step"))
     return report
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (expected a Hugging Face config.json)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err.__class__.__name__}); the file is corrupt") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: not a JSON object (expected a Hugging Face config.json)")
-    if config.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(f"{path}: model_type is {config.get('model_type')!r}, not {MODEL_TYPE!r}; "
-                              "this is not a revdeq checkpoint")
-    return config
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    index = directory / "model.safetensors.index.json"
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"{index}: unreadable shard index (expected model.safetensors or a valid "
-                              "model.safetensors.index.json)") from None
 
 
 def _check_ours(where: Path, tensors: list[TensorInfo]) -> None:

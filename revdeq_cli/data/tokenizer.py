@@ -9,8 +9,10 @@
     HF id or path  anything `AutoTokenizer.from_pretrained` loads (`gpt2` is the paper's); a checkpoint
                    directory works too, since the tokenizer travels inside every checkpoint.
 
-Every tokenizer returned is a `PreTrainedTokenizerFast` with an `eos_token`; `save_pretrained(dir)` then
-`AutoTokenizer.from_pretrained(dir)` gives it back without any revdeq code.
+Every tokenizer returned is a `PreTrainedTokenizerFast` with an `eos_token` and a `pad_token` (the
+end-of-text token unless the tokenizer brings its own pad token), so batched, padded generation works on
+any saved checkpoint; byte and bpe tokenizers pad on the left, as batched generation with a causal model
+needs. `save_pretrained(dir)` then `AutoTokenizer.from_pretrained(dir)` gives it back without any revdeq code.
 """
 
 from __future__ import annotations
@@ -53,8 +55,19 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _wrap(backend) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
-    # A very large model_max_length: corpora are encoded whole and cut into blocks afterwards.
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, model_max_length=int(1e30))
+    # A very large model_max_length: corpora are encoded whole and cut into blocks afterwards. The pad token
+    # is the end-of-text token, padding on the left (what batched generation from a causal model needs);
+    # neither changes the ids a text encodes to, so `tokenizer_fingerprint` (and every cache) is unchanged.
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                                   padding_side="left", model_max_length=int(1e30))
+
+
+def ensure_pad_token(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Give `tok` a pad token if it has none: its end-of-text token (the usual choice for causal models).
+    A pad token it already has is kept. Returns `tok` (changed in place)."""
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -121,7 +134,7 @@ def load_pretrained_tokenizer(spec: str, *, local_only: bool) -> PreTrainedToken
         raise DataError(f"tokenizer '{spec}' has no fast (tokenizers-library) version; pick another tokenizer")
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer '{spec}' has no end-of-text (eos) token to join documents with; pick another")
-    return tok
+    return ensure_pad_token(tok)
 
 
 def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:

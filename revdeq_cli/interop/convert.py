@@ -126,8 +126,8 @@ def convert_revdeq_pytorch(source: str | Path, dest: str | Path, dtype: str | No
 
     Every tensor must map onto our model and every parameter of our model must come from the file
     (shapes checked); otherwise `CheckpointError` and nothing is written. `tokenizer` (a spec as for
-    `revdeq train --tokenizer`, e.g. a local directory) is saved beside the weights if given: the port's
-    file holds no tokenizer."""
+    `revdeq train --tokenizer`, e.g. a local directory) is saved beside the weights if given, with a pad
+    token, and the config's eos_token_id / pad_token_id are set to its: the port's file holds no tokenizer."""
     from revdeq_cli.interop.revdeq_pytorch import legacy_config_to_revdeq, read_revdeq_pytorch
     from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
     from revdeq_cli.training.checkpoint import atomic_dir
@@ -138,8 +138,10 @@ def convert_revdeq_pytorch(source: str | Path, dest: str | Path, dtype: str | No
     legacy = read_revdeq_pytorch(source)
     vocab_size = legacy.config["vocab_size"]
     tok = _tokenizer_for(tokenizer, vocab_size) if tokenizer is not None else None
+    # The model's special ids are the tokenizer's (end-of-text, and the pad token every tokenizer has).
+    special = {} if tok is None else {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     try:
-        config = RevDEQConfig(**legacy_config_to_revdeq(legacy.config))
+        config = RevDEQConfig(**legacy_config_to_revdeq(legacy.config), **special)
     except UserError as err:
         raise CheckpointError(f"{source}: its config does not make a valid revdeq model ({err})") from None
     mapped = map_revdeq_pytorch_state_dict(legacy.state_dict, source)

@@ -9,6 +9,7 @@ import typer
 
 from revdeq_cli.cli.app import app
 from revdeq_cli.cli.output import newest_checkpoint_under, quiet_libraries
+from revdeq_cli.sampling import SAMPLING
 
 RUNS_DIR = Path("runs")
 
@@ -37,14 +38,16 @@ def generate(
     prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Read the prompt from this file.",
                                             show_default=False),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
-                                              help="Tokens to generate after the prompt [default: 100]."),
+                                              help=f"Tokens to generate after the prompt [default: "
+                                              f"{SAMPLING.max_new_tokens}]."),
     max_length: int | None = typer.Option(
         None, "--max_length", "--max-length", min=1,
         help="Alias of the earlier port: total length in tokens, the prompt included."),
-    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
-    top_k: int = typer.Option(50, "--top-k", min=0, help="Sample from the k most likely tokens; 0 = all."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass; 1 = off."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.0,
+    temperature: float = typer.Option(SAMPLING.temperature, "--temperature", min=0.0,
+                                      help="0 = greedy (deterministic)."),
+    top_k: int = typer.Option(SAMPLING.top_k, "--top-k", min=0, help="Sample from the k most likely tokens; 0 = all."),
+    top_p: float = typer.Option(SAMPLING.top_p, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass; 1 = off."),
+    repetition_penalty: float = typer.Option(SAMPLING.repetition_penalty, "--repetition-penalty", min=0.0,
                                              help="> 1 discourages repeating tokens; 1 = off."),
     num_samples: int = typer.Option(1, "--num-samples", min=1, help="Independent samples to draw."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: a fresh one, printed)."),
@@ -107,7 +110,7 @@ def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, tempe
             raise UserError(f"--max_length {max_length}: the prompt alone is {len(prompt_ids)} tokens; "
                             "--max_length counts the prompt, so give more (or use --max-new-tokens)")
         max_new_tokens = max_length - len(prompt_ids)
-    max_new_tokens = max_new_tokens or 100
+    max_new_tokens = max_new_tokens or SAMPLING.max_new_tokens
     if len(start) >= context:
         start = start[-(context - 1):]
         typer.echo(f"note: prompt longer than the model's context ({context} tokens); keeping its last "

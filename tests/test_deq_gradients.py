@@ -261,3 +261,30 @@ def test_reconstruction_error_exposes_low_precision_states():
         errors[dtype] = sol.backward.reconstruction_error
     assert errors[torch.float64] < 1e-6
     assert errors[torch.float32] > 1e3 * errors[torch.float64]
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_reversible_solve_leaves_no_tensor_for_the_cycle_collector(backward):
+    """The output's graph must not hold the output itself (a reference cycle): dropping a result must free its
+    solver states by reference counting, not when Python's cycle collector next runs (RSS grew over training)."""
+    import gc
+
+    torch.manual_seed(0)
+    block = torch.nn.Linear(7, 7)
+    x = torch.randn(5, 7, requires_grad=True)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable goes to gc.garbage, not freed
+    try:
+        sol = deq.solve(lambda z, x: torch.tanh(block(z)) + x, torch.zeros_like(x), x, solver=deq.Reversible(0.5),
+                        adjoint=deq.ReversibleAdjoint(), tol=None, max_steps=3, params=list(block.parameters()))
+        if backward:
+            sol.z.sum().backward()
+        del sol
+        gc.collect()
+        cyclic = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+        assert not cyclic, [tuple(t.shape) for t in cyclic]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -84,7 +84,8 @@ class BackwardStats:
 class Iteration:
     """A finished forward iteration.
 
-    state:    the solver's final state (its `z` is the last iterate z_N).
+    state:    the solver's final state (its `z` is the last iterate z_N); None once ReversibleAdjoint has
+              saved what its backward needs (see `_ReversibleFunction.forward`).
     steps:    steps taken.
     trace:    the largest per-sample residual after each step.
     z:        the returned iterate [B, D]: `state.z`, or with `keep_best` each sample's lowest-residual
@@ -92,11 +93,11 @@ class Iteration:
     residual: [B] float64, the relative residual of `z` (of what is returned, not necessarily z_N).
     """
 
-    state: IterateState
+    state: IterateState | None
     steps: int
     trace: list[float]
     residual: Tensor
-    z: Tensor
+    z: Tensor | None
 
 
 def iterate(
@@ -357,7 +358,8 @@ class _ReversibleRun:
     tol: float | None
     max_steps: int
     n_x: int
-    iteration: Iteration | None = None
+    iteration: Iteration | None = None  # after the forward: steps, trace and residual only (no tensors of the graph)
+    steps: int = 0
     stats: BackwardStats = field(default_factory=BackwardStats)
 
 
@@ -383,8 +385,14 @@ def _unlisted_grad_leaves(output: Tensor, listed: Sequence[Tensor]) -> int:
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: _ReversibleRun, z0: Tensor, *inputs: Tensor) -> Tensor:  # type: ignore[override]
-        run.iteration = iterate(run.solver, run.problem, z0, run.tol, run.max_steps)
-        state = run.iteration.state
+        iteration = iterate(run.solver, run.problem, z0, run.tol, run.max_steps)
+        state = iteration.state
+        # `run` (reachable from the output's grad_fn through ctx) keeps only the figures `solve` reports: holding
+        # the final state there would make the output tensor reach itself through its own graph, a reference
+        # cycle that only Python's cycle collector frees, so every training step's solver states and graph lived
+        # on until a collection ran (process RSS grew by hundreds of MiB over a run).
+        run.iteration = replace(iteration, state=None, z=None)
+        run.steps = iteration.steps
         ctx.run = run
         ctx.save_for_backward(z0, state.y, state.z, *inputs)
         return state.z
@@ -396,7 +404,7 @@ class _ReversibleFunction(torch.autograd.Function):
         n_inputs = len(inputs)
         if grad_z is None:
             return (None, None, *([None] * n_inputs))
-        problem, b, steps = run.problem, run.solver.beta, run.iteration.steps
+        problem, b, steps = run.problem, run.solver.beta, run.steps
         # Fresh leaves for x so its gradient comes out of autograd.grad; parameters are used as they are.
         x_inputs = [t.detach().requires_grad_(True) for t in inputs[: run.n_x]]
         params = list(inputs[run.n_x :])

@@ -9,7 +9,7 @@ wide as every compute dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,18 +107,19 @@ def tree_leaves(tree: Any) -> list[Tensor]:
 
 def tree_replace(tree: Any, leaves: Sequence[Tensor]) -> Any:
     """`tree` with its tensor leaves replaced, in `tree_leaves` order."""
-    it = iter(leaves)
+    return _rebuild(tree, iter(leaves))
 
-    def rebuild(node: Any) -> Any:
-        if isinstance(node, Tensor):
-            return next(it)
-        if isinstance(node, (tuple, list)):
-            return type(node)(rebuild(item) for item in node)
-        if isinstance(node, dict):
-            return {key: rebuild(node[key]) for key in node}
-        return node
 
-    return rebuild(tree)
+def _rebuild(node: Any, leaves: Iterator[Tensor]) -> Any:
+    # A module-level function, not a closure that calls itself: that closure would be a reference cycle
+    # holding the new leaves (freed only by the cycle collector; this runs in every reversible backward pass).
+    if isinstance(node, Tensor):
+        return next(leaves)
+    if isinstance(node, (tuple, list)):
+        return type(node)(_rebuild(item, leaves) for item in node)
+    if isinstance(node, dict):
+        return {key: _rebuild(node[key], leaves) for key in node}
+    return node
 
 
 Evaluate = Callable[[Tensor], Tensor]

@@ -28,7 +28,12 @@ Defaults that follow another setting (a value the user gives is kept and validat
                          (`auto_warmup_steps`). Resolved here when train.max_steps alone ends the run, else by
                          the trainer once it knows the run's steps (from epochs / max_tokens and the data); the
                          run's config.yaml, header and checkpoints hold the resolved number.
-    data.seq_len         DEFAULT_SEQ_LEN, capped at model.max_position_embeddings.
+    data.seq_len         the model's context: model.max_position_embeddings (the preset's, or the one given).
+    model.max_position_embeddings
+                         a data.seq_len given shorter than the preset's context makes the context seq_len, so
+                         the saved model declares only positions it trained on. A context given explicitly is
+                         kept (the run header then warns that positions seq_len..context-1 get no training);
+                         a data.seq_len longer than the context is an error.
 
 A resumed run's stored settings (the `base` layer) count as set: a resumed run keeps the values it started
 with (its warmup, its adjoint), so `--resume ... --solver anderson` of a reversible run must also name an
@@ -93,7 +98,7 @@ from revdeq_cli.errors import ConfigError
 
 ENV_PREFIX = "REVDEQ_"
 DEFAULT_MAX_STEPS = 300  # the no-flags run: a few minutes on a 2-core CPU
-DEFAULT_SEQ_LEN = 128  # capped at model.max_position_embeddings when data.seq_len is not given
+DEFAULT_SEQ_LEN = 128  # data.seq_len when neither it nor a context is known (resolve_settings sets the model's)
 WARMUP_FRACTION = 0.1  # an unset train.warmup_steps: this fraction of the run's optimiser steps ...
 WARMUP_MAX_STEPS = 1000  # ... but at most this many
 
@@ -190,7 +195,7 @@ class DataSettings(_Section):
     dataset: str = "pydoc"
     dataset_config: str | None = None
     tokenizer: str = "byte"
-    seq_len: int = Field(DEFAULT_SEQ_LEN, gt=1)  # not given: DEFAULT_SEQ_LEN capped at max_position_embeddings
+    seq_len: int = Field(DEFAULT_SEQ_LEN, gt=1)  # not given: model.max_position_embeddings (resolve_settings)
     offline: bool = False
     max_vocab_size: int | None = Field(None, gt=0)
     cache_dir: str | None = None
@@ -518,7 +523,8 @@ def resolve_settings(*, fill_preset: bool = True, **layers: Any) -> Settings:
             if key not in merged:
                 merged[key] = value
                 sources[key] = f"preset {preset}"
-    _seq_len_follows_context(merged, sources)
+    _seq_len_and_context(merged, sources, preset_context=sources.get("model.max_position_embeddings", "")
+                         .startswith("preset "))
     _warmup_follows_max_steps(merged, sources)
     settings = validate(merged, sources)
     _check_given_warmup(settings, sources, base_source)
@@ -538,16 +544,25 @@ def _adjoint_follows_solver(merged: dict[str, Any], sources: dict[str, str]) -> 
         merged.pop("solver.adjoint", None)  # `null` = not given: the preset's adjoint, with its solver
 
 
-def _seq_len_follows_context(merged: dict[str, Any], sources: dict[str, str]) -> None:
-    """An unset data.seq_len is DEFAULT_SEQ_LEN, capped at model.max_position_embeddings."""
-    if merged.get("data.seq_len") is not None:
+def _seq_len_and_context(merged: dict[str, Any], sources: dict[str, str], *, preset_context: bool) -> None:
+    """A saved model declares the context it trained on. An unset data.seq_len is the model's context
+    (model.max_position_embeddings). A data.seq_len given shorter than a context the preset supplied (not one
+    a layer gave: `preset_context`) becomes the context. A longer one is left for validation to refuse."""
+    seq_len, context = merged.get("data.seq_len"), merged.get("model.max_position_embeddings")
+    if not (isinstance(context, int) and not isinstance(context, bool)):
+        context = None
+    if seq_len is None:
+        if context is not None and context > 1:
+            merged["data.seq_len"] = context
+            sources["data.seq_len"] = "the model's context (model.max_position_embeddings)"
+        else:
+            merged.pop("data.seq_len", None)  # `null` = not given
         return
-    mpe = merged.get("model.max_position_embeddings")
-    if isinstance(mpe, int) and not isinstance(mpe, bool) and 1 < mpe < DEFAULT_SEQ_LEN:
-        merged["data.seq_len"] = mpe
-        sources["data.seq_len"] = f"the default {DEFAULT_SEQ_LEN} capped at model.max_position_embeddings"
-    else:
-        merged.pop("data.seq_len", None)  # `null` = not given
+    given = isinstance(seq_len, int) and not isinstance(seq_len, bool)
+    if preset_context and given and context is not None and 1 < seq_len < context:
+        merged["model.max_position_embeddings"] = seq_len
+        sources["model.max_position_embeddings"] = (f"data.seq_len (from {sources.get('data.seq_len')}; "
+                                                    f"the preset's context {context} shortened to it)")
 
 
 def _warmup_follows_max_steps(merged: dict[str, Any], sources: dict[str, str]) -> None:

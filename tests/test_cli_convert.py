@@ -80,6 +80,20 @@ def test_revdeq_pytorch_with_a_tokenizer(tmp_path):
     gen = invoke("generate", "ab", "-c", tmp_path / "out", "--max-new-tokens", "3", "--temperature", "0")
     assert gen.exit_code == 0, gen.output
     assert gen.stdout.startswith("ab")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 16
+
+
+def test_a_converted_checkpoints_tokenizer_declares_the_models_context(run, tmp_path):
+    import shutil
+
+    old = shutil.copytree(run / "checkpoint-000002", tmp_path / "old")  # as saved before: an unbounded window
+    data = json.loads((old / "tokenizer_config.json").read_text())
+    data["model_max_length"] = int(1e30)
+    (old / "tokenizer_config.json").write_text(json.dumps(data))
+    result = invoke("convert", old, tmp_path / "model")
+    assert result.exit_code == 0, result.output
+    context = json.loads((tmp_path / "model" / "config.json").read_text())["max_position_embeddings"]
+    assert json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())["model_max_length"] == context == 32
 
 
 def test_malicious_model_pt_is_refused_without_running(tmp_path):

@@ -274,12 +274,34 @@ def test_a_resumed_runs_adjoint_counts_as_given():
     assert (again.solver.solver, again.solver.adjoint) == ("explicit", None)
 
 
-def test_an_unset_seq_len_is_capped_at_the_context_but_a_given_one_is_checked():
+def test_an_unset_seq_len_is_the_models_context():
+    default = resolve_settings(environ={})
+    assert default.data.seq_len == default.model.max_position_embeddings == 128
     s = resolve_settings(sets=["model.max_position_embeddings=64"], environ={})
     assert s.data.seq_len == 64
-    assert resolve_settings(environ={}).data.seq_len == 128
+    small = resolve_settings(flags={"model.preset": "small"}, environ={})
+    assert small.data.seq_len == small.model.max_position_embeddings == 512
     with pytest.raises(ConfigError, match="data.seq_len: 100 is longer"):
         resolve_settings(sets=["model.max_position_embeddings=64", "data.seq_len=100"], environ={})
+
+
+def test_a_shorter_seq_len_shortens_the_presets_context_but_not_a_given_one():
+    s = resolve_settings(flags={"model.preset": "small", "data.seq_len": 64}, environ={})
+    assert (s.data.seq_len, s.model.max_position_embeddings) == (64, 64)  # the saved model declares 64
+    kept = resolve_settings(flags={"model.preset": "small", "data.seq_len": 64},
+                            sets=["model.max_position_embeddings=512"], environ={})
+    assert (kept.data.seq_len, kept.model.max_position_embeddings) == (64, 512)
+    with pytest.raises(ConfigError, match="data.seq_len: 4096 is longer than model.max_position_embeddings 512"):
+        resolve_settings(flags={"model.preset": "small", "data.seq_len": 4096}, environ={})
+
+
+def test_a_resumed_run_keeps_its_stored_seq_len_and_context():
+    # a run made before tiny's context became 128: seq_len 128 on a 256-position model
+    stored = resolve_settings(sets=["model.max_position_embeddings=256", "data.seq_len=128"], environ={}).model_dump()
+    again = resolve_settings(base=stored, environ={})
+    assert (again.data.seq_len, again.model.max_position_embeddings) == (128, 256)
+    short = resolve_settings(flags={"data.seq_len": 32}, environ={}).model_dump()
+    assert resolve_settings(base=short, environ={}).model.max_position_embeddings == 32
 
 
 def test_print_config_shows_the_resolved_warmup_and_adjoint(capsys, monkeypatch, tmp_path):

@@ -324,3 +324,50 @@ def test_tensorboard_logs_the_last_step_whatever_log_every(tmp_path):
     acc = EventAccumulator(str(tmp_path / "run" / "logs"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 4, 6]
+
+
+class RecordsPositionGradients(Trainer):
+    """A Trainer that sums, per row of the position embedding, the norm of every gradient it receives."""
+
+    def _build_model(self) -> None:
+        super()._build_model()
+        wpe = self.model.wpe.weight
+        self.position_grad = torch.zeros(wpe.shape[0], dtype=torch.float64)
+
+        def record(grad: torch.Tensor) -> None:
+            self.position_grad += grad.detach().norm(dim=1).double().cpu()
+
+        wpe.register_hook(record)
+
+
+def test_a_default_runs_checkpoint_declares_exactly_the_positions_it_trained_on(tmp_path):
+    # Every setting but the width and the corpus is the default: data.seq_len unset, the tiny preset's context.
+    settings = resolve_settings(
+        sets=["model.hidden_size=32", "model.num_attention_heads=4", "train.batch_size=4", "train.eval_batches=1",
+              "log.progress=plain"],
+        flags={"train.out_dir": str(tmp_path / "run"), "train.max_steps": 3, "train.device": "cpu",
+               "data.dataset": CORPUS[0], "data.cache_dir": CORPUS[1], "data.offline": True}, environ={})
+    lines: list[str] = []
+    progress = PlainProgress(log_every=1)
+    progress.log = lines.append
+    trainer = RecordsPositionGradients(settings, info=_single(), device=torch.device("cpu"), progress=progress)
+    trainer.run()
+    model, tokenizer, saved, _ = ckpt.load_checkpoint(tmp_path / "run")
+    context = model.config.max_position_embeddings
+    assert context == saved.data.seq_len == 128 == model.wpe.weight.shape[0]
+    assert tokenizer.model_max_length == context
+    assert json.loads((tmp_path / "run" / "final" / "tokenizer_config.json").read_text())["model_max_length"] == 128
+    assert (trainer.position_grad > 0).all(), "a declared position row received no gradient"
+    assert "context: the saved model declares 128 positions, the sequence length it trains on" in lines
+
+
+def test_a_given_context_longer_than_seq_len_is_kept_and_the_header_warns_once(tmp_path):
+    lines: list[str] = []
+    progress = PlainProgress(log_every=1)
+    progress.log = lines.append
+    settings = tiny_settings(tmp_path / "run", "model.max_position_embeddings=48", train__max_steps=2,
+                             train__eval_every=0)
+    Trainer(settings, info=_single(), device=torch.device("cpu"), progress=progress).run()
+    warned = [line for line in lines if "get no training" in line]
+    assert len(warned) == 1 and "declares 48 positions" in warned[0] and "positions 32..47" in warned[0]
+    assert ckpt.load_checkpoint(tmp_path / "run").model.config.max_position_embeddings == 48

@@ -70,6 +70,17 @@ def ensure_pad_token(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     return tok
 
 
+def with_context(tok: PreTrainedTokenizerFast, context: int) -> PreTrainedTokenizerFast:
+    """A shallow copy of `tok` whose `model_max_length` is `context`: the tokenizer to save beside a model
+    declaring `context` positions (evaluation harnesses and pipelines read it as the window). `tok` keeps its
+    own (the corpus tokenizers' is unbounded: corpora are encoded whole and cut into blocks afterwards)."""
+    import copy
+
+    out = copy.copy(tok)
+    out.model_max_length = int(context)
+    return out
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """The built-in byte tokenizer: id = byte value for 0..255, `<|endoftext|>` = 256."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

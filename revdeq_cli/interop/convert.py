@@ -164,6 +164,8 @@ def convert_revdeq_pytorch(source: str | Path, dest: str | Path, dtype: str | No
     stored = next(iter(mapped.values())).dtype
     model.to(torch_dtype or stored)
     model.config.dtype = torch_dtype or stored
+    if tok is not None:  # the window an evaluation harness reads: the model's context
+        tok.model_max_length = model.config.max_position_embeddings
     with atomic_dir(dest) as tmp:
         model.save_pretrained(str(tmp))
         if tok is not None:

@@ -3,11 +3,13 @@
 All presets are Reversible DEQs (beta 0.5, tol 1e-3, 4 solver steps: the paper's language setting) with the
 GPT-2 vocabulary padded to 50304; pass `vocab_size=` for another tokenizer. `paper` is the paper's language
 model: width 768, 12 heads, MLP 3072, context 448, no biases in attention/MLP (as the earlier PyTorch port,
-so its checkpoints convert without loss).
+so its checkpoints convert without loss). `tiny` (the laptop-CPU preset) has the 128-token context the
+default recipe trains at: a run trains on sequences as long as its model's context unless `--seq-len` says
+otherwise, and then the saved model declares the shorter context (see `revdeq_cli.settings`).
 
 | preset | width | heads | MLP  | context |
 |--------|-------|-------|------|---------|
-| tiny   | 128   | 4     | 512  | 256     |
+| tiny   | 128   | 4     | 512  | 128     |
 | small  | 256   | 8     | 1024 | 512     |
 | base   | 512   | 8     | 2048 | 1024    |
 | paper  | 768   | 12    | 3072 | 448     |
@@ -21,7 +23,7 @@ _SOLVER: dict[str, Any] = {"solver": "reversible", "adjoint": "reversible", "bet
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"vocab_size": 50304, "hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 512,
-             "max_position_embeddings": 256, **_SOLVER},
+             "max_position_embeddings": 128, **_SOLVER},
     "small": {"vocab_size": 50304, "hidden_size": 256, "num_attention_heads": 8, "intermediate_size": 1024,
               "max_position_embeddings": 512, **_SOLVER},
     "base": {"vocab_size": 50304, "hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048,

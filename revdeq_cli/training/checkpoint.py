@@ -255,7 +255,8 @@ def load_checkpoint(
     training_state.pt), so a damaged checkpoint is one `CheckpointError` naming the file, before anything
     is built. The model comes back in eval mode on `device` (default CPU) in `dtype` (default: as saved);
     the tokenizer (None when the dir has none) always has a pad token (its end-of-text token unless it has
-    one), and a model config without `pad_token_id` is given the tokenizer's. `meta` holds step, epoch,
+    one) and its `model_max_length` is the model's context, and a model config without `pad_token_id` is
+    given the tokenizer's. `meta` holds step, epoch,
     tokens_seen, best_val_loss, ... (empty for converted checkpoints) and "path", the resolved checkpoint
     directory. Nothing is unpickled: weights via safetensors, state via weights_only.
     """
@@ -277,6 +278,8 @@ def load_checkpoint(
         model.to(device)
     model.eval()
     tokenizer = _load_tokenizer(ckpt) if files.has_tokenizer else None
+    if tokenizer is not None:  # the window it declares is the model's context (older checkpoints: unbounded)
+        tokenizer.model_max_length = model.config.max_position_embeddings
     if tokenizer is not None and model.config.pad_token_id is None:  # a checkpoint saved without a pad token
         model.config.pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None:

@@ -211,6 +211,7 @@ class Trainer:
                                                       self.corpus.vocab_size)
 
     def _build_model(self) -> None:
+        from revdeq_cli.data.tokenizer import with_context
         from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
 
         s = self.settings
@@ -225,6 +226,8 @@ class Trainer:
         seed_everything(s.train.seed)  # same initial weights on every rank and every run with this seed
         self.model = RevDEQForCausalLM(config).to(self.device)
         self.model.train()
+        # Saved beside the model, the tokenizer's model_max_length is the context the model declares.
+        self.saved_tokenizer = with_context(tok, config.max_position_embeddings)
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -310,7 +313,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints (rank 0)
     def _save(self, name: str, rng: dict[str, Any]) -> Path:
-        path = ckpt.save_checkpoint(self.run_dir / name, self.model, self.corpus.tokenizer, self._training_state(rng))
+        path = ckpt.save_checkpoint(self.run_dir / name, self.model, self.saved_tokenizer,
+                                   self._training_state(rng))
         if name.startswith(ckpt.CHECKPOINT_PREFIX):
             self.last_saved = (self.step, path)
             ckpt.prune_checkpoints(self.run_dir, self.settings.train.keep_last)
@@ -432,11 +436,22 @@ class Trainer:
             body = f"explicit, {self.model.config.num_hidden_layers} layer(s)"
         self._log(f"model: preset {s.model.preset}, {counts['total']:,} parameters "
                   f"({counts['non_embedding']:,} non-embedding); {body}")
+        self._log(self._context_line())
         self._log(f"train: {self.total_steps} steps ({self.steps_per_epoch} per epoch), batch {tr.batch_size} x "
                   f"accum {tr.grad_accum} x {self.info.world_size} process(es) x {s.data.seq_len} tokens = "
                   f"{self.tokens_per_step:,} tokens/step; lr {tr.lr:g} ({tr.schedule}, warmup {tr.warmup_steps}); "
                   f"device {self.device}, {self.precision}")
         self._log(f"unigram baseline: validation perplexity {perplexity(self.unigram_val_loss):.2f}")
+
+    def _context_line(self) -> str:
+        """The header's word on the context the saved model declares (its max_position_embeddings): the
+        trained sequence length, or a warning when an explicitly given context is longer than it."""
+        seq_len, context = self.settings.data.seq_len, self.model.config.max_position_embeddings
+        if seq_len >= context:
+            return f"context: the saved model declares {context} positions, the sequence length it trains on"
+        return (f"warning: the saved model declares {context} positions (model.max_position_embeddings) but trains "
+                f"on {seq_len}-token sequences, so positions {seq_len}..{context - 1} get no training; leave "
+                f"model.max_position_embeddings unset to declare {seq_len}, or raise data.seq_len to {context}")
 
     def run(self) -> TrainSummary:
         """Train to the end (or until Ctrl-C / divergence); rank 0 writes config.yaml, logs and checkpoints."""

@@ -110,3 +110,19 @@ def test_subprocess(run, tmp_path):
     bad = run_cli("generate", "x", cwd=tmp_path)
     assert bad.returncode == 2
     one_error_line(bad.stderr, "no checkpoint")
+
+
+def test_generation_past_the_context_crops_continues_and_says_so_once(run):
+    # The session's run trains 32-token sequences, so its model declares a 32-token context.
+    args = ("generate", "def main(", "-c", run, "--temperature", "0", "--max-new-tokens", "45")
+    cached = invoke(*args, "--num-samples", "2")
+    assert cached.exit_code == 0, cached.output
+    assert [s[1] for s in _stats(cached.stderr)] == [45, 45]  # --max-new-tokens honoured, past the context
+    assert cached.stderr.count("past the model's context (32 tokens)") == 1  # once per command
+    uncached = invoke(*args, "--num-samples", "2", "--no-cache")
+    assert uncached.exit_code == 0, uncached.output
+    assert uncached.stdout == cached.stdout  # greedy: same tokens with and without the cache
+    first = cached.stdout.split("--- sample 2/2 ---")[0].removeprefix("--- sample 1/2 ---\n")
+    assert first.startswith("def main(") and first.count("def main(") == 1  # the prompt once, then the text
+    assert "past the model's context" not in invoke("generate", "def main(", "-c", run, "--temperature", "0",
+                                                    "--max-new-tokens", "10").stderr

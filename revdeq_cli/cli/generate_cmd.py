@@ -19,7 +19,9 @@ RUNS_DIR = Path("runs")
     help=(
         "Generate text from a checkpoint. The prompt comes from PROMPT, --prompt-file, or stdin. The text is "
         "streamed to stdout as it is produced; statistics (tokens/s, solver steps per token, peak memory) go "
-        "to stderr. Without --checkpoint the newest checkpoint under ./runs is used."
+        "to stderr. Without --checkpoint the newest checkpoint under ./runs is used. Past the model's context "
+        "(the length it trained on) each further token is predicted from the last context tokens, recomputed "
+        "without the cache."
     ),
     epilog=(
         "Examples:\n\n"
@@ -102,7 +104,6 @@ def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, tempe
     if tokenizer is None:
         raise CheckpointError(f"{meta['path']}: has no tokenizer files; convert it with "
                               "`revdeq convert --tokenizer ...` or use a checkpoint made by `revdeq train`")
-    context = model.config.max_position_embeddings
     prompt_ids = tokenizer(text)["input_ids"] if text else []
     start = prompt_ids or [tokenizer.eos_token_id]  # no prompt: start a new document
     if max_length is not None:
@@ -111,14 +112,14 @@ def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, tempe
                             "--max_length counts the prompt, so give more (or use --max-new-tokens)")
         max_new_tokens = max_length - len(prompt_ids)
     max_new_tokens = max_new_tokens or SAMPLING.max_new_tokens
-    if len(start) >= context:
-        start = start[-(context - 1):]
-        typer.echo(f"note: prompt longer than the model's context ({context} tokens); keeping its last "
-                   f"{len(start)} tokens", err=True)
-    if len(start) + max_new_tokens > context:
-        max_new_tokens = context - len(start)
-        typer.echo(f"note: the model's context is {context} tokens; generating {max_new_tokens} new tokens",
-                   err=True)
+    noted: list[int] = []
+
+    def note_crop(context: int) -> None:  # once per command, however many samples pass the context
+        if not noted:
+            noted.append(context)
+            typer.echo(f"\nnote: past the model's context ({context} tokens): each further token is predicted "
+                       f"from the last {context} tokens, recomputed without the cache (slower)", err=True)
+
     seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
     torch.manual_seed(seed)
     for i in range(num_samples):
@@ -129,7 +130,8 @@ def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, tempe
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         stats = generate_sample(model, start, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, repetition_penalty=repetition_penalty,
-                                eos_token_id=tokenizer.eos_token_id, use_cache=not no_cache, streamer=streamer)
+                                eos_token_id=tokenizer.eos_token_id, use_cache=not no_cache, streamer=streamer,
+                                on_crop=note_crop)
         typer.echo(
             f"[sample {i + 1}] {len(stats.token_ids)} tokens in {stats.seconds:.2f}s: "
             f"{stats.tokens_per_sec:.1f} tokens/s, {stats.solver_steps_per_token:.1f} solver steps/token, "

@@ -3,10 +3,11 @@
     convert_checkpoint(source, dest, dtype=None)        # a training checkpoint (or run dir) -> model dir
     convert_revdeq_pytorch(source, dest, dtype=None)    # the earlier port's model.pt -> model dir
 
-A model directory holds `config.json`, `generation_config.json`, `model.safetensors` and the tokenizer
-files, and nothing of training (no optimiser state). DEST is never half-written: everything is written
-into a temporary sibling directory that is renamed onto DEST at the end, and removed on any failure.
-DEST must not exist yet, or be an empty directory.
+A model directory holds `config.json` (with `auto_map`), `generation_config.json`, `model.safetensors`, the
+modeling code generated from the package (so `trust_remote_code=True` loads it without revdeq) and the
+tokenizer files, and nothing of training (no optimiser state); see `revdeq_cli.training.model_dir`.
+DEST is never half-written: everything is written into a temporary sibling directory that is renamed onto
+DEST at the end, and removed on any failure. DEST must not exist yet, or be an empty directory.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def convert_checkpoint(source: str | Path, dest: str | Path, dtype: str | None =
     Weights are cast to `dtype` if given (float32, bfloat16, float16), else kept as stored. The tokenizer
     files and generation config are copied; `training_state.pt` is left out."""
     from revdeq_cli.training.checkpoint import atomic_dir, load_checkpoint
+    from revdeq_cli.training.model_dir import save_model_dir
 
     source, dest = Path(source), Path(dest)
     torch_dtype = _torch_dtype(dtype)
@@ -100,9 +102,7 @@ def convert_checkpoint(source: str | Path, dest: str | Path, dtype: str | None =
     model, tokenizer, _, meta = load_checkpoint(source, dtype=torch_dtype)
     checkpoint = Path(meta["path"])
     with atomic_dir(dest) as tmp:
-        model.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        save_model_dir(tmp, model, tokenizer)
     ignored = [p.name for p in checkpoint.iterdir() if p.name == "training_state.pt"]
     notes = [] if tokenizer is not None else [f"{checkpoint} has no tokenizer files; none were copied"]
     return ConvertResult(dest=dest, source=checkpoint, source_kind="checkpoint",
@@ -131,6 +131,7 @@ def convert_revdeq_pytorch(source: str | Path, dest: str | Path, dtype: str | No
     from revdeq_cli.interop.revdeq_pytorch import legacy_config_to_revdeq, read_revdeq_pytorch
     from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
     from revdeq_cli.training.checkpoint import atomic_dir
+    from revdeq_cli.training.model_dir import save_model_dir
 
     source, dest = Path(source), Path(dest)
     torch_dtype = _torch_dtype(dtype)
@@ -167,9 +168,7 @@ def convert_revdeq_pytorch(source: str | Path, dest: str | Path, dtype: str | No
     if tok is not None:  # the window an evaluation harness reads: the model's context
         tok.model_max_length = model.config.max_position_embeddings
     with atomic_dir(dest) as tmp:
-        model.save_pretrained(str(tmp))
-        if tok is not None:
-            tok.save_pretrained(str(tmp))
+        save_model_dir(tmp, model, tok)
     notes = [] if tok is not None else ["the port's file holds no tokenizer: pass --tokenizer to add the one "
                                         "the model was trained with (generate and eval need it)"]
     return ConvertResult(dest=dest, source=source, source_kind="revdeq-pytorch",

@@ -3,7 +3,8 @@
 A checkpoint is a Hugging Face model directory (DESIGN §4)::
 
     checkpoint-000500/
-      config.json  generation_config.json  model.safetensors   (model.save_pretrained)
+      config.json  generation_config.json  model.safetensors   (model_dir.save_model_dir)
+      configuration_revdeq.py  modeling_revdeq.py  revdeq_*.py   (generated modeling code, for trust_remote_code)
       tokenizer.json  tokenizer_config.json ...                  (tokenizer.save_pretrained)
       training_state.pt                                          (this module; torch.save of plain data)
 
@@ -114,17 +115,18 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint directory at `target`, atomically; return its path.
 
-    `model` is a (unwrapped) `RevDEQForCausalLM` (or any `PreTrainedModel`): `save_pretrained` writes
-    config.json, generation_config.json and model.safetensors. `training_state` is torch.save'd as is, so it
+    `model` is a (unwrapped) `RevDEQForCausalLM`: `save_model_dir` writes config.json (with `auto_map`),
+    generation_config.json (the sampling defaults of `revdeq generate`), model.safetensors, the generated
+    modeling code and the tokenizer files. `training_state` is torch.save'd as is, so it
     must hold only plain data (see the module docstring).
     """
     import torch
 
+    from revdeq_cli.training.model_dir import save_model_dir
+
     target = Path(target)
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_model_dir(tmp, model, tokenizer)
         if training_state is not None:
             torch.save(dict(training_state), tmp / TRAINING_STATE)
     return target

@@ -141,3 +141,19 @@ def generate_sample(model: Any, prompt_ids: list[int], *, max_new_tokens: int,
         forward_calls=len(steps), solver_steps_per_token=sum(steps) / len(steps) if steps else float("nan"),
         peak_memory_bytes=peak_memory_bytes(device), memory_kind=memory_kind(device), cropped_tokens=cropped,
     )
+
+
+def default_generation_config(model_config: Any) -> Any:
+    """The `GenerationConfig` a saved model directory carries: `revdeq generate`'s sampling defaults
+    (`revdeq_cli.sampling.SAMPLING`, through `generation_config` above, so both sample alike) with the model's
+    end-of-text, pad and beginning-of-text ids. `model.generate(**inputs)` and `pipeline("text-generation")`
+    then behave like the command line by default."""
+    from revdeq_cli.sampling import SAMPLING
+
+    eos = model_config.eos_token_id
+    config = generation_config(**SAMPLING.as_dict(), eos_token_id=eos, use_cache=True)
+    if model_config.pad_token_id is not None:
+        config.pad_token_id = model_config.pad_token_id
+    if model_config.bos_token_id is not None:
+        config.bos_token_id = model_config.bos_token_id
+    return config

@@ -224,6 +224,7 @@ class TrainSettings(_Section):
     plateau_patience: int = Field(2, ge=0)  # evaluations without improvement before a cut
     grad_clip: float = Field(1.0, ge=0.0)  # max global grad norm; 0 = no clipping
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the block(s) f (model/compile.py); unavailable/failing -> warn, eager
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 0
     eval_every: int = Field(100, ge=0)  # 0 = only at the end

@@ -226,6 +226,10 @@ class Trainer:
         seed_everything(s.train.seed)  # same initial weights on every rank and every run with this seed
         self.model = RevDEQForCausalLM(config).to(self.device)
         self.model.train()
+        if s.train.compile:  # before DDP wraps it; the block's forward is compiled in place (model/compile.py)
+            from revdeq_cli.model.compile import compile_blocks
+
+            compile_blocks(self.model, self.device.type, warn=lambda m: self._log(f"warning: {m}"))
         # Saved beside the model, the tokenizer's model_max_length is the context the model declares.
         self.saved_tokenizer = with_context(tok, config.max_position_embeddings)
         if self.info.enabled:

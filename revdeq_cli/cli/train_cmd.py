@@ -29,6 +29,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "grad_accum": ("train.grad_accum", "--grad-accum"),
     "lr": ("train.lr", "--lr"),
     "precision": ("train.precision", "--precision"),
+    "compile_": ("train.compile", "--compile"),
     "device": ("train.device", "--device"),
     "eval_every": ("train.eval_every", "--eval-every"),
     "save_every": ("train.save_every", "--save-every"),
@@ -89,6 +90,9 @@ def train_command(
     solver_steps: int | None = typer.Option(None, "--solver-steps", help="Maximum solver steps in training.",
                                             rich_help_panel=_MODEL),
     precision: str | None = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (default fp32).",
+                                         rich_help_panel=_LOOP),
+    compile_: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the solver's "
+                                         "block(s) f (default off; unavailable: a warning, then eager).",
                                          rich_help_panel=_LOOP),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default auto).",
                                       rich_help_panel=_LOOP),

@@ -45,8 +45,10 @@ def evaluate(
     solver_steps: list[str] | None = typer.Option(
         None, "--solver-steps", help="Inference solver steps: one value or a list (1,2,4,8 or repeated).",
         show_default=False),
-    seq_len: int | None = typer.Option(None, "--seq-len", min=2, help="Window length (default: the run's).",
-                                       show_default=False),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len", min=2, show_default=False,
+        help="Window length (default: the trained context: the run's seq_len, else the model's "
+             "max_position_embeddings)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Windows per batch."),
     max_batches: int | None = typer.Option(None, "--max-batches", min=1,
                                            help="Score only the first N batches (a quick estimate).",
@@ -99,10 +101,11 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
         if data is None:
             raise UserError(f"--dataset: {path} has no training settings to take the dataset from; pass --dataset")
         dataset, dataset_config = data.dataset, dataset_config or data.dataset_config
-    seq_len = seq_len or (data.seq_len if data is not None else min(256, model.config.max_position_embeddings))
-    if seq_len > model.config.max_position_embeddings:
-        raise UserError(f"--seq-len {seq_len}: longer than the model's context "
-                        f"({model.config.max_position_embeddings} positions)")
+    context = model.config.max_position_embeddings  # what the model declares: the context it trained on
+    seq_len = seq_len or (min(data.seq_len, context) if data is not None else context)
+    if seq_len > context:
+        raise UserError(f"--seq-len {seq_len}: longer than the model's context ({context} positions); "
+                        f"give at most {context}")
     corpus = prepare_corpus(dataset, dataset_config=dataset_config, tokenizer=str(path),
                             offline=bool(data.offline) if data is not None else False,
                             cache_dir=data.cache_dir if data is not None else None)

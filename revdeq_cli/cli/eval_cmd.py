@@ -55,10 +55,11 @@ def evaluate(
                                            show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the block(s) f."),
 ) -> None:
     """Evaluate CHECKPOINT (help text: see the decorator)."""
     _evaluate(checkpoint, dataset, dataset_config, split.value, solver_steps, seq_len, batch_size,
-              max_batches, device, as_json)
+              max_batches, device, as_json, compile_)
 
 
 def parse_steps(values: list[str] | None) -> list[int | None]:
@@ -81,7 +82,7 @@ def parse_steps(values: list[str] | None) -> list[int | None]:
 
 
 def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len, batch_size, max_batches,
-              device_spec, as_json) -> None:
+              device_spec, as_json, compile_=False) -> None:
     from revdeq_cli.data import prepare_corpus
     from revdeq_cli.errors import CheckpointError, UserError
     from revdeq_cli.training.checkpoint import load_checkpoint
@@ -91,6 +92,11 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
     steps = parse_steps(solver_steps)
     quiet_libraries()
     model, tokenizer, settings, meta = load_checkpoint(checkpoint, device=resolve_device(device_spec))
+    if compile_:
+        from revdeq_cli.model.compile import compile_blocks
+
+        compile_blocks(model, next(model.parameters()).device.type,
+                       warn=lambda m: typer.echo(f"revdeq: warning: {m}", err=True))
     path = Path(meta["path"])
     if tokenizer is None:
         raise CheckpointError(f"{path}: has no tokenizer files, which eval needs to encode the dataset")

@@ -55,10 +55,12 @@ def generate(
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: a fresh one, printed)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence for every token."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the block(s) f (speeds up --no-cache; "
+                                  "with the KV cache, decoding runs eagerly)."),
 ) -> None:
     """Generate text (help text: see the decorator)."""
     _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, temperature, top_k, top_p,
-              repetition_penalty, num_samples, seed, no_cache, device)
+              repetition_penalty, num_samples, seed, no_cache, device, compile_)
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -81,7 +83,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, temperature, top_k, top_p,
-              repetition_penalty, num_samples, seed, no_cache, device_spec) -> None:
+              repetition_penalty, num_samples, seed, no_cache, device_spec, compile_=False) -> None:
     import random
 
     import torch
@@ -101,6 +103,11 @@ def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, tempe
         typer.echo(f"checkpoint: {checkpoint} (newest under {RUNS_DIR}/)", err=True)
     quiet_libraries()
     model, tokenizer, _, meta = load_checkpoint(checkpoint, device=resolve_device(device_spec))
+    if compile_:
+        from revdeq_cli.model.compile import compile_blocks
+
+        compile_blocks(model, next(model.parameters()).device.type,
+                       warn=lambda m: typer.echo(f"revdeq: warning: {m}", err=True))
     if tokenizer is None:
         raise CheckpointError(f"{meta['path']}: has no tokenizer files; convert it with "
                               "`revdeq convert --tokenizer ...` or use a checkpoint made by `revdeq train`")

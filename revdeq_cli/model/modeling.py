@@ -94,7 +94,13 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
     """A causal language model whose body is one equilibrium block (or L stacked blocks, `solver="explicit"`).
 
     `forward(input_ids [B, T] long, ...)` returns `RevDEQCausalLMOutput`; `generate(...)` works as for any
-    Hugging Face causal LM, with the per-evaluation key/value cache of cache.py."""
+    Hugging Face causal LM, with the per-evaluation key/value cache of cache.py.
+
+    Positions are learned (`wpe`) for `max_position_embeddings` tokens, the context the model trained on.
+    Past it `forward` (and so `generate`) raises a `UserError` naming the limit: transformers' `generate` has
+    no way to crop the window for absolute positions, so keep prompt + `max_new_tokens` within the context.
+    `revdeq generate` (`revdeq_cli.training.generation.generate_sample`) goes on past it by cropping the
+    window to the last `max_position_embeddings` tokens, recomputed without the cache."""
 
     _tied_weights_keys = {"lm_head.weight": "wte.weight"}
 

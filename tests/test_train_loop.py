@@ -371,3 +371,21 @@ def test_a_given_context_longer_than_seq_len_is_kept_and_the_header_warns_once(t
     warned = [line for line in lines if "get no training" in line]
     assert len(warned) == 1 and "declares 48 positions" in warned[0] and "positions 32..47" in warned[0]
     assert ckpt.load_checkpoint(tmp_path / "run").model.config.max_position_embeddings == 48
+
+
+def test_backward_solve_divergence_is_named_with_its_own_remedies(tmp_path, monkeypatch):
+    """A non-finite residual in the implicit gradient's backward solve names that solve and its settings, not
+    the forward solver's beta."""
+    from revdeq_cli import deq
+
+    def diverging_backward(self, *args, **kwargs):
+        raise deq.SolverDivergedError(7, where="backward")
+
+    s = tiny_settings(tmp_path / "run", "solver.solver=anderson")
+    assert s.solver.adjoint == "implicit"
+    monkeypatch.setattr(deq.ImplicitAdjoint, "run", diverging_backward)
+    with pytest.raises(TrainingDivergedError) as err:
+        run(s)
+    msg = str(err.value)
+    assert "backward solve (step 7)" in msg and "solver.implicit_max_steps=" in msg and "--adjoint phantom" in msg
+    assert "beta" not in msg

@@ -129,6 +129,20 @@ def divergence_remedies(s: Settings, *, is_deq: bool) -> list[str]:
     return out
 
 
+def backward_divergence_remedies(s: Settings) -> list[str]:
+    """What might stop the implicit gradient's backward solve from diverging (its own settings, not the
+    forward solver's beta): fewer backward steps, a looser tolerance, a lower learning rate, another gradient."""
+    tr, sv = s.train, s.solver
+    steps = sv.implicit_max_steps or 20
+    out = [f"fewer backward solver steps (--set solver.implicit_max_steps={max(1, steps // 2)}, now {steps})"]
+    if sv.implicit_tol is not None:
+        out.append(f"a looser backward tolerance (--set solver.implicit_tol={sv.implicit_tol * 10:g}, "
+                   f"now {sv.implicit_tol:g})")
+    out.append(f"a lower learning rate (--lr {tr.lr / 2:g}, now {tr.lr:g})")
+    out.append("the phantom gradient (--adjoint phantom), which needs no backward solve")
+    return out
+
+
 def _join_or(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
 
@@ -359,14 +373,15 @@ class Trainer:
         return float(sums[0] / sums[1].clamp(min=1))
 
     # ------------------------------------------------------------------ one optimiser step
-    def _diverged(self, what: str, value: float) -> TrainingDivergedError:
+    def _diverged(self, what: str, value: float, *, backward: bool = False) -> TrainingDivergedError:
         if self.last_saved is not None:
             kept = f"the last good checkpoint is {self.last_saved[1]} (step {self.last_saved[0]})"
         else:
             kept = "no checkpoint had been saved yet"
         return TrainingDivergedError(
             f"training diverged at step {self.step + 1}: {what} is {value}; {kept}. Try "
-            + _join_or(divergence_remedies(self.settings, is_deq=self.model.config.is_deq)),
+            + _join_or(backward_divergence_remedies(self.settings) if backward
+                       else divergence_remedies(self.settings, is_deq=self.model.config.is_deq)),
             step=self.step + 1,
         )
 
@@ -388,7 +403,10 @@ class Trainer:
                     self.scaler.scale(out.loss / tr.grad_accum).backward()
                 loss_sum += out.loss.detach().double()
         except deq.SolverDivergedError as err:
-            raise self._diverged(f"the solver residual (solver step {err.step})", math.nan) from None
+            if getattr(err, "where", "forward") == "backward":
+                raise self._diverged(f"the residual of the implicit gradient's backward solve (step {err.step})",
+                                     math.nan, backward=True) from None
+            raise self._diverged(f"the forward solver residual (solver step {err.step})", math.nan) from None
         residual = float(out.solver_residual) if out.solver_residual is not None else math.nan
         stats = torch.tensor([float(loss_sum) / tr.grad_accum, residual], dtype=torch.float64, device=self.device)
         stats = all_reduce_sum(stats, self.info) / self.info.world_size

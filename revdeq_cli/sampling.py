@@ -1,10 +1,9 @@
 """The sampling defaults of `revdeq generate`, in one place.
 
-`revdeq generate` uses them when no option is given (importing this module is cheap: no torch), and every saved model directory writes them into
-`generation_config.json`, so `model.generate(**inputs)` and `pipeline("text-generation", ...)` sample the same
-way by default. Chosen by `benchmarks/sample_words.py` on the default run's checkpoint (see README,
-"Sampling defaults"): temperature and nucleus (top-p) truncation as the common samplers default to, plus a
-top-k cap.
+`revdeq generate` uses them when no option is given (importing this module is cheap: no torch), and every
+saved model directory writes them into `generation_config.json`, so `model.generate(**inputs)` and
+`pipeline("text-generation", ...)` sample the same way by default. Chosen by `benchmarks/sample_words.py` on
+the default run's checkpoint (README, "Sampling defaults").
 """
 
 from __future__ import annotations

@@ -516,6 +516,7 @@ def resolve_settings(*, fill_preset: bool = True, **layers: Any) -> Settings:
     if not any(merged.get(f"train.{k}") is not None for k in ("max_steps", "epochs", "max_tokens")):
         merged["train.max_steps"] = DEFAULT_MAX_STEPS
     _adjoint_follows_solver(merged, sources)
+    _check_resumed_adjoint(merged, sources, base_source)
     if fill_preset:
         preset = merged.get("model.preset", ModelSettings.model_fields["preset"].default)
         if not isinstance(preset, str):
@@ -530,6 +531,21 @@ def resolve_settings(*, fill_preset: bool = True, **layers: Any) -> Settings:
     settings = validate(merged, sources)
     _check_given_warmup(settings, sources, base_source)
     return settings
+
+
+def _check_resumed_adjoint(merged: dict[str, Any], sources: dict[str, str], base_source: str | None) -> None:
+    """A resumed run's stored adjoint is kept whatever flags are given, so when a new solver does not fit it,
+    the only fix is to name an adjoint too (the generic message would also offer dropping --adjoint)."""
+    solver, adjoint = merged.get("solver.solver"), merged.get("solver.adjoint")
+    stored = base_source is not None and sources.get("solver.adjoint") == base_source
+    if not stored or sources.get("solver.solver") == base_source:
+        return
+    if adjoint == "reversible" and isinstance(solver, str) and solver != "reversible":
+        usual = ADJOINT_FOR_SOLVER.get(solver)
+        fix = (f"give --adjoint {usual} (solver {solver}'s default) as well" if usual
+               else "give --set solver.adjoint=null as well (the explicit model needs none)")
+        raise ConfigError(f"solver.adjoint: the resumed run's adjoint 'reversible' (from {base_source}) needs "
+                          f"solver.solver=reversible, but {sources.get('solver.solver')} sets {solver!r}; {fix}")
 
 
 def _adjoint_follows_solver(merged: dict[str, Any], sources: dict[str, str]) -> None:

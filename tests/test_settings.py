@@ -264,6 +264,7 @@ def test_a_resumed_runs_adjoint_counts_as_given():
                          flags={"solver.solver": "anderson"}, environ={})
     msg = str(err.value)
     assert "--adjoint implicit" in msg and "runs/x/checkpoint-000006" in msg and "\n" not in msg
+    assert "drop --adjoint" not in msg  # the stored adjoint is kept whether or not --adjoint is dropped
     ok = resolve_settings(base=stored, flags={"solver.solver": "anderson", "solver.adjoint": "implicit"},
                           environ={})
     assert (ok.solver.solver, ok.solver.adjoint) == ("anderson", "implicit")

@@ -5,9 +5,10 @@
 Only the block's own computation is compiled: every caller keeps calling `block(z, x, mask, kv)`, so every
 gradient method works unchanged (Unrolled differentiates through the compiled graph; ReversibleAdjoint
 re-evaluates f with a graph in its backward pass, which runs the compiled forward and its compiled backward;
-Implicit and Phantom take VJPs of it), as do DDP (parameters and their hooks are the module's own) and
-bf16/fp16 autocast (dynamo guards on the autocast state and traces it). State-dict names do not change
-(the block is not wrapped, its `forward` is replaced on the instance), so checkpoints are the same.
+Implicit and Phantom take VJPs of it, Implicit repeatedly with retain_graph, so buffer donation is off), as
+do DDP (parameters and their hooks are the module's own) and bf16/fp16 autocast (dynamo guards on the
+autocast state and traces it). State-dict names do not change (the block is not wrapped, its `forward` is
+replaced on the instance), so checkpoints are the same.
 
 Calls with a key/value hook (cached generation: the cache grows by one position per token and the hook writes
 into it) run eagerly: there per-call overhead dominates, and shapes that change every token would recompile.
@@ -88,6 +89,7 @@ def compile_blocks(model: nn.Module, device_type: str, warn: Callable[[str], Non
     if reason is not None:
         warn(f"--compile: {reason}; running eagerly")
         return False
+    allow_retained_graphs()
     blocks = blocks_of(model)
     state = {"failed": False}
 
@@ -120,6 +122,19 @@ def compile_blocks(model: nn.Module, device_type: str, warn: Callable[[str], Non
         setattr(block, _ORIGINAL, eager)
         block.forward = forward
     return True
+
+
+def allow_retained_graphs() -> None:
+    """AOTAutograd may donate the saved buffers of a compiled backward, which then refuses `retain_graph=True`.
+    ImplicitAdjoint's backward solve takes repeated VJPs of one graph (retain_graph=True), and the backward is
+    compiled lazily, at the first backward, outside any call we could wrap: so donation is turned off for the
+    process (`torch._functorch.config.donated_buffer = False`; it only saves some memory in the backward)."""
+    try:
+        from torch._functorch import config
+    except ImportError:  # pragma: no cover - torch without functorch config
+        return
+    if hasattr(config, "donated_buffer"):
+        config.donated_buffer = False
 
 
 def uncompile_block(block: nn.Module) -> None:

@@ -43,7 +43,7 @@ _revdeq() {
                 --device) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=( $(compgen -W "--dataset --dataset-config --split --solver-steps --seq-len --batch-size --max-batches --device --json --help -h" -- "$cur") )
+                COMPREPLY=( $(compgen -W "--dataset --dataset-config --split --solver-steps --seq-len --batch-size --max-batches --device --json --compile --help -h" -- "$cur") )
             else
                 COMPREPLY=( $(compgen -f -- "$cur") )
             fi
@@ -63,7 +63,7 @@ _revdeq() {
                 --device) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=( $(compgen -W "--checkpoint -c --prompt-file --max-new-tokens --max-length --max_length --temperature --top-k --top-p --repetition-penalty --num-samples --seed --no-cache --device --help -h" -- "$cur") )
+                COMPREPLY=( $(compgen -W "--checkpoint -c --prompt-file --max-new-tokens --max-length --max_length --temperature --top-k --top-p --repetition-penalty --num-samples --seed --no-cache --device --compile --help -h" -- "$cur") )
             else
                 COMPREPLY=( $(compgen -f -- "$cur") )
             fi
@@ -110,7 +110,7 @@ _revdeq() {
                 --set) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=( $(compgen -W "--config --preset --dataset --dataset-config --tokenizer --offline --online --seq-len --out-dir --max-steps --epochs --max-tokens --batch-size --grad-accum --lr --solver --adjoint --beta --tol --solver-steps --precision --device --eval-every --save-every --resume --seed --progress --set --print-config --help -h" -- "$cur") )
+                COMPREPLY=( $(compgen -W "--config --preset --dataset --dataset-config --tokenizer --offline --online --seq-len --out-dir --max-steps --epochs --max-tokens --batch-size --grad-accum --lr --solver --adjoint --beta --tol --solver-steps --precision --compile --no-compile --device --eval-every --save-every --resume --seed --progress --set --print-config --help -h" -- "$cur") )
             fi
             ;;
     esac

@@ -24,11 +24,12 @@ complete -c revdeq -n '__fish_seen_subcommand_from eval' -l dataset -r -F -d 'Da
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l dataset-config -x -d 'Hub dataset config name.'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l split -x -a 'validation test' -d 'Which split to score.'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l solver-steps -x -d 'Inference solver steps: one value or a list (1,2,4,8 or repeated).'
-complete -c revdeq -n '__fish_seen_subcommand_from eval' -l seq-len -x -d 'Window length (default: the run\'s).'
+complete -c revdeq -n '__fish_seen_subcommand_from eval' -l seq-len -x -d 'Window length (default: the trained context: the run\'s seq_len, else the model\'s max_position_embeddings).'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l batch-size -x -d 'Windows per batch.'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l max-batches -x -d 'Score only the first N batches (a quick estimate).'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l device -x -d 'auto, cpu, cuda, cuda:N or mps.'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l json -d 'Print the results as JSON.'
+complete -c revdeq -n '__fish_seen_subcommand_from eval' -l compile -d 'torch.compile the block(s) f.'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l help -s h -d 'Show this message and exit.'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -F
 
@@ -44,6 +45,7 @@ complete -c revdeq -n '__fish_seen_subcommand_from generate' -l num-samples -x -
 complete -c revdeq -n '__fish_seen_subcommand_from generate' -l seed -x -d 'Random seed (default: a fresh one, printed).'
 complete -c revdeq -n '__fish_seen_subcommand_from generate' -l no-cache -d 'Recompute the whole sequence for every token.'
 complete -c revdeq -n '__fish_seen_subcommand_from generate' -l device -x -d 'auto, cpu, cuda, cuda:N or mps.'
+complete -c revdeq -n '__fish_seen_subcommand_from generate' -l compile -d 'torch.compile the block(s) f (speeds up --no-cache; with the KV cache, decoding runs eagerly).'
 complete -c revdeq -n '__fish_seen_subcommand_from generate' -l help -s h -d 'Show this message and exit.'
 complete -c revdeq -n '__fish_seen_subcommand_from generate' -F
 
@@ -71,11 +73,12 @@ complete -c revdeq -n '__fish_seen_subcommand_from train' -l batch-size -x -d 'S
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l grad-accum -x -d 'Micro-batches per optimiser step (default 1).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l lr -x -d 'Peak learning rate (default 2e-3).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l solver -x -d 'reversible, picard, relaxed, anderson, broyden, explicit.'
-complete -c revdeq -n '__fish_seen_subcommand_from train' -l adjoint -x -d 'reversible, unrolled, implicit, phantom.'
+complete -c revdeq -n '__fish_seen_subcommand_from train' -l adjoint -x -d 'reversible, unrolled, implicit, phantom (default: follows --solver; reversible -> reversible, picard/relaxed -> unrolled, anderson/broyden -> implicit).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l beta -x -d 'Relaxation in (0, 2), not 1 for reversible.'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l tol -x -d 'Solver stop tolerance on the relative residual (0: always --solver-steps).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l solver-steps -x -d 'Maximum solver steps in training.'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l precision -x -d 'fp32, bf16 or fp16 (default fp32).'
+complete -c revdeq -n '__fish_seen_subcommand_from train' -l compile -l no-compile -d 'torch.compile the solver\'s block(s) f (default off; unavailable: a warning, then eager).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (default auto).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l eval-every -x -d 'Validate every N steps (0: only at the end) (default 100).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l save-every -x -d 'Checkpoint every N steps (0: only at the end) (default 200).'

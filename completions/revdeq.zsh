@@ -42,11 +42,12 @@ _revdeq() {
                         '--dataset-config[Hub dataset config name.]:dataset_config: ' \
                         '--split[Which split to score.]:split:(validation test)' \
                         '*--solver-steps[Inference solver steps\: one value or a list (1,2,4,8 or repeated).]:solver_steps: ' \
-                        '--seq-len[Window length (default\: the run'\''s).]:seq_len: ' \
+                        '--seq-len[Window length (default\: the trained context\: the run'\''s seq_len, else the model'\''s max_position_embeddings).]:seq_len: ' \
                         '--batch-size[Windows per batch.]:batch_size: ' \
                         '--max-batches[Score only the first N batches (a quick estimate).]:max_batches: ' \
                         '--device[auto, cpu, cuda, cuda\:N or mps.]:device: ' \
                         '--json[Print the results as JSON.]' \
+                        '--compile[torch.compile the block(s) f.]' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]' \
                         '1:checkpoint:_files'
                     ;;
@@ -64,6 +65,7 @@ _revdeq() {
                         '--seed[Random seed (default\: a fresh one, printed).]:seed: ' \
                         '--no-cache[Recompute the whole sequence for every token.]' \
                         '--device[auto, cpu, cuda, cuda\:N or mps.]:device: ' \
+                        '--compile[torch.compile the block(s) f (speeds up --no-cache; with the KV cache, decoding runs eagerly).]' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]' \
                         '1:prompt:_files'
                     ;;
@@ -95,11 +97,12 @@ _revdeq() {
                         '--grad-accum[Micro-batches per optimiser step (default 1).]:grad_accum: ' \
                         '--lr[Peak learning rate (default 2e-3).]:lr: ' \
                         '--solver[reversible, picard, relaxed, anderson, broyden, explicit.]:solver: ' \
-                        '--adjoint[reversible, unrolled, implicit, phantom.]:adjoint: ' \
+                        '--adjoint[reversible, unrolled, implicit, phantom (default\: follows --solver; reversible -> reversible, picard/relaxed -> unrolled, anderson/broyden -> implicit).]:adjoint: ' \
                         '--beta[Relaxation in (0, 2), not 1 for reversible.]:beta: ' \
                         '--tol[Solver stop tolerance on the relative residual (0\: always --solver-steps).]:tol: ' \
                         '--solver-steps[Maximum solver steps in training.]:solver_steps: ' \
                         '--precision[fp32, bf16 or fp16 (default fp32).]:precision: ' \
+                        '(--compile --no-compile)'{--compile,--no-compile}'[torch.compile the solver'\''s block(s) f (default off; unavailable\: a warning, then eager).]' \
                         '--device[auto, cpu, cuda, cuda\:N or mps (default auto).]:device: ' \
                         '--eval-every[Validate every N steps (0\: only at the end) (default 100).]:eval_every: ' \
                         '--save-every[Checkpoint every N steps (0\: only at the end) (default 200).]:save_every: ' \

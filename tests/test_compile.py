@@ -190,3 +190,40 @@ def test_compiled_training_under_bf16_autocast_matches_eager():
     compiled = _train_losses("reversible", compile_=True, steps=2, precision="bf16")
     for a, b in zip(eager, compiled, strict=True):
         assert abs(a - b) <= 1e-2 * abs(a), (eager, compiled)  # bf16 rounding, not float32's
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CXX, reason="torch.compile on CPU needs a C++ compiler")
+def test_two_process_ddp_run_with_compile_matches_eager(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from pydoc_data.topics import topics
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [topics[k] for k in sorted(topics)]
+    for name, part in (("train", texts[:20]), ("validation", texts[20:21]), ("test", texts[21:22])):
+        (corpus / f"{name}.txt").write_text("\n\n".join(part), encoding="utf-8")
+    finals = {}
+    for flag in ("--no-compile", "--compile"):
+        out = tmp_path / f"run{flag}"
+        cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "revdeq_cli", "train", "--dataset",
+               str(corpus), "--out-dir", str(out), "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
+               "--seq-len", "32", "--batch-size", "4", "--solver-steps", "2", "--device", "cpu", "--offline",
+               "--progress", "plain", "--set", "model.hidden_size=32", "--set", "model.num_attention_heads=2",
+               "--set", "model.intermediate_size=64", "--set", "train.eval_batches=1", flag]
+        env = dict(os.environ, REVDEQ_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+        run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0 and "warning: --compile" not in run.stdout + run.stderr, run.stderr[-3000:]
+        finals[flag] = json.loads((out / "final" / "config.json").read_text()), run.stdout
+    losses = {flag: [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines() if "| loss " in line]
+              for flag, (_, stdout) in finals.items()}
+    assert losses["--compile"] and len(losses["--compile"]) == len(losses["--no-compile"])
+    for a, b in zip(losses["--no-compile"], losses["--compile"], strict=True):
+        assert abs(a - b) <= 1e-4 * abs(a)

@@ -129,8 +129,10 @@ def _train_steps(model: RevDEQForCausalLM, steps: int) -> list[float]:
 def test_baselines_and_revdeq_train(overrides):
     model = tiny_model(**overrides)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    losses = _train_steps(model, 5)
-    assert losses[-1] < losses[0]
+    # 12 steps, judged on the last 3: the implicit (IFT) gradient of an untrained, unconverged solve is far from
+    # the true one (benchmarks/gradient_error.py), so its first few steps need not lower the loss
+    losses = _train_steps(model, 12)
+    assert sum(losses[-3:]) / 3 < losses[0]
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert "blocks.0.attn.c_attn.weight" in changed and "wte.weight" in changed
 

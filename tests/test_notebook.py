@@ -120,9 +120,12 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
         assert f"run: {run}" in text
     assert re.search(r"step 3/3 \| loss", text), "training progress lines are missing"
     assert "solver steps" in text and re.search(r"^ *16 +\d", text, flags=re.M), "no eval row for 16 solver steps"
-    # Same checkpoint weights, same seed: the CLI and transformers' generate() print the same text on a CPU.
+    # Same checkpoint weights, same seed: the CLI and transformers' generate() print the same text on a CPU up to
+    # the context, where generate() stops and the CLI goes on (cropping the window); the last word may be cut.
     cli_sample, library_sample = (stdout_of(nb, marker) for marker in ('revdeq generate "', "model.generate("))
-    assert cli_sample.startswith("The with statement") and cli_sample.split() == library_sample.split()
+    common = library_sample.split()[:-1]
+    assert cli_sample.startswith("The with statement") and len(common) >= 2
+    assert cli_sample.split()[: len(common)] == common
     # The library and the CLI ran the same training: same settings, same seed, on a CPU the same losses.
     library, cli = (dict(scalar_values(work / run, "train/loss")) for run in RUNS)
     assert sorted(library) == sorted(cli) == [1, 2, 3]

@@ -79,6 +79,8 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                           {**_INPUT, "solver.beta": 0.8, "solver.max_steps": 4}),
     "revdeq-input-b1.2": ("RevDEQ, z0 = x, beta 1.2, 4 steps",
                           {**_INPUT, "solver.beta": 1.2, "solver.max_steps": 4}),
+    "revdeq-input-s1": ("RevDEQ, z0 = x, beta 0.5, 1 step",
+                        {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 1}),
     "revdeq-input-s2": ("RevDEQ, z0 = x, beta 0.5, 2 steps",
                         {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 2}),
     "revdeq-input-s6": ("RevDEQ, z0 = x, beta 0.5, 6 steps",
@@ -99,7 +101,7 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                    {"solver.solver": "explicit", "model.num_hidden_layers": 9}),
 }
 SCREEN_MODELS = list(MODELS)
-LR_GRID = (1e-3, 2e-3, 4e-3)
+LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
 
 
 # ---------------------------------------------------------------------------------------------- one run

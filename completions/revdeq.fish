@@ -66,7 +66,7 @@ complete -c revdeq -n '__fish_seen_subcommand_from train' -l tokenizer -r -F -d 
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l offline -l online -d 'Never touch the network.'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l seq-len -x -d 'Tokens per training sequence (default 128).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l out-dir -r -F -d 'The run directory (default runs/<dataset>-<timestamp>).'
-complete -c revdeq -n '__fish_seen_subcommand_from train' -l max-steps -x -d 'Stop after N optimiser steps (default 300 when no other limit is set).'
+complete -c revdeq -n '__fish_seen_subcommand_from train' -l max-steps -x -d 'Stop after N optimiser steps (default 1200 when no other limit is set).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l epochs -x -d 'Stop after this many passes over the data.'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l max-tokens -x -d 'Stop after this many training tokens.'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l batch-size -x -d 'Sequences per micro-batch per process (default 16).'

@@ -90,7 +90,7 @@ _revdeq() {
                         '(--offline --online)'{--offline,--online}'[Never touch the network.]' \
                         '--seq-len[Tokens per training sequence (default 128).]:seq_len: ' \
                         '--out-dir[The run directory (default runs/<dataset>-<timestamp>).]:out_dir:_files' \
-                        '--max-steps[Stop after N optimiser steps (default 300 when no other limit is set).]:max_steps: ' \
+                        '--max-steps[Stop after N optimiser steps (default 1200 when no other limit is set).]:max_steps: ' \
                         '--epochs[Stop after this many passes over the data.]:epochs: ' \
                         '--max-tokens[Stop after this many training tokens.]:max_tokens: ' \
                         '--batch-size[Sequences per micro-batch per process (default 16).]:batch_size: ' \

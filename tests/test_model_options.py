@@ -126,3 +126,19 @@ def test_output_projections_start_at_gpt2_scale(layers):
                         + [b.attn.c_proj.weight.flatten() for b in model.blocks])
     assert math.isclose(float(weights.std()), expected, rel_tol=0.05)
     assert math.isclose(float(model.blocks[0].attn.c_attn.weight.std()), 0.02, rel_tol=0.05)
+
+
+def test_presets_start_at_the_input_but_an_old_config_without_the_field_keeps_z0_zero(tmp_path):
+    """The recipe study's start is every preset's; a config.json written before `init_state` existed (no such
+    key) loads as the paper's z0 = 0 model it was trained as."""
+    import json
+
+    from revdeq_cli.model.presets import PRESETS
+
+    assert {PRESETS[name]["init_state"] for name in PRESETS} == {"input"}
+    assert RevDEQConfig.from_preset("tiny", vocab_size=257).max_steps == 2
+    tiny_model(init_state="input").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["init_state"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert RevDEQConfig.from_pretrained(tmp_path).init_state == "zeros"

@@ -220,7 +220,7 @@ def test_warmup_auto_is_left_to_the_trainer_when_epochs_or_tokens_may_end_the_ru
 def test_a_given_warmup_is_still_checked_but_a_resumed_runs_own_is_kept():
     with pytest.raises(ConfigError, match=r"^train\.warmup_steps: 30 is more than train\.max_steps 6.*--set"):
         resolve_settings(sets=["train.warmup_steps=30"], flags={"train.max_steps": 6}, environ={})
-    stored = resolve_settings(environ={}).model_dump()  # 300 steps: warmup 30
+    stored = resolve_settings(flags={"train.max_steps": 300}, environ={}).model_dump()  # warmup 30
     assert stored["train"]["warmup_steps"] == 30
     resumed = resolve_settings(base=stored, base_source="the settings of ckpt", flags={"train.max_steps": 10},
                                environ={})

@@ -67,7 +67,7 @@ def train_command(
                                        rich_help_panel=_DATA),
     out_dir: Path | None = typer.Option(None, "--out-dir", help="The run directory (default "
                                         "runs/<dataset>-<timestamp>).", rich_help_panel=_RUN),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimiser steps (default 300 "
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimiser steps (default 1200 "
                                          "when no other limit is set).", rich_help_panel=_LOOP),
     epochs: float | None = typer.Option(None, "--epochs", help="Stop after this many passes over the data.",
                                         rich_help_panel=_LOOP),

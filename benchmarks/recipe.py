@@ -97,7 +97,7 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                       "solver.max_steps": 4, "model.init_state": "zeros"}),
     "explicit-1": ("Transformer, 1 layer (same parameters)",
                    {"solver.solver": "explicit", "model.num_hidden_layers": 1}),
-    "explicit-9": ("Transformer, 9 layers (RevDEQ's forward evaluations)",
+    "explicit-9": ("Transformer, 9 layers (the 4-step RevDEQ's forward evaluations)",
                    {"solver.solver": "explicit", "model.num_hidden_layers": 9}),
 }
 SCREEN_MODELS = list(MODELS)
@@ -211,26 +211,32 @@ def best_per_model(runs: list[dict[str, Any]], steps: int) -> dict[str, dict[str
 
 
 def report(args: argparse.Namespace) -> str:
-    runs = [r for r in load_runs() if math.isfinite(r.get("val_ppl", math.inf)) or "failed" in r]
+    # failed runs (and runs stopped on purpose) are kept in the file for the record but not in the table
+    runs = [r for r in load_runs() if "failed" not in r and math.isfinite(r.get("val_ppl", math.inf))]
     lines = ["# Recipe study", "", f"Machine: {machine()}.", "",
-             "`python benchmarks/recipe.py screen` / `confirm` / `report`; pydoc, byte tokenizer, tiny width (128), "
-             "128-token sequences, batch 16, AdamW (weight decay 0.1), cosine schedule to 0.1x with "
-             f"{WARMUP_FRACTION:.0%} warmup, gradient clipping 1.0, fp32, one torch thread per run. "
-             "DEQs run exactly their solver steps. Validation perplexity on the whole validation split at the "
-             "end of the run; each model at its own best learning rate from the grid "
-             f"{', '.join(f'{g:g}' for g in LR_GRID)} (chosen on seed 0); mean ± half-range over seeds.", ""]
+             "`python benchmarks/recipe.py screen` / `confirm` / `run` / `report`; pydoc, byte tokenizer, tiny width "
+             "(128, 4 heads, MLP 512, 128-token context), 128-token sequences, batch 16, AdamW (weight decay 0.1, "
+             f"betas 0.9/0.99), cosine schedule to 0.1x with {WARMUP_FRACTION:.0%} warmup, gradient clipping 1.0, "
+             "fp32, one torch thread per run. DEQs run exactly their solver steps (no early stop). Validation "
+             "perplexity (bytes) on the whole validation split at the end of the run; each model at its own best "
+             "learning rate among those it ran (listed per row, chosen on seed 0); mean ± half-range over seeds. "
+             "`vs explicit-1`: the mean over the 1-layer transformer's (same parameters) at the same step count.", ""]
     for steps in sorted({int(r["steps"]) for r in runs}):
         best = best_per_model(runs, steps)
+        ref = best.get("explicit-1", {}).get("mean")
         lines += [f"## {steps} steps", "",
-                  "| model | best lr | val ppl (mean ± half-range) | seeds | val ppl per lr (seed 0) | s/run |",
-                  "|---|---:|---:|---:|---|---:|"]
+                  "| model | best lr | val ppl (mean ± half-range) | seeds | vs explicit-1 | val ppl per lr (seed 0) "
+                  "| s/run |", "|---|---:|---:|---:|---:|---|---:|"]
         for model, b in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
             spread = f" ± {b['spread']:.2f}" if b["spread"] is not None else ""
             grid = ", ".join(f"{g:g}: {v:.2f}" for g, v in b["grid"].items())
             secs = statistics.mean(r.get("train_seconds", math.nan) for r in b["runs"])
+            ratio = f"{b['mean'] / ref:.3f}x" if ref else "-"
             lines.append(f"| {MODELS[model][0]} | {b['lr']:g} | {b['mean']:.2f}{spread} | {len(b['runs'])} | "
-                         f"{grid} | {secs:.0f} |")
+                         f"{ratio} | {grid} | {secs:.0f} |")
         lines.append("")
+    lines += ["s/run is wall time on a machine shared with other jobs (up to 5 runs on 2 cores): compare costs "
+              "with `benchmarks/compare.py`, not with this column.", ""]
     text = "\n".join(lines)
     (RESULTS_DIR / "recipe.md").write_text(text + "\n")
     _plot(runs)

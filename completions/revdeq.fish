@@ -71,7 +71,7 @@ complete -c revdeq -n '__fish_seen_subcommand_from train' -l epochs -x -d 'Stop 
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l max-tokens -x -d 'Stop after this many training tokens.'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l batch-size -x -d 'Sequences per micro-batch per process (default 16).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l grad-accum -x -d 'Micro-batches per optimiser step (default 1).'
-complete -c revdeq -n '__fish_seen_subcommand_from train' -l lr -x -d 'Peak learning rate (default 2e-3).'
+complete -c revdeq -n '__fish_seen_subcommand_from train' -l lr -x -d 'Peak learning rate (default: 3e-3 for the tiny preset, 2e-3 otherwise).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l solver -x -d 'reversible, picard, relaxed, anderson, broyden, explicit.'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l adjoint -x -d 'reversible, unrolled, implicit, phantom (default: follows --solver; reversible -> reversible, picard/relaxed -> unrolled, anderson/broyden -> implicit).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l beta -x -d 'Relaxation in (0, 2), not 1 for reversible.'

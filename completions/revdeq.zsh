@@ -95,7 +95,7 @@ _revdeq() {
                         '--max-tokens[Stop after this many training tokens.]:max_tokens: ' \
                         '--batch-size[Sequences per micro-batch per process (default 16).]:batch_size: ' \
                         '--grad-accum[Micro-batches per optimiser step (default 1).]:grad_accum: ' \
-                        '--lr[Peak learning rate (default 2e-3).]:lr: ' \
+                        '--lr[Peak learning rate (default\: 3e-3 for the tiny preset, 2e-3 otherwise).]:lr: ' \
                         '--solver[reversible, picard, relaxed, anderson, broyden, explicit.]:solver: ' \
                         '--adjoint[reversible, unrolled, implicit, phantom (default\: follows --solver; reversible -> reversible, picard/relaxed -> unrolled, anderson/broyden -> implicit).]:adjoint: ' \
                         '--beta[Relaxation in (0, 2), not 1 for reversible.]:beta: ' \

@@ -29,6 +29,7 @@ Defaults that follow another setting (a value the user gives is kept and validat
                          (`auto_warmup_steps`). Resolved here when train.max_steps alone ends the run, else by
                          the trainer once it knows the run's steps (from epochs / max_tokens and the data); the
                          run's config.yaml, header and checkpoints hold the resolved number.
+    train.lr             PRESET_LR[preset] where the preset has one (tiny: 3e-3), else 2e-3.
     data.seq_len         the model's context: model.max_position_embeddings (the preset's, or the one given).
     model.max_position_embeddings
                          a data.seq_len given shorter than the preset's context makes the context seq_len, so
@@ -98,6 +99,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from revdeq_cli.errors import ConfigError
 
 ENV_PREFIX = "REVDEQ_"
+# An unset train.lr for these presets (others: TrainSettings' default, 2e-3): the recipe study's best for the
+# default tiny run (benchmarks/recipe.py, 1200 steps, 2 seeds: 3e-3 -> 5.09, 2e-3 -> 5.32 validation perplexity).
+PRESET_LR: dict[str, float] = {"tiny": 3e-3}
 DEFAULT_MAX_STEPS = 1200  # the no-flags run: under 5 minutes on a 2-core CPU (README "Training recipe")
 DEFAULT_SEQ_LEN = 128  # data.seq_len when neither it nor a context is known (resolve_settings sets the model's)
 WARMUP_FRACTION = 0.1  # an unset train.warmup_steps: this fraction of the run's optimiser steps ...
@@ -526,6 +530,7 @@ def resolve_settings(*, fill_preset: bool = True, **layers: Any) -> Settings:
             if key not in merged:
                 merged[key] = value
                 sources[key] = f"preset {preset}"
+    _lr_follows_preset(merged, sources)
     _seq_len_and_context(merged, sources, preset_context=sources.get("model.max_position_embeddings", "")
                          .startswith("preset "))
     _warmup_follows_max_steps(merged, sources)
@@ -581,6 +586,14 @@ def _seq_len_and_context(merged: dict[str, Any], sources: dict[str, str], *, pre
         merged["model.max_position_embeddings"] = seq_len
         sources["model.max_position_embeddings"] = (f"data.seq_len (from {sources.get('data.seq_len')}; "
                                                     f"the preset's context {context} shortened to it)")
+
+
+def _lr_follows_preset(merged: dict[str, Any], sources: dict[str, str]) -> None:
+    """An unset train.lr takes the preset's tuned rate (PRESET_LR) where there is one."""
+    preset = merged.get("model.preset", ModelSettings.model_fields["preset"].default)
+    if merged.get("train.lr") is None and isinstance(preset, str) and preset in PRESET_LR:
+        merged["train.lr"] = PRESET_LR[preset]
+        sources["train.lr"] = f"preset {preset}"
 
 
 def _warmup_follows_max_steps(merged: dict[str, Any], sources: dict[str, str]) -> None:

@@ -311,3 +311,12 @@ def test_print_config_shows_the_resolved_warmup_and_adjoint(capsys, monkeypatch,
     assert code == 0, err
     s = Settings.model_validate(yaml.safe_load(out))
     assert (s.train.warmup_steps, s.solver.adjoint) == (1, "implicit")
+
+
+def test_an_unset_lr_follows_the_preset_and_a_given_one_is_kept(tmp_path):
+    assert resolve_settings(environ={}).train.lr == 3e-3  # tiny: the recipe study's best at 1200 steps
+    assert resolve_settings(flags={"model.preset": "small"}, environ={}).train.lr == 2e-3
+    assert resolve_settings(flags={"train.lr": 1e-3}, environ={}).train.lr == 1e-3
+    assert resolve_settings(sets=["train.lr=5e-4"], environ={}).train.lr == 5e-4
+    stored = resolve_settings(flags={"train.lr": 1e-3}, environ={}).model_dump()
+    assert resolve_settings(base=stored, environ={}).train.lr == 1e-3  # a resumed run keeps its own

@@ -77,7 +77,8 @@ def train_command(
                                           "(default 16).", rich_help_panel=_LOOP),
     grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step "
                                           "(default 1).", rich_help_panel=_LOOP),
-    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3).", rich_help_panel=_LOOP),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: 3e-3 for the tiny preset, "
+                                    "2e-3 otherwise).", rich_help_panel=_LOOP),
     solver: str | None = typer.Option(None, "--solver", help="reversible, picard, relaxed, anderson, broyden, "
                                       "explicit.", rich_help_panel=_MODEL),
     adjoint: str | None = typer.Option(None, "--adjoint", help="reversible, unrolled, implicit, phantom "

@@ -453,7 +453,8 @@ class Trainer:
                   f"({s.data.tokenizer}); prepared in {format_duration(self.data_seconds)}")
         if self.model.config.is_deq:
             body = (f"solver {s.solver.solver} / adjoint {s.solver.adjoint}, beta {s.solver.beta}, max "
-                    f"{s.solver.max_steps} steps, tol {s.solver.tol}, states {s.solver.state_dtype}")
+                    f"{s.solver.max_steps} steps, tol {s.solver.tol}, states {s.solver.state_dtype}, start "
+                    f"{'z0 = x' if self.model.config.init_state == 'input' else 'z0 = 0'}")
         else:
             body = f"explicit, {self.model.config.num_hidden_layers} layer(s)"
         self._log(f"model: preset {s.model.preset}, {counts['total']:,} parameters "

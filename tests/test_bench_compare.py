@@ -78,5 +78,7 @@ def test_memory_point_in_fresh_process_measures_growth_with_unrolled_steps(tmp_p
     # each method grows from 2 to 16 steps rather than ratios of the peaks.
     unrolled_growth = peak["unrolled", 16] - peak["unrolled", 2]
     reversible_growth = peak["reversible", 16] - peak["reversible", 2]
-    assert unrolled_growth > 40 * 2**20, peak
+    # (one CI run saw the unrolled growth at 31 MiB where standalone runs see more: RSS peaks depend on what the
+    # allocator reuses, so the floor is loose; the ratio to the reversible growth is the claim)
+    assert unrolled_growth > 20 * 2**20, peak
     assert reversible_growth < 0.25 * unrolled_growth, peak

@@ -162,12 +162,32 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
+    """The process's peak RSS: VmHWM (which `_reset_peak_rss` can reset), else the lifetime ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the peak RSS to the current RSS (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), so a
+    peak reached before the measurement (imports, warm-up) cannot hide it. False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class MemoryMeter:
     """Peak memory of what runs between `start()` and `peak_bytes()`, as an increase over what was in use at
-    `start()`: CUDA max allocated, or on CPU peak RSS (meaningful only in a fresh process: `exact` says so)."""
+    `start()`: CUDA max allocated, or on CPU peak RSS in a fresh process (`exact`; Linux resets the peak at
+    `start()`, elsewhere it is the process's lifetime peak)."""
 
     def __init__(self, device, fresh_process: bool) -> None:
         self.device = device
@@ -181,6 +201,8 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
         else:
+            if self.exact:
+                _reset_peak_rss()  # a peak before start() (imports, the warm-up pass) must not count
             self.before = _rss_bytes()
 
     def peak_bytes(self) -> int | None:

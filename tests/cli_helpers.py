@@ -81,3 +81,20 @@ class Hostile:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def write_revdeq_pytorch_model(path: Path, *, vocab_size: int = 300, positions: int = 16) -> Path:
+    """An earlier-port `model.pt` (width 8, 2 heads, MLP 16, no biases, reversible, 2 steps) at `path`."""
+    import torch
+
+    sd = {"token_embedding.weight": torch.randn(vocab_size, 8), "position_embedding.weight": torch.randn(positions, 8),
+          "layer.attention.in_proj_weight": torch.randn(24, 8), "layer.attention.out_proj.weight": torch.randn(8, 8),
+          "layer.ffn.0.weight": torch.randn(16, 8), "layer.ffn.2.weight": torch.randn(8, 16),
+          "layer.norm1.weight": torch.ones(8), "layer.norm1.bias": torch.zeros(8), "layer.norm2.weight": torch.ones(8),
+          "layer.norm2.bias": torch.zeros(8), "ln_f.weight": torch.ones(8), "ln_f.bias": torch.zeros(8),
+          "lm_head.weight": torch.randn(vocab_size, 8)}
+    cfg = {"hidden_size": 8, "num_heads": 2, "intermediate_size": 16, "max_position_embeddings": positions,
+           "vocab_size": vocab_size, "use_bias": False, "num_fixed_point_iterations": 2, "use_reversible": True,
+           "beta": 0.5}
+    torch.save({"model_state_dict": sd, "config": cfg}, path)
+    return path

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from cli_helpers import FIXTURES, Hostile, invoke, one_error_line, run_cli, trained_run
+from cli_helpers import FIXTURES, Hostile, invoke, one_error_line, run_cli, trained_run, write_revdeq_pytorch_model
 
 needs_fixture = pytest.mark.skipif(not (FIXTURES / "model.pt").is_file(),
                                    reason=f"fixture {FIXTURES} absent (CI clones shared/ beside the repo)")
@@ -66,15 +66,7 @@ def test_revdeq_pytorch_fixture(tmp_path):
 
 def test_revdeq_pytorch_with_a_tokenizer(tmp_path):
     path = tmp_path / "model.pt"
-    sd = {"token_embedding.weight": torch.randn(300, 8), "position_embedding.weight": torch.randn(16, 8),
-          "layer.attention.in_proj_weight": torch.randn(24, 8), "layer.attention.out_proj.weight": torch.randn(8, 8),
-          "layer.ffn.0.weight": torch.randn(16, 8), "layer.ffn.2.weight": torch.randn(8, 16),
-          "layer.norm1.weight": torch.ones(8), "layer.norm1.bias": torch.zeros(8), "layer.norm2.weight": torch.ones(8),
-          "layer.norm2.bias": torch.zeros(8), "ln_f.weight": torch.ones(8), "ln_f.bias": torch.zeros(8),
-          "lm_head.weight": torch.randn(300, 8)}
-    cfg = {"hidden_size": 8, "num_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16,
-           "vocab_size": 300, "use_bias": False, "num_fixed_point_iterations": 2, "use_reversible": True, "beta": 0.5}
-    torch.save({"model_state_dict": sd, "config": cfg}, path)
+    write_revdeq_pytorch_model(path)
     result = invoke("convert", path, tmp_path / "out", "--tokenizer", "byte")
     assert result.exit_code == 0, result.output
     gen = invoke("generate", "ab", "-c", tmp_path / "out", "--max-new-tokens", "3", "--temperature", "0")

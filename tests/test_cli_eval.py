@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from cli_helpers import FIXTURES, invoke, one_error_line, run_cli, trained_run
+from cli_helpers import FIXTURES, invoke, one_error_line, run_cli, trained_run, write_revdeq_pytorch_model
 
 
 @pytest.fixture(scope="module")
@@ -106,17 +106,7 @@ def test_the_default_window_is_the_trained_context(trained, tmp_path):
     assert data["seq_len"] == 32  # the run's seq_len, which its model declares
     # A model without training settings (the earlier port's file, converted): its declared context, even
     # past 256 positions.
-    import torch
-
-    sd = {"token_embedding.weight": torch.randn(257, 8), "position_embedding.weight": torch.randn(300, 8),
-          "layer.attention.in_proj_weight": torch.randn(24, 8), "layer.attention.out_proj.weight": torch.randn(8, 8),
-          "layer.ffn.0.weight": torch.randn(16, 8), "layer.ffn.2.weight": torch.randn(8, 16),
-          "layer.norm1.weight": torch.ones(8), "layer.norm1.bias": torch.zeros(8), "layer.norm2.weight": torch.ones(8),
-          "layer.norm2.bias": torch.zeros(8), "ln_f.weight": torch.ones(8), "ln_f.bias": torch.zeros(8),
-          "lm_head.weight": torch.randn(257, 8)}
-    cfg = {"hidden_size": 8, "num_heads": 2, "intermediate_size": 16, "max_position_embeddings": 300,
-           "vocab_size": 257, "use_bias": False, "num_fixed_point_iterations": 2, "use_reversible": True, "beta": 0.5}
-    torch.save({"model_state_dict": sd, "config": cfg}, tmp_path / "model.pt")
+    write_revdeq_pytorch_model(tmp_path / "model.pt", vocab_size=257, positions=300)
     assert invoke("convert", tmp_path / "model.pt", tmp_path / "ported", "--tokenizer", "byte").exit_code == 0
     ported = invoke("eval", tmp_path / "ported", "--dataset", corpus, "--json", "--max-batches", "1",
                     "--batch-size", "2")

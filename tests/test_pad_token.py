@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from cli_helpers import trained_run
+from cli_helpers import trained_run, write_revdeq_pytorch_model
 
 PROMPTS = ["def main(argv):", "x ="]  # different lengths: the shorter one is left-padded
 
@@ -98,15 +98,7 @@ def test_converted_models_config_agrees_with_their_tokenizers_pad_token(run, tmp
         data.pop(key, None)
         (old / name).write_text(json.dumps(data))
     # The earlier port's model.pt with a tokenizer given at conversion.
-    sd = {"token_embedding.weight": torch.randn(300, 8), "position_embedding.weight": torch.randn(16, 8),
-          "layer.attention.in_proj_weight": torch.randn(24, 8), "layer.attention.out_proj.weight": torch.randn(8, 8),
-          "layer.ffn.0.weight": torch.randn(16, 8), "layer.ffn.2.weight": torch.randn(8, 16),
-          "layer.norm1.weight": torch.ones(8), "layer.norm1.bias": torch.zeros(8), "layer.norm2.weight": torch.ones(8),
-          "layer.norm2.bias": torch.zeros(8), "ln_f.weight": torch.ones(8), "ln_f.bias": torch.zeros(8),
-          "lm_head.weight": torch.randn(300, 8)}
-    cfg = {"hidden_size": 8, "num_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16,
-           "vocab_size": 300, "use_bias": False, "num_fixed_point_iterations": 2, "use_reversible": True, "beta": 0.5}
-    torch.save({"model_state_dict": sd, "config": cfg}, tmp_path / "model.pt")
+    write_revdeq_pytorch_model(tmp_path / "model.pt")
     convert_checkpoint(old, tmp_path / "a")
     convert_revdeq_pytorch(tmp_path / "model.pt", tmp_path / "b", tokenizer="byte")
     for dest in (tmp_path / "a", tmp_path / "b"):

@@ -148,8 +148,6 @@ def default_generation_config(model_config: Any) -> Any:
     (`revdeq_cli.sampling.SAMPLING`, through `generation_config` above, so both sample alike) with the model's
     end-of-text, pad and beginning-of-text ids. `model.generate(**inputs)` and `pipeline("text-generation")`
     then behave like the command line by default."""
-    from revdeq_cli.sampling import SAMPLING
-
     eos = model_config.eos_token_id
     config = generation_config(**SAMPLING.as_dict(), eos_token_id=eos, use_cache=True)
     if model_config.pad_token_id is not None:

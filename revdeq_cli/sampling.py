@@ -3,7 +3,8 @@
 `revdeq generate` uses them when no option is given (importing this module is cheap: no torch), and every
 saved model directory writes them into `generation_config.json`, so `model.generate(**inputs)` and
 `pipeline("text-generation", ...)` sample the same way by default. Chosen by `benchmarks/sample_words.py` on
-the default run's checkpoint (README, "Sampling defaults").
+the default run's checkpoint (README, "Sampling defaults"). `max_new_tokens` is the command line's alone: a
+saved model sets no length, so its callers' `max_length` / `max_new_tokens` are honoured.
 """
 
 from __future__ import annotations

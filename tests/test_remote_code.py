@@ -27,7 +27,7 @@ NEW_TOKENS = 6
 # Runs in a fresh interpreter: `import revdeq_cli` raises ImportError (a meta-path blocker installed before
 # anything else is imported, the working directory away from the repository), then loads the directory with
 # the Auto classes and trust_remote_code, and saves what it computed for the test to compare.
-_REMOTE_SCRIPT = """
+_NO_REVDEQ = """
 import sys
 
 class _Blocker:
@@ -43,7 +43,8 @@ except ImportError:
     pass
 else:
     raise SystemExit("revdeq_cli is importable: the test would prove nothing")
-
+"""
+_REMOTE_SCRIPT = _NO_REVDEQ + """
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -83,9 +84,9 @@ def _remote_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _run_remote(directory: Path, tmp_path: Path) -> dict:
+def _run_remote(directory: Path, tmp_path: Path, source: str = _REMOTE_SCRIPT) -> dict:
     script = tmp_path / "remote_load.py"
-    script.write_text(f"PROMPT = {PROMPT!r}\nNEW_TOKENS = {NEW_TOKENS}\n" + textwrap.dedent(_REMOTE_SCRIPT))
+    script.write_text(f"PROMPT = {PROMPT!r}\nNEW_TOKENS = {NEW_TOKENS}\n" + textwrap.dedent(source))
     out = tmp_path / "remote_out.pt"
     run = subprocess.run([sys.executable, str(script), str(directory), str(out)], cwd=tmp_path / "empty-path",
                          env=_remote_env(tmp_path), capture_output=True, text=True, timeout=600)
@@ -286,14 +287,15 @@ def test_generation_config_carries_the_cli_sampling_defaults_and_special_ids(tmp
     saved = GenerationConfig.from_pretrained(ckpt)
     assert saved.do_sample is True
     assert (saved.temperature, saved.top_k, saved.top_p) == (SAMPLING.temperature, SAMPLING.top_k, SAMPLING.top_p)
-    assert saved.max_new_tokens == SAMPLING.max_new_tokens
+    written = json.loads((ckpt / "generation_config.json").read_text())
+    assert "max_new_tokens" not in written and "max_length" not in written  # the caller's length decides
     assert saved.repetition_penalty in (None, SAMPLING.repetition_penalty, 1.0)
     assert (saved.eos_token_id, saved.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
 
 
 def test_generate_and_pipeline_default_to_the_cli_sampling(tmp_path, monkeypatch):
-    """`model.generate(**inputs)` with no options samples exactly as `revdeq generate`'s defaults do (same seed,
-    same tokens), and `pipeline("text-generation")` too."""
+    """`model.generate(**inputs)` with no sampling options samples exactly as `revdeq generate`'s defaults do
+    (same seed, same tokens), and `pipeline("text-generation")` too; the length is the caller's to give."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     from revdeq_cli.training.generation import generate_sample
@@ -310,7 +312,7 @@ def test_generate_and_pipeline_default_to_the_cli_sampling(tmp_path, monkeypatch
     inputs = {"input_ids": torch.tensor([prompt]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     torch.manual_seed(123)
     with torch.no_grad():
-        default = loaded.generate(**inputs)
+        default = loaded.generate(**inputs, max_new_tokens=SAMPLING.max_new_tokens)
     assert default[0, 3:].tolist() == cli.token_ids
     torch.manual_seed(0)
     greedy = loaded.generate(**inputs, do_sample=False, max_new_tokens=20)
@@ -319,5 +321,48 @@ def test_generate_and_pipeline_default_to_the_cli_sampling(tmp_path, monkeypatch
     text = tok.decode(prompt)
     pipe = pipeline("text-generation", model=loaded, tokenizer=tok)
     torch.manual_seed(123)
-    generated = pipe(text, return_full_text=False)[0]["generated_text"]
+    generated = pipe(text, return_full_text=False, max_new_tokens=SAMPLING.max_new_tokens)[0]["generated_text"]
     assert generated == tok.decode(cli.token_ids, skip_special_tokens=True)
+
+
+# Generated lengths after a 10-token prompt for a caller's max_length (a total) or max_new_tokens, cached and
+# uncached; run in this interpreter and, through trust_remote_code, in one that cannot import revdeq.
+_LENGTHS = """
+def generated_lengths(model):
+    import torch
+    prompt = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 1, 64]])
+    lengths = {}
+    with torch.no_grad():
+        for cache in (True, False):
+            for key, value in (("max_length", 20), ("max_new_tokens", 5)):
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                     use_cache=cache, **{key: value})
+                assert model.generation_config.eos_token_id not in out[0, 10:].tolist()
+                lengths[f"{key}={value}, cache {cache}"] = out.shape[1]
+    return lengths
+"""
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["revdeq-installed", "trust-remote-code-without-revdeq"])
+def test_a_saved_model_honours_the_callers_max_length_or_max_new_tokens(tmp_path, remote):
+    """A saved generation_config.json once carried max_new_tokens=100, which transformers lets override a
+    caller's max_length (evaluation harnesses pass max_length): generate(max_length=20) returned 110 tokens."""
+    ckpt = save_checkpoint(tmp_path / "checkpoint-000001", _tiny_model(positions=128), byte_tokenizer(), None)
+    if remote:
+        lengths = _run_remote(ckpt, tmp_path, _NO_REVDEQ + _LENGTHS + """
+from transformers import AutoModelForCausalLM
+import torch
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+torch.save(generated_lengths(model), sys.argv[2])
+""")
+    else:
+        from transformers import AutoModelForCausalLM
+
+        namespace: dict = {}
+        exec(_LENGTHS, namespace)
+        model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+        assert type(model) is RevDEQForCausalLM
+        lengths = namespace["generated_lengths"](model)
+    assert lengths == {f"{key}, cache {cache}": total for cache in (True, False)
+                       for key, total in (("max_length=20", 20), ("max_new_tokens=5", 15))}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import nbformat
@@ -82,12 +81,29 @@ def test_parameters_default_to_a_real_run():
     assert set(overridden) - {"__builtins__"} == set(params) - {"__builtins__"}
 
 
+# How the notebook runs the command line: `revdeq` through the kernel's own interpreter, which works from any
+# kernel of the environment the package is installed in, whether or not that environment's bin/ is on PATH.
+CLI = '!"{sys.executable}" -m revdeq_cli '
+
+
+def cli_commands(sources: str) -> list[list[str]]:
+    """The words after `revdeq` of every command line the notebook runs."""
+    return [shlex.split(line.strip()[len(CLI):]) for line in sources.splitlines() if line.strip().startswith(CLI)]
+
+
+def test_runs_the_cli_through_the_kernels_interpreter():
+    sources = "\n".join(code_sources(read_notebook()))
+    assert [words[0] for words in cli_commands(sources)] == ["train", "generate", "eval", "inspect"]
+    bare = [line for line in sources.splitlines() if re.match(r"^\s*(!|%%bash|%%sh)?\s*revdeq\b", line)]
+    assert not bare, f"these need `revdeq` on PATH: {bare}"
+
+
 def test_trains_with_the_package_defaults():
     """Both ways of training name only their run directory: the recipe is the package's (and, on a GPU,
     precision from the environment), so the notebook follows the defaults as they change."""
     sources = "\n".join(code_sources(read_notebook()))
-    cli = [shlex.split(line) for line in sources.splitlines() if line.strip().startswith("revdeq train")]
-    assert [words[2:] for words in cli] == [["--out-dir", RUNS[1]]]
+    cli = [words for words in cli_commands(sources) if words[0] == "train"]
+    assert [words[1:] for words in cli] == [["--out-dir", RUNS[1]]]
     library = re.findall(r"resolve_settings\((.*)\)", sources)
     assert library == ['flags={"train.out_dir": str(LIBRARY_RUN)}']
     assert f'LIBRARY_RUN = Path("{RUNS[0]}")' in sources
@@ -98,11 +114,13 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
     nb.cells.insert(parameters_cell(nb) + 1, nbformat.v4.new_code_cell(HEADLESS))
     for name, value in TINY_RUN.items():
         monkeypatch.setenv(name, value)
-    # The kernel and the notebook's `revdeq` commands come from this interpreter's environment, whatever
-    # kernels the user has installed: JUPYTER_PATH comes first when Jupyter looks up "python3".
+    # The kernel comes from this interpreter's environment, whatever kernels the user has installed: JUPYTER_PATH
+    # comes first when Jupyter looks up "python3". No `revdeq` is on PATH (as for a kernel registered from a venv
+    # or started by an IDE): the notebook's commands must not need one.
     write_kernel_spec(tmp_path / "jupyter" / "kernels" / "python3")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("PATH", os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                                               if d and not (Path(d) / "revdeq").exists()))
     monkeypatch.delenv("REVDEQ_TRAIN__PRECISION", raising=False)
     work = tmp_path / "work"
     work.mkdir()
@@ -122,7 +140,7 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
     assert "solver steps" in text and re.search(r"^ *16 +\d", text, flags=re.M), "no eval row for 16 solver steps"
     # Same checkpoint weights, same seed: the CLI and transformers' generate() print the same text on a CPU up to
     # the context, where generate() stops and the CLI goes on (cropping the window); the last word may be cut.
-    cli_sample, library_sample = (stdout_of(nb, marker) for marker in ('revdeq generate "', "model.generate("))
+    cli_sample, library_sample = (stdout_of(nb, marker) for marker in ('revdeq_cli generate "', "model.generate("))
     common = library_sample.split()[:-1]
     assert cli_sample.startswith("The with statement") and len(common) >= 2
     assert cli_sample.split()[: len(common)] == common

@@ -110,7 +110,7 @@ _revdeq() {
                 --set) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=( $(compgen -W "--config --preset --dataset --dataset-config --tokenizer --offline --online --seq-len --out-dir --max-steps --epochs --max-tokens --batch-size --grad-accum --lr --solver --adjoint --beta --tol --solver-steps --precision --compile --no-compile --device --eval-every --save-every --resume --seed --progress --set --print-config --help -h" -- "$cur") )
+                COMPREPLY=( $(compgen -W "--config --preset --dataset --dataset-config --tokenizer --offline --online --seq-len --out-dir --max-steps --epochs --max-tokens --batch-size --grad-accum --lr --solver --adjoint --beta --tol --solver-steps --precision --compile --no-compile --device --eval-every --save-every --resume --overwrite --seed --progress --set --print-config --help -h" -- "$cur") )
             fi
             ;;
     esac

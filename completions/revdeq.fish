@@ -83,6 +83,7 @@ complete -c revdeq -n '__fish_seen_subcommand_from train' -l device -x -d 'auto,
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l eval-every -x -d 'Validate every N steps (0: only at the end) (default 100).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l save-every -x -d 'Checkpoint every N steps (0: only at the end) (default 200).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l resume -r -F -d 'auto (newest checkpoint of the run dir) or a checkpoint / run directory.'
+complete -c revdeq -n '__fish_seen_subcommand_from train' -l overwrite -d 'Start afresh in an --out-dir that holds another run: delete that run\'s checkpoints, logs and config.yaml first (without it such a directory is refused).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l seed -x -d 'Random seed (default 0).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l progress -x -d 'auto, rich or plain (default auto).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l set -x -d 'Any setting, e.g. --set train.weight_decay=0.05 (repeatable).'

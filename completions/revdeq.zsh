@@ -107,6 +107,7 @@ _revdeq() {
                         '--eval-every[Validate every N steps (0\: only at the end) (default 100).]:eval_every: ' \
                         '--save-every[Checkpoint every N steps (0\: only at the end) (default 200).]:save_every: ' \
                         '--resume[auto (newest checkpoint of the run dir) or a checkpoint / run directory.]:resume:_files' \
+                        '--overwrite[Start afresh in an --out-dir that holds another run\: delete that run'\''s checkpoints, logs and config.yaml first (without it such a directory is refused).]' \
                         '--seed[Random seed (default 0).]:seed: ' \
                         '--progress[auto, rich or plain (default auto).]:progress: ' \
                         '*--set[Any setting, e.g. --set train.weight_decay=0.05 (repeatable).]:set: ' \

@@ -238,6 +238,7 @@ class TrainSettings(_Section):
     save_every: int = Field(200, ge=0)  # 0 = only at the end (and on Ctrl-C)
     keep_last: int = Field(3, gt=0)
     resume: str | None = None  # None | "auto" | PATH
+    overwrite: bool = False  # a fresh run may delete another run's files in out_dir first (run_dir.py)
 
     @field_validator("warmup_steps", mode="before")
     @classmethod

@@ -20,6 +20,16 @@ TINY_FLAGS = [
 ]  # no warmup: the default follows the run's length (the torchrun and Ctrl-C + resume runs below rely on it)
 
 
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and not TORCHRUN.exists(),
+                                    reason="torchrun not installed")
+
+
+def torchrun_cmd(*args: str) -> list[str]:
+    """`torchrun --standalone --nproc_per_node 2 ARGS`, this environment's torchrun where it has one."""
+    return [str(TORCHRUN) if TORCHRUN.exists() else "torchrun", "--standalone", "--nproc_per_node", "2", *args]
+
+
 def _env(cache: str) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", REVDEQ_CACHE_DIR=cache)
     env.pop("RANK", None)
@@ -73,15 +83,12 @@ def test_bad_setting_exits_2_naming_the_field_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
+@needs_torchrun
 def test_two_process_gloo_run_through_torchrun_saves_a_loadable_rank0_checkpoint(tmp_path, small_corpus):  # noqa: F811
     corpus, cache = small_corpus
-    torchrun = Path(sys.executable).parent / "torchrun"
     out = tmp_path / "ddp"
-    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc_per_node", "2",
-           "-m", "revdeq_cli", "train", "--dataset", corpus, "--out-dir", str(out), "--max-steps", "4",
-           "--eval-every", "2", "--save-every", "2", *TINY_FLAGS]
+    cmd = torchrun_cmd("-m", "revdeq_cli", "train", "--dataset", corpus, "--out-dir", str(out), "--max-steps", "4",
+                       "--eval-every", "2", "--save-every", "2", *TINY_FLAGS)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache),
                             cwd=tmp_path, start_new_session=True)
     try:

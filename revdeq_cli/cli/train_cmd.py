@@ -34,6 +34,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "eval_every": ("train.eval_every", "--eval-every"),
     "save_every": ("train.save_every", "--save-every"),
     "resume": ("train.resume", "--resume"),
+    "overwrite": ("train.overwrite", "--overwrite"),
     "seed": ("train.seed", "--seed"),
     "solver": ("solver.solver", "--solver"),
     "adjoint": ("solver.adjoint", "--adjoint"),
@@ -103,6 +104,10 @@ def train_command(
                                           "end) (default 200).", rich_help_panel=_RUN),
     resume: str | None = typer.Option(None, "--resume", help="auto (newest checkpoint of the run dir) or a "
                                       "checkpoint / run directory.", rich_help_panel=_RUN),
+    overwrite: bool | None = typer.Option(None, "--overwrite", help="Start afresh in an --out-dir that holds "
+                                          "another run: delete that run's checkpoints, logs and config.yaml "
+                                          "first (without it such a directory is refused).", show_default=False,
+                                          rich_help_panel=_RUN),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0).", rich_help_panel=_LOOP),
     progress: str | None = typer.Option(None, "--progress", help="auto, rich or plain (default auto).",
                                         rich_help_panel=_RUN),
@@ -163,5 +168,9 @@ def train_command(
         raise typer.Exit()
 
     from revdeq_cli.training import train
+    from revdeq_cli.training.loop import TrainingStopped
 
-    train(settings)
+    try:
+        train(settings)
+    except TrainingStopped as stop:  # saved at a step boundary: exit as the signal would have (130, 143, 138)
+        raise typer.Exit(stop.exit_code) from None

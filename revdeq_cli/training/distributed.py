@@ -8,6 +8,7 @@ Rank 0 logs and saves; every rank trains on its own shard of the data (see `data
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,10 @@ def init_distributed(device_spec: str) -> tuple[DistInfo, torch.device]:
 
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Give gloo's worker threads the GIL to let go of the last collective's tensors first: a process group
+        # destroyed (here, or later with DDP's reducer) while one of them waits for the GIL deadlocks in the
+        # join. Seen when every rank stops on SIGTERM right after the step boundary's all-reduce.
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 

@@ -11,6 +11,10 @@ The block order is a pure function of (seed, epoch, rank) (see `data_order`), so
 bit-for-bit the losses the uninterrupted run would have. (On GPUs, nondeterministic kernels can make
 runs differ in the last bits, resumed or not.)
 
+Stopping: Ctrl-C, SIGTERM and SIGUSR1 (`STOP_SIGNALS`) finish the step, save it and raise `TrainingStopped`
+(`revdeq train` exits 128 + the signal); under torchrun every rank stops at the same step. The run directory is
+locked while training and never takes a second run's files (`run_dir`).
+
 Mixed precision: `bf16` / `fp16` autocast the model's matrix products; the solver keeps its iterates in
 `solver.state_dtype` (float64 by default) regardless, because the model casts f's input and output.
 `fp16` adds a gradient scaler; a step whose gradients overflow is skipped by the scaler, as usual.
@@ -53,8 +57,32 @@ from revdeq_cli.training.metrics import (
 from revdeq_cli.training.optim import LRSchedule, build_optimizer
 from revdeq_cli.training.progress import Progress, StepStats, Throughput, format_bytes, format_duration, make_progress
 from revdeq_cli.training.rng import capture_rng_state, restore_rng_state, seed_everything
+from revdeq_cli.training.run_dir import RunLock, claim_run_dir, describe_entries, disk_full_message
 
 STATE_FORMAT = 1
+
+
+# Signals that stop a run at the next step boundary with a checkpoint (Ctrl-C; SIGTERM: what SLURM, Kubernetes and
+# torchrun send before SIGKILL; SIGUSR1: what SLURM can send ahead of the time limit, `--signal=USR1@120`).
+STOP_SIGNALS: tuple[int, ...] = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
+                                      if hasattr(signal, name))
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """The run stopped at a step boundary on a stop signal and saved that step; `revdeq train` exits with
+    `exit_code`, 128 + the signal number (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1), as a process killed by it would."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+        super().__init__(self.name)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (type(self), (self.signum,))
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class TrainingDivergedError(UserError):
@@ -184,8 +212,18 @@ class Trainer:
         run_dir = Path(tr.out_dir) if tr.out_dir else (
             resume_from.parent if resume_from is not None else default_run_dir(settings.data.dataset))
         self.run_dir = Path(broadcast_object(str(run_dir), info))
-        # The stored settings name the actual run dir, so `--resume auto --out-dir` finds it again.
-        self.settings = settings.model_copy(update={"train": tr.model_copy(update={"out_dir": str(self.run_dir)})})
+        # Continuing the directory's own run (`--resume auto`, or a checkpoint inside it): its files are this
+        # run's. Otherwise a directory holding another run is refused, or cleared with --overwrite (run()).
+        self.continuing = tr.resume == "auto" or (
+            resume_from is not None and resume_from.resolve().parent == self.run_dir.resolve())
+        self.overwrite = tr.overwrite
+        if self.overwrite and self.continuing:
+            raise ConfigError(f"train.overwrite: --overwrite would delete the run in {self.run_dir} that --resume "
+                              "continues; give one of them")
+        # The stored settings name the actual run dir, so `--resume auto --out-dir` finds it again; overwrite
+        # acts once, when the run starts, so it is not kept.
+        self.settings = settings.model_copy(update={"train": tr.model_copy(
+            update={"out_dir": str(self.run_dir), "overwrite": False})})
         self.resume_from = resume_from
         self.progress = progress or make_progress(settings.log.progress, log_every=settings.log.log_every,
                                                   is_main=info.is_main)
@@ -477,7 +515,59 @@ class Trainer:
                 f"model.max_position_embeddings unset to declare {seq_len}, or raise data.seq_len to {context}")
 
     def run(self) -> TrainSummary:
-        """Train to the end (or until Ctrl-C / divergence); rank 0 writes config.yaml, logs and checkpoints."""
+        """Train to the end (or until a stop signal / divergence). Rank 0 holds the run directory's lock for the
+        whole run (released however it ends), refuses a directory that holds another run (clears it with
+        --overwrite) and writes config.yaml, logs and checkpoints. A full disk there is one `DiskFullError`."""
+        lock = None
+        try:
+            lock = self._claim_run_dir()
+            return self._run()
+        except Exception as err:
+            if self._fills_run_dir(err):
+                raise self._disk_full(err) from None
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _claim_run_dir(self) -> RunLock | None:
+        """Rank 0 locks and claims the run directory (run_dir.py); if that fails every rank raises its error."""
+        lock, removed, error = None, [], None
+        if self.info.is_main:
+            try:
+                lock = RunLock(self.run_dir).acquire()
+                removed = claim_run_dir(self.run_dir, continuing=self.continuing, overwrite=self.overwrite)
+            except Exception as err:  # noqa: BLE001  (every rank raises it below)
+                if lock is not None:
+                    lock.release()
+                error = err
+        error = broadcast_object(error, self.info)
+        if error is not None:
+            raise error
+        if lock is not None and lock.took_over is not None:
+            self._log(f"note: {self.run_dir}: took over the lock of {lock.took_over.describe()}, no longer running")
+        if removed:
+            self._log(f"overwrite: deleted the earlier run in {self.run_dir} ({describe_entries(removed)})")
+        return lock
+
+    def _fills_run_dir(self, err: Exception) -> bool:
+        """Whether `err` is a write into the run directory that found the disk full."""
+        if isinstance(err, ckpt.DiskFullError) and err.directory is not None:
+            return Path(err.directory).resolve().is_relative_to(self.run_dir.resolve())
+        if not ckpt.is_disk_full(err):
+            return False
+        name = getattr(err, "filename", None)
+        if name:
+            return Path(name).resolve().is_relative_to(self.run_dir.resolve())
+        return 0 <= ckpt.free_bytes(self.run_dir) < ckpt.LOW_SPACE_BYTES
+
+    def _disk_full(self, err: Exception) -> ckpt.DiskFullError:
+        tr = self.settings.train
+        what = getattr(err, "what", None)
+        return ckpt.DiskFullError(disk_full_message(self.run_dir, writing=what, save_every=tr.save_every,
+                                                    keep_last=tr.keep_last), directory=self.run_dir, what=what)
+
+    def _run(self) -> TrainSummary:
         if self.info.is_main:
             ckpt.remove_stale_temp_dirs(self.run_dir)
         self._prepare_data()
@@ -488,6 +578,9 @@ class Trainer:
             ckpt.atomic_write_text(self.run_dir / "config.yaml", s.to_yaml())
         if self.resume_from is not None:
             self._restore(self.resume_from)
+            newest = ckpt.list_checkpoints(self.run_dir)[-1:] if self.info.is_main else []
+            if newest and newest[0][1].resolve() == self.resume_from.resolve():
+                ckpt.prune_checkpoints(self.run_dir, s.train.keep_last)  # a lowered keep_last frees space first
         self.tb = None
         if self.info.is_main and s.log.tensorboard:
             from revdeq_cli.training.tensorboard_log import TensorBoardLog
@@ -504,9 +597,10 @@ class Trainer:
         try:
             with self._graceful_interrupt():
                 self._loop()
+                self._check_stop()  # asked during the last step: save it; --resume auto then does the rest
                 self._finish()
-        except KeyboardInterrupt:
-            self._interrupted()
+        except KeyboardInterrupt as stop:
+            self._interrupted(stop)
             raise
         finally:
             self.progress.close()
@@ -516,34 +610,48 @@ class Trainer:
 
     @contextlib.contextmanager
     def _graceful_interrupt(self):  # noqa: ANN202
-        """The first Ctrl-C asks the loop to stop at the next step boundary (so the checkpoint it saves is a
-        consistent state and no library is interrupted half-way, e.g. TensorBoard's writer queue); a second
-        Ctrl-C interrupts at once."""
-        self._stop_requested = False
+        """The first of Ctrl-C, SIGTERM or SIGUSR1 (`STOP_SIGNALS`: what schedulers send before they kill a job)
+        asks the loop to stop at the next step boundary, so the checkpoint it saves is a consistent state and no
+        library is interrupted half-way (e.g. TensorBoard's writer queue). A second Ctrl-C interrupts at once; a
+        second SIGTERM / SIGUSR1 changes nothing (a scheduler and torchrun may both deliver one)."""
+        self._stop_signal: int | None = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def request_stop(signum: int, frame: Any) -> None:
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            self.progress.log("interrupt: stopping after this step (Ctrl-C again to stop now)")
+            if self._stop_signal is not None:
+                if signum == signal.SIGINT:
+                    raise TrainingStopped(signum)
+                return
+            self._stop_signal = signum
+            if self.info.is_main:  # a failed write (re-entered stdout) must not turn into an exception here
+                with contextlib.suppress(RuntimeError, OSError):
+                    self.progress.log(f"{signal.Signals(signum).name}: stopping after this step and saving a "
+                                      "checkpoint" + (" (Ctrl-C again to stop now)" if signum == signal.SIGINT else ""))
 
-        previous = signal.signal(signal.SIGINT, request_stop)
+        previous = {s: signal.signal(s, request_stop) for s in STOP_SIGNALS}
+        for s in STOP_SIGNALS:  # restart the system calls it lands in (e.g. in gloo's threads), do not fail them
+            if hasattr(signal, "siginterrupt"):
+                signal.siginterrupt(s, False)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def _check_stop(self) -> None:
-        """Raise KeyboardInterrupt at a step boundary if any process was asked to stop (all ranks agree, so
-        no rank is left waiting in a collective)."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], dtype=torch.float64, device=self.device)
+        """Raise `TrainingStopped` at a step boundary if any process got a stop signal. All ranks agree (on the
+        step and on the signal: the first of `STOP_SIGNALS` any rank got), so no rank is left waiting in a
+        collective and rank 0 saves the one checkpoint."""
+        got = getattr(self, "_stop_signal", None)
+        flags = torch.tensor([1.0 if got == s else 0.0 for s in STOP_SIGNALS], dtype=torch.float64,
+                             device=self.device)
         if self.info.world_size > 1:
-            flag = all_reduce_sum(flag, self.info)
-        if float(flag.item()) > 0:
-            raise KeyboardInterrupt
+            flags = all_reduce_sum(flags, self.info)
+        signalled = [s for s, count in zip(STOP_SIGNALS, flags.tolist(), strict=True) if count > 0]
+        if signalled:
+            raise TrainingStopped(signalled[0])
 
     def _loop(self) -> None:
         tr = self.settings.train
@@ -619,15 +727,19 @@ class Trainer:
                                        "final_val_ppl": perplexity(self.final_val_loss)})
         barrier(self.info)
 
-    def _interrupted(self) -> None:
+    def _interrupted(self, stop: KeyboardInterrupt) -> None:
+        """Rank 0 saves the step the run stopped at (unless it is saved already) and says how to continue."""
         if not self.info.is_main or not hasattr(self, "_rng_at_boundary"):
             return
+        why = f"on {stop.name}" if isinstance(stop, TrainingStopped) else "on Ctrl-C"
+        go_on = f"continue with --resume auto --out-dir {self.run_dir}"
         if self.step > 0 and (self.last_saved is None or self.last_saved[0] != self.step):
             path = self._save(ckpt.checkpoint_name(self.step), self._rng_at_boundary)
-            self.progress.log(f"interrupted: saved {path} (step {self.step}); continue with "
-                              f"--resume auto --out-dir {self.run_dir}")
+            self.progress.log(f"interrupted: saved {path} (step {self.step}, {why}); {go_on}")
+        elif self.step > 0:
+            self.progress.log(f"interrupted {why}: step {self.step} is saved in {self.last_saved[1]}; {go_on}")
         else:
-            self.progress.log("interrupted")
+            self.progress.log(f"interrupted {why} before the first step: nothing to save")
 
     def summary(self) -> TrainSummary:
         seconds = time.perf_counter() - self._t0

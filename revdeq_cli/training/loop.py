@@ -57,7 +57,7 @@ from revdeq_cli.training.metrics import (
 from revdeq_cli.training.optim import LRSchedule, build_optimizer
 from revdeq_cli.training.progress import Progress, StepStats, Throughput, format_bytes, format_duration, make_progress
 from revdeq_cli.training.rng import capture_rng_state, restore_rng_state, seed_everything
-from revdeq_cli.training.run_dir import RunLock, claim_run_dir, describe_entries, disk_full_message
+from revdeq_cli.training.run_dir import RunLock, claim_run_dir, disk_full_message
 
 STATE_FORMAT = 1
 
@@ -532,7 +532,7 @@ class Trainer:
 
     def _claim_run_dir(self) -> RunLock | None:
         """Rank 0 locks and claims the run directory (run_dir.py); if that fails every rank raises its error."""
-        lock, removed, error = None, [], None
+        lock, removed, error = None, "", None
         if self.info.is_main:
             try:
                 lock = RunLock(self.run_dir).acquire()
@@ -547,7 +547,7 @@ class Trainer:
         if lock is not None and lock.took_over is not None:
             self._log(f"note: {self.run_dir}: took over the lock of {lock.took_over.describe()}, no longer running")
         if removed:
-            self._log(f"overwrite: deleted the earlier run in {self.run_dir} ({describe_entries(removed)})")
+            self._log(f"overwrite: deleted the earlier run in {self.run_dir} ({removed})")
         return lock
 
     def _fills_run_dir(self, err: Exception) -> bool:

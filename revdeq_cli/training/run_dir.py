@@ -76,21 +76,22 @@ def describe_entries(entries: list[Path]) -> str:
     return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
 
 
-def claim_run_dir(run_dir: str | os.PathLike[str], *, continuing: bool, overwrite: bool) -> list[Path]:
+def claim_run_dir(run_dir: str | os.PathLike[str], *, continuing: bool, overwrite: bool) -> str:
     """Make `run_dir` this run's: nothing to do when it holds no run or when this run continues it
-    (`continuing`); with `overwrite`, delete the other run's entries and return them; otherwise raise
-    `RunDirUsedError` (nothing is changed)."""
+    (`continuing`); with `overwrite`, delete the other run's entries and return what they were (`describe_entries`,
+    "" when there were none); otherwise raise `RunDirUsedError` (nothing is changed)."""
     entries = [] if continuing else run_entries(run_dir)
     if not entries:
-        return []
+        return ""
+    described = describe_entries(entries)
     if not overwrite:
         raise RunDirUsedError(
-            f"{run_dir}: holds another run ({describe_entries(entries)}); continue it with --resume auto "
+            f"{run_dir}: holds another run ({described}); continue it with --resume auto "
             f"--out-dir {run_dir}, or start afresh with --overwrite, which deletes that run's files first"
         )
     for p in entries:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    return entries
+    return described
 
 
 # --------------------------------------------------------------------------- one trainer at a time

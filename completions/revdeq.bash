@@ -71,11 +71,11 @@ _revdeq() {
         inspect)
             case "$prev" in
                 --probe-text) return 0 ;;
-                --probe-steps) return 0 ;;
+                --probe-steps|--steps) return 0 ;;
                 --device) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=( $(compgen -W "--weights --probe --probe-text --probe-steps --device --json --help -h" -- "$cur") )
+                COMPREPLY=( $(compgen -W "--weights --probe --probe-text --probe-steps --steps --device --json --help -h" -- "$cur") )
             else
                 COMPREPLY=( $(compgen -f -- "$cur") )
             fi

@@ -52,7 +52,7 @@ complete -c revdeq -n '__fish_seen_subcommand_from generate' -F
 complete -c revdeq -n '__fish_seen_subcommand_from inspect' -l weights -d 'List every tensor: name, shape, dtype.'
 complete -c revdeq -n '__fish_seen_subcommand_from inspect' -l probe -d 'Run one batch and show the residual after each solver step.'
 complete -c revdeq -n '__fish_seen_subcommand_from inspect' -l probe-text -x -d 'Text of the --probe batch.'
-complete -c revdeq -n '__fish_seen_subcommand_from inspect' -l probe-steps -x -d 'Solver steps for --probe (default: the model\'s inference steps).'
+complete -c revdeq -n '__fish_seen_subcommand_from inspect' -l probe-steps -l steps -x -d 'Solver steps for --probe (default: the model\'s inference steps; more shows where the iteration goes).'
 complete -c revdeq -n '__fish_seen_subcommand_from inspect' -l device -x -d 'Device for --probe: auto, cpu, cuda, mps.'
 complete -c revdeq -n '__fish_seen_subcommand_from inspect' -l json -d 'Print everything as JSON.'
 complete -c revdeq -n '__fish_seen_subcommand_from inspect' -l help -s h -d 'Show this message and exit.'

@@ -74,7 +74,7 @@ _revdeq() {
                         '--weights[List every tensor\: name, shape, dtype.]' \
                         '--probe[Run one batch and show the residual after each solver step.]' \
                         '--probe-text[Text of the --probe batch.]:probe_text: ' \
-                        '--probe-steps[Solver steps for --probe (default\: the model'\''s inference steps).]:probe_steps: ' \
+                        '(--probe-steps --steps)'{--probe-steps,--steps}'[Solver steps for --probe (default\: the model'\''s inference steps; more shows where the iteration goes).]:probe_steps: ' \
                         '--device[Device for --probe\: auto, cpu, cuda, mps.]:device: ' \
                         '--json[Print everything as JSON.]' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]' \

@@ -151,6 +151,7 @@ class ModelSettings(_Section):
     layer_norm_eps: float | None = Field(None, gt=0.0)
     init_state: Literal["zeros", "input"] | None = None  # z0 = 0 (the paper's) or z0 = x (the input injection)
     output_init_scale: float | None = Field(None, gt=0.0)  # x the blocks' output projections' initial std
+    block_skip: Literal["state", "input"] | None = None  # f = z + a + m (the GPT block) or f = x + a + m
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelSettings:
@@ -170,12 +171,30 @@ class SolverSettings(_Section):
     beta: float | None = Field(None, gt=0.0, lt=2.0)
     tol: float | None = Field(None, ge=0.0)  # 0 = never stop early: always max_steps steps (config tol=None)
     max_steps: int | None = Field(None, gt=0)
-    inference_max_steps: int | None = Field(None, gt=0)  # None = max_steps
+    inference_max_steps: int | None = Field(None, ge=0)  # None = max_steps; 0 = z0 (the solver bypassed)
     state_dtype: Literal["float64", "float32"] | None = None
     anderson_m: int | None = Field(None, gt=0)
     phantom_steps: int | None = Field(None, gt=0)
     implicit_max_steps: int | None = Field(None, gt=0)
     implicit_tol: float | None = Field(None, gt=0.0)
+    # Training depth per optimiser step (model/step_rule.py): "2", "uniform:1-4", "poisson-lognormal:6[:MAX]".
+    train_steps: str | None = None  # differentiated steps; None = max_steps
+    train_detached_steps: str | None = None  # steps run first without a graph; None = the preset's ("0")
+    fixed_point_penalty: float | None = Field(None, ge=0.0)  # lam * ||f(z) - z||^2 / ||f(z)||^2
+    jacobian_penalty: float | None = Field(None, ge=0.0)  # lam * Hutchinson ||v^T df/dz||^2 / ||v||^2
+
+    @field_validator("train_steps", "train_detached_steps", mode="before")
+    @classmethod
+    def _step_rule(cls, value: Any, info: Any) -> Any:
+        if value is None:
+            return None
+        from revdeq_cli.model.step_rule import StepRule
+
+        try:
+            return str(StepRule.parse(value, field=f"solver.{info.field_name}",
+                                      minimum=1 if info.field_name == "train_steps" else 0))
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> SolverSettings:

@@ -70,7 +70,7 @@ def test_converted_model_without_tokenizer_is_refused(tmp_path):
     ("args", "fragment"),
     [
         (["--solver-steps", "two"], "--solver-steps"),
-        (["--solver-steps", "0"], "--solver-steps"),
+        (["--solver-steps", "-1"], "--solver-steps"),
         (["--seq-len", "100000"], "--seq-len"),
     ],
 )

@@ -66,6 +66,24 @@ def test_probe_shows_the_residual_per_solver_step(run):
     assert "residual" in text and "#" in text
 
 
+def test_inspect_shows_how_the_model_was_trained_to_iterate_and_probes_past_it(run, tmp_path):
+    out = invoke("inspect", run).stdout
+    assert "depth        trained with 2 differentiated solver steps per batch" in out
+    assert "inference 2 steps" in out
+    from revdeq_cli.model import RevDEQForCausalLM
+
+    model = RevDEQForCausalLM.from_pretrained(run / "final")
+    model.config.update({"train_detached_steps": "poisson-lognormal:6:24", "fixed_point_penalty": 0.5,
+                         "block_skip": "input", "inference_max_steps": 8})
+    model.save_pretrained(tmp_path / "m")
+    out = invoke("inspect", tmp_path / "m").stdout
+    assert ("trained with 2 differentiated after poisson-lognormal:6:24 detached solver steps per batch, fixed "
+            "point penalty 0.5; block skip input; inference 8 steps") in out
+    result = invoke("inspect", run, "--probe", "--steps", "32", "--json")  # past the 2 steps it trained with
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["probe"]["residuals"]) == 32
+
+
 # ------------------------------------------------------------------------------------------ error paths
 def test_missing_path(tmp_path):
     result = invoke("inspect", tmp_path / "nope")

@@ -44,7 +44,7 @@ def test_intermediate_size_defaults_to_four_times_width():
         ({"num_hidden_layers": 3}, "num_hidden_layers"),
         ({"tol": -1.0}, "tol"),
         ({"max_steps": 0}, "max_steps"),
-        ({"inference_max_steps": 0}, "inference_max_steps"),
+        ({"inference_max_steps": -1}, "inference_max_steps"),
         ({"state_dtype": "float16"}, "state_dtype"),
         ({"dropout": 1.0}, "dropout"),
         ({"cache_mode": "paged"}, "cache_mode"),

@@ -63,7 +63,7 @@ def evaluate(
 
 
 def parse_steps(values: list[str] | None) -> list[int | None]:
-    """`["1,2", "8"]` -> [1, 2, 8]; nothing -> [None] (the model's own inference steps)."""
+    """`["1,2", "8"]` -> [1, 2, 8]; nothing -> [None] (the model's own inference steps); 0 = z0 itself."""
     from revdeq_cli.errors import UserError
 
     if not values:
@@ -73,8 +73,9 @@ def parse_steps(values: list[str] | None) -> list[int | None]:
         item = item.strip()
         if not item:
             continue
-        if not item.isdigit() or int(item) < 1:
-            raise UserError(f"--solver-steps: {item!r} is not a positive integer; give e.g. 4 or 1,2,4,8")
+        if not item.isdigit():
+            raise UserError(f"--solver-steps: {item!r} is not a whole number >= 0 (0 = z0, the solver bypassed); "
+                            "give e.g. 4 or 0,1,2,4,8")
         steps.append(int(item))
     if not steps:
         raise UserError("--solver-steps: no values given; give e.g. 4 or 1,2,4,8")

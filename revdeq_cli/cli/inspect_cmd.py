@@ -37,8 +37,9 @@ def inspect(
     probe: bool = typer.Option(False, "--probe", help="Run one batch and show the residual after each solver step."),
     probe_text: str = typer.Option(PROBE_TEXT, "--probe-text", help="Text of the --probe batch.",
                                    show_default=False),
-    probe_steps: int | None = typer.Option(None, "--probe-steps", min=1,
-                                           help="Solver steps for --probe (default: the model's inference steps)."),
+    probe_steps: int | None = typer.Option(
+        None, "--probe-steps", "--steps", min=1,
+        help="Solver steps for --probe (default: the model's inference steps; more shows where the iteration goes)."),
     device: str = typer.Option("cpu", "--device", help="Device for --probe: auto, cpu, cuda, mps."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
@@ -96,17 +97,31 @@ def _probe(path: Path, text: str, steps: int | None, device_spec: str) -> list[f
     return probe_residuals(model, batch, steps)
 
 
+def _depth_line(c: dict, infer: object) -> str:
+    """How the model was trained to iterate, and how many steps it runs at inference."""
+    steps = c.get("train_steps") or c.get("max_steps")
+    detached = c.get("train_detached_steps") or "0"
+    rule = f"{steps} differentiated" + (f" after {detached} detached" if str(detached) != "0" else "")
+    extras = [f"{name.replace('_', ' ')} {c[name]:g}" for name in ("fixed_point_penalty", "jacobian_penalty")
+              if isinstance(c.get(name), (int, float)) and c.get(name)]
+    return (f"depth        trained with {rule} solver steps per batch" + "".join(f", {e}" for e in extras)
+            + f"; block skip {c.get('block_skip', 'state')}; inference {infer} steps")
+
+
 def _summary_lines(report) -> list[str]:
     from revdeq_cli.training.metrics import perplexity
     from revdeq_cli.training.progress import format_bytes
 
     c, p, t, s = report.config, report.parameters, report.training, report.settings
-    infer = c.get("inference_max_steps") or c.get("max_steps")
+    infer = c.get("inference_max_steps")
+    infer = c.get("max_steps") if infer is None else infer
     lines = [f"checkpoint   {report.path}"]
     if c:
         lines.append(f"model        {c.get('solver')} solver / {c.get('adjoint')} adjoint, beta {c.get('beta')}, "
                      f"max_steps {c.get('max_steps')} (inference {infer}), tol {c.get('tol')}, "
                      f"state {c.get('state_dtype')}")
+        if c.get("solver") != "explicit":
+            lines.append(_depth_line(c, infer))
         lines.append(f"shape        hidden {c.get('hidden_size')}, heads {c.get('num_attention_heads')}, "
                      f"intermediate {c.get('intermediate_size')}, context {c.get('max_position_embeddings')}, "
                      f"vocab {c.get('vocab_size')}, layers {c.get('num_hidden_layers')}, "

@@ -108,14 +108,18 @@ def iterate(
     max_steps: int,
     keep_best: bool = False,
     where: str = "forward",
+    start: IterateState | None = None,
 ) -> Iteration:
     """Run `solver` from z0 for at most `max_steps` steps, stopping once the largest per-sample
     relative residual is below `tol` (tol=None: always `max_steps` steps). At least one step runs.
     With tol=None, `problem.trace` off and no `keep_best`, the residual is computed after the last step only.
 
     keep_best: return each sample's lowest-residual iterate of steps 1..N (z0 is never returned) instead of
-    z_N; the solver itself carries on from its own state. `where` names the solve in a divergence error."""
-    state = solver.init(problem, z0)
+    z_N; the solver itself carries on from its own state. `where` names the solve in a divergence error.
+
+    start: a solver state to continue from (e.g. the end of a detached prefix, see `solve`'s `detached_steps`)
+    instead of `solver.init(problem, z0)`; it already carries f(z), so no evaluation is spent on it."""
+    state = start if start is not None else solver.init(problem, z0)
     trace: list[float] = []
     skip_residuals = tol is None and not problem.trace and not keep_best
     best_z: Tensor | None = None
@@ -182,9 +186,9 @@ class UnrolledAdjoint:
 
     def run(
         self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
-        keep_best: bool = False,
+        keep_best: bool = False, start: IterateState | None = None,
     ) -> AdjointOutput:
-        iteration = iterate(solver, problem, z0, tol, max_steps, keep_best)
+        iteration = iterate(solver, problem, z0, tol, max_steps, keep_best, start=start)
         return AdjointOutput(z=iteration.z, iteration=iteration)
 
     def __repr__(self) -> str:
@@ -232,10 +236,10 @@ class ImplicitAdjoint:
 
     def run(
         self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
-        keep_best: bool = False,
+        keep_best: bool = False, start: IterateState | None = None,
     ) -> AdjointOutput:
         with torch.no_grad():
-            iteration = iterate(solver, problem, z0, tol, max_steps, keep_best)
+            iteration = iterate(solver, problem, z0, tol, max_steps, keep_best, start=start)
         stats = BackwardStats()
         z_star = iteration.z.detach()
         if not torch.is_grad_enabled():
@@ -292,10 +296,10 @@ class PhantomAdjoint:
 
     def run(
         self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
-        keep_best: bool = False,
+        keep_best: bool = False, start: IterateState | None = None,
     ) -> AdjointOutput:
         with torch.no_grad():
-            iteration = iterate(solver, problem, z0, tol, max_steps, keep_best)
+            iteration = iterate(solver, problem, z0, tol, max_steps, keep_best, start=start)
         z_star = iteration.z.detach()
         if not torch.is_grad_enabled():
             return AdjointOutput(z=z_star, iteration=iteration)
@@ -327,7 +331,7 @@ class ReversibleAdjoint:
 
     def run(
         self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
-        keep_best: bool = False,
+        keep_best: bool = False, start: IterateState | None = None,
     ) -> AdjointOutput:
         if not isinstance(solver, Reversible):
             raise ValueError(
@@ -339,9 +343,10 @@ class ReversibleAdjoint:
         x_leaves = _grad_leaves(problem)
         if not (torch.is_grad_enabled() and (z0.requires_grad or x_leaves or params)):
             with torch.no_grad():
-                iteration = iterate(solver, problem, z0, tol, max_steps)
+                iteration = iterate(solver, problem, z0, tol, max_steps, start=start)
             return AdjointOutput(z=iteration.state.z, iteration=iteration)
-        run = _ReversibleRun(problem=problem, solver=solver, tol=tol, max_steps=max_steps, n_x=len(x_leaves))
+        run = _ReversibleRun(problem=problem, solver=solver, tol=tol, max_steps=max_steps, n_x=len(x_leaves),
+                             start=start)
         z = _ReversibleFunction.apply(run, z0, *x_leaves, *params)
         return AdjointOutput(z=z, iteration=run.iteration, backward=run.stats)
 
@@ -358,6 +363,7 @@ class _ReversibleRun:
     tol: float | None
     max_steps: int
     n_x: int
+    start: IterateState | None = None  # a detached solver state to continue from (y_k, z_k); None: y0 = z0
     iteration: Iteration | None = None  # after the forward: steps, trace and residual only (no tensors of the graph)
     steps: int = 0
     stats: BackwardStats = field(default_factory=BackwardStats)
@@ -385,8 +391,10 @@ def _unlisted_grad_leaves(output: Tensor, listed: Sequence[Tensor]) -> int:
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: _ReversibleRun, z0: Tensor, *inputs: Tensor) -> Tensor:  # type: ignore[override]
-        iteration = iterate(run.solver, run.problem, z0, run.tol, run.max_steps)
+        iteration = iterate(run.solver, run.problem, z0, run.tol, run.max_steps, start=run.start)
         state = iteration.state
+        y0 = run.start.y if run.start is not None else z0  # type: ignore[attr-defined]
+        run.start = None  # saved below; `run` must not keep tensors alive beyond the graph
         # `run` (reachable from the output's grad_fn through ctx) keeps only the figures `solve` reports: holding
         # the final state there would make the output tensor reach itself through its own graph, a reference
         # cycle that only Python's cycle collector frees, so every training step's solver states and graph lived
@@ -394,13 +402,13 @@ class _ReversibleFunction(torch.autograd.Function):
         run.iteration = replace(iteration, state=None, z=None)
         run.steps = iteration.steps
         ctx.run = run
-        ctx.save_for_backward(z0, state.y, state.z, *inputs)
+        ctx.save_for_backward(z0, y0, state.y, state.z, *inputs)
         return state.z
 
     @staticmethod
     def backward(ctx, grad_z: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         run: _ReversibleRun = ctx.run
-        z0, y, z, *inputs = ctx.saved_tensors
+        z0, y0, y, z, *inputs = ctx.saved_tensors
         n_inputs = len(inputs)
         if grad_z is None:
             return (None, None, *([None] * n_inputs))
@@ -438,6 +446,6 @@ class _ReversibleFunction(torch.autograd.Function):
                     gz = (1 - b) * gz + jz
                     gy = (1 - b) * gy
         run.stats.nfe += 2 * steps
-        run.stats.reconstruction_error = float(torch.maximum((z - z0).abs().max(), (y - z0).abs().max()))
+        run.stats.reconstruction_error = float(torch.maximum((z - z0).abs().max(), (y - y0).abs().max()))
         grad_inputs = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(grads)]
         return (None, gz + gy if ctx.needs_input_grad[1] else None, *grad_inputs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from revdeq_cli.deq.adjoints import (
     PhantomAdjoint,
     ReversibleAdjoint,
     UnrolledAdjoint,
+    iterate,
 )
 from revdeq_cli.deq.problem import AutocastState, Problem
 from revdeq_cli.deq.solvers import Reversible, Solver
@@ -68,6 +69,7 @@ def solve(
     params: Iterable[Tensor] | None = None,
     trace: bool = True,
     keep_best: bool = False,
+    detached_steps: int = 0,
 ) -> Solution:
     """Solve `z = f(z, x)` from `z0` and return a `Solution` whose `z` carries the gradient `adjoint` defines.
 
@@ -105,6 +107,8 @@ def solve(
         raise ValueError(f"tol must be a finite number > 0 (or None for a fixed number of steps), got {tol!r}")
     if not isinstance(solver, Solver):
         raise ValueError(f"solver must be Picard, Relaxed, Anderson, Broyden or Reversible, got {solver!r}")
+    if not isinstance(detached_steps, int) or isinstance(detached_steps, bool) or detached_steps < 0:
+        raise ValueError(f"detached_steps must be an integer >= 0, got {detached_steps!r}")
     if keep_best and isinstance(solver, Reversible):
         raise ValueError(KEEP_BEST_REVERSIBLE)
     if adjoint is None:
@@ -126,11 +130,21 @@ def solve(
     with problem.arithmetic():
         z0_flat = spec.flatten(z0, state_dtype)
 
-    out = adjoint.run(problem, solver, z0_flat, grad_params, tol, max_steps, keep_best=keep_best)
+    start, prefix_trace = None, []
+    if detached_steps:
+        with torch.no_grad():
+            prefix = iterate(solver, problem, z0_flat, None, detached_steps)
+        start, prefix_trace = prefix.state, prefix.trace
+        z0_flat = prefix.state.z
+        if isinstance(adjoint, UnrolledAdjoint) and torch.is_grad_enabled():
+            # f(z_k) is the first differentiated evaluation (ReversibleAdjoint re-evaluates it in its backward)
+            start = replace(start, fz=problem.evaluate(z0_flat))
+    out = adjoint.run(problem, solver, z0_flat, grad_params, tol, max_steps, keep_best=keep_best, start=start)
     with problem.arithmetic():
         z = spec.unflatten(out.z)
     it = out.iteration
-    return Solution(z=z, steps=it.steps, residual=it.residual, nfe=problem.nfe, trace=it.trace, backward=out.backward)
+    return Solution(z=z, steps=detached_steps + it.steps, residual=it.residual, nfe=problem.nfe,
+                    trace=prefix_trace + it.trace, backward=out.backward)
 
 
 def _promote(dtypes: tuple[torch.dtype, ...]) -> torch.dtype:

@@ -1,7 +1,8 @@
 """The transformer block that is the equilibrium function f(z, x), and its parts.
 
-    h = z + CausalSelfAttention(LN1(z + x))
-    f = h + MLP(LN2(h))                       MLP = Linear(H, I) -> GELU -> Linear(I, H)
+    a = CausalSelfAttention(LN1(z + x)),  h = z + a,  m = MLP(LN2(h))     MLP = Linear(H, I) -> GELU -> Linear(I, H)
+    f = h + m = z + a + m                     skip "state" (the GPT block: the identity skip of the state)
+    f = x + a + m                             skip "input" (the skip carries the input injection instead)
 
 `x` (the token + position embeddings) is injected at every evaluation of a DEQ. For the explicit baseline
 `x` is None: the embeddings are the initial state and each block is exactly a GPT-2 block.
@@ -110,11 +111,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """f(z, x) = h + MLP(LN2(h)), h = z + Attn(LN1(z + x)); x = None means no input injection."""
+    """f(z, x) = s + a + MLP(LN2(z + a)), a = Attn(LN1(z + x)), s = z (skip "state") or x (skip "input");
+    x = None means no input injection (then always s = z: an explicit GPT block)."""
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, *, dropout: float = 0.0,
-                 bias: bool = True, eps: float = 1e-5):
+                 bias: bool = True, eps: float = 1e-5, skip: str = "state"):
         super().__init__()
+        self.skip_input = skip == "input"
         self.ln_1 = nn.LayerNorm(hidden_size, eps=eps)
         self.attn = CausalSelfAttention(hidden_size, num_heads, dropout, bias)
         self.ln_2 = nn.LayerNorm(hidden_size, eps=eps)
@@ -126,5 +129,8 @@ class Block(nn.Module):
 
     def forward(self, z: Tensor, x: Tensor | None = None, mask: AttentionMask = AttentionMask(),
                 kv: KeyValueHook | None = None) -> Tensor:
-        h = z + self.attn(self.attention_input(z, x), mask, kv)
+        a = self.attn(self.attention_input(z, x), mask, kv)
+        h = z + a
+        if self.skip_input and x is not None:
+            return x + a + self.mlp(self.ln_2(h))
         return h + self.mlp(self.ln_2(h))

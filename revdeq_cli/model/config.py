@@ -24,12 +24,14 @@ from transformers import PreTrainedConfig
 from revdeq_cli import deq
 from revdeq_cli.errors import ConfigError
 from revdeq_cli.model.presets import PRESETS
+from revdeq_cli.model.step_rule import StepRule
 
 SOLVERS = (*deq.SOLVERS, "explicit")
 ADJOINTS = deq.ADJOINTS
 STATE_DTYPES = ("float64", "float32")
 INIT_STATES = ("zeros", "input")
 CACHE_MODES = ("exact", "fixed_point")
+BLOCK_SKIPS = ("state", "input")
 # Solvers whose update mixes iterates with per-sample weights. The model solves them with one sample per
 # position (so no token's weights see later tokens); the elementwise solvers (Reversible, Picard, Relaxed)
 # are causal as they are and keep one sample per sequence, as in the paper (residual over the sequence).
@@ -62,6 +64,22 @@ class RevDEQConfig(PreTrainedConfig):
     float64 by default as in the paper; f always computes in the model dtype), `anderson_m`, `implicit_tol`,
     `implicit_max_steps`, `phantom_steps`, `phantom_beta`.
 
+    Block form (DEQs only): `block_skip` = "state" (f(z, x) = z + a + m, the pre-LN GPT block with the identity
+    skip of the state; f's Jacobian is I + ..., so the iteration moves z by small increments and its fixed
+    point is where the branches cancel) or "input" (f(z, x) = x + a + m: the skip carries the input injection
+    instead of the state, so f's Jacobian is that of the branches alone, near 0 at initialisation, and the
+    iteration contracts; a = Attn(LN1(z + x)), m = MLP(LN2(z + a)) in both).
+
+    Training depth (DEQs only; training mode only): `train_steps` (None = `max_steps`; else a rule of
+    `revdeq_cli.model.step_rule`: "2", "uniform:1-4", "poisson-lognormal:6") is the number of differentiated
+    solver steps per optimiser step, `train_detached_steps` (a rule, "0" = none) the steps run first without
+    a graph (the recurrent-depth start: the gradient is exact for the differentiated steps from the detached
+    state they start at). `fixed_point_penalty` (lam >= 0) adds lam * mean over positions of
+    ||f(z_N) - z_N||^2 / ||f(z_N)||^2 to the training loss (one more evaluation of f); `jacobian_penalty` (lam)
+    adds lam * ||v^T df/dz||^2 / ||v||^2 at the detached z_N, v ~ N(0, I) (Hutchinson; a double backward).
+    The rules are drawn by the trainer per optimiser step; a plain `model(...)` call in training mode runs
+    `max_steps` unless `solver_steps=` / `detached_steps=` are passed.
+
     Generation: `cache_mode` = "exact" (keys/values per evaluation of f; equals full recomputation to float
     rounding) or "fixed_point" (keys/values of the final states only; exact only at convergence).
     """
@@ -81,6 +99,7 @@ class RevDEQConfig(PreTrainedConfig):
     output_init_scale: float = 1.0
     tie_word_embeddings: bool = False
     init_state: str = "zeros"
+    block_skip: str = "state"
 
     solver: str = "reversible"
     adjoint: str = "reversible"
@@ -95,6 +114,10 @@ class RevDEQConfig(PreTrainedConfig):
     implicit_max_steps: int = 20
     phantom_steps: int = 1
     phantom_beta: float = 1.0
+    train_steps: str | None = None
+    train_detached_steps: str = "0"
+    fixed_point_penalty: float = 0.0
+    jacobian_penalty: float = 0.0
 
     cache_mode: str = "exact"
     use_cache: bool = True
@@ -130,6 +153,14 @@ class RevDEQConfig(PreTrainedConfig):
     def eval_max_steps(self) -> int:
         """Solver steps in eval mode and generation (`inference_max_steps`, else `max_steps`)."""
         return self.max_steps if self.inference_max_steps is None else self.inference_max_steps
+
+    def step_rules(self) -> tuple[StepRule, StepRule]:
+        """(differentiated steps, detached steps) per training batch, parsed from `train_steps` (None:
+        `max_steps`, fixed) and `train_detached_steps`. Raises `ConfigError` naming the field."""
+        steps = StepRule.parse(self.max_steps if self.train_steps is None else self.train_steps,
+                               field="train_steps", minimum=1)
+        detached = StepRule.parse(self.train_detached_steps, field="train_detached_steps", minimum=0)
+        return steps, detached
 
     # ------------------------------------------------------------------ validation
     def check(self) -> None:
@@ -170,6 +201,8 @@ class RevDEQConfig(PreTrainedConfig):
             raise ConfigError(f"solver: unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
         if self.init_state not in INIT_STATES:
             raise ConfigError(f"init_state: must be one of {', '.join(INIT_STATES)}, got {self.init_state!r}")
+        if self.block_skip not in BLOCK_SKIPS:
+            raise ConfigError(f"block_skip: must be one of {', '.join(BLOCK_SKIPS)}, got {self.block_skip!r}")
         if self.cache_mode not in CACHE_MODES:
             raise ConfigError(f"cache_mode: must be one of {', '.join(CACHE_MODES)}, got {self.cache_mode!r}")
         if self.solver == "explicit":
@@ -196,7 +229,12 @@ class RevDEQConfig(PreTrainedConfig):
                 raise ConfigError(f"{name}: must be > 0 or null (no early stop), got {value!r}")
         _positive_int("max_steps", self.max_steps)
         if self.inference_max_steps is not None:
-            _positive_int("inference_max_steps", self.inference_max_steps)
+            _nonnegative_int("inference_max_steps", self.inference_max_steps)
+        self.step_rules()
+        for name in ("fixed_point_penalty", "jacobian_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise ConfigError(f"{name}: must be a number >= 0 (0 = off), got {value!r}")
         if self.state_dtype not in STATE_DTYPES:
             raise ConfigError(f"state_dtype: must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}")
         _positive_int("anderson_m", self.anderson_m)
@@ -211,13 +249,18 @@ class RevDEQConfig(PreTrainedConfig):
 _SOLVER_FIELDS = (
     "solver", "init_state", "cache_mode", "num_hidden_layers", "adjoint", "beta", "tol", "inference_tol", "max_steps",
     "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
-    "implicit_tol",
+    "implicit_tol", "block_skip", "train_steps", "train_detached_steps", "fixed_point_penalty", "jacobian_penalty",
 )
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _nonnegative_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name}: must be an integer >= 0 (0 = the solver bypassed, z = z0), got {value!r}")
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -39,6 +39,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from revdeq_cli import deq
+from revdeq_cli.deq.state import relative_residual
 from revdeq_cli.errors import UserError
 from revdeq_cli.model.block import MLP, AttentionMask, Block, CausalSelfAttention
 from revdeq_cli.model.cache import EvaluationKeyValues, PastKeyValues, RevDEQCache
@@ -53,6 +54,7 @@ class SolverStats:
     residual: float  # max over the batch of the final relative residual; nan for the explicit model
     nfe: int  # forward evaluations of f
     backward: Any = None  # deq.BackwardStats, filled in when loss.backward() runs; None if not a DEQ
+    regularization: Tensor | None = None  # the training penalties' sum (fixed-point, Jacobian); None if off
 
 
 @dataclass
@@ -65,6 +67,8 @@ class RevDEQCausalLMOutput(CausalLMOutputWithPast):
     solver_residual: float | None = None
     solver_nfe: int | None = None
     solver_backward: Any = None
+    lm_loss: Tensor | None = None  # the cross-entropy alone (`loss` adds the training penalties, if any)
+    regularization: Tensor | None = None
 
 
 class RevDEQPreTrainedModel(PreTrainedModel):
@@ -112,7 +116,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(hidden, config.num_attention_heads, config.intermediate_size, dropout=config.dropout,
-                  bias=config.bias, eps=config.layer_norm_eps)
+                  bias=config.bias, eps=config.layer_norm_eps, skip=config.block_skip if config.is_deq else "state")
             for _ in range(config.num_hidden_layers)
         )
         for module in self.blocks.modules():
@@ -156,6 +160,8 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
+        solver_steps: int | None = None,
+        detached_steps: int | None = None,
         **kwargs: Any,
     ) -> RevDEQCausalLMOutput | tuple:
         r"""Logits [B, T, V] for `input_ids` [B, T] (long).
@@ -165,7 +171,12 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         `loss` is the mean cross-entropy over the remaining targets (computed in float32).
         `cache` (`past_key_values` is accepted as the old name): continue from it; `use_cache` (default: True
         iff a cache is given) makes and returns one. `attention_mask` [B, past + T]: 1 = token, 0 = padding.
-        `logits_to_keep` > 0 computes logits for the last that many positions only (ignored with labels)."""
+        `logits_to_keep` > 0 computes logits for the last that many positions only (ignored with labels).
+        `solver_steps` / `detached_steps` (DEQ, no cache): this call's solver steps (training: the differentiated
+        ones; eval: all of them, 0 = z0 itself) and steps run first without a graph, instead of the config's
+        (`max_steps` / 0 in training, `inference_max_steps` in eval mode); the trainer passes the counts its
+        step rules drew. In training mode `loss` includes the config's penalties; `lm_loss` is the
+        cross-entropy alone."""
         config = self.config
         config.check_solver()
         if input_ids is None:
@@ -192,14 +203,17 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             x = self.drop(x)
         mask = AttentionMask.build(past, length, attention_mask, x.device)
 
+        steps = (solver_steps, detached_steps)
+        if steps != (None, None) and (cache is not None or not config.is_deq):
+            raise ValueError("solver_steps / detached_steps apply to a DEQ's full-sequence forward (no cache)")
         if torch.is_grad_enabled():
-            z, stats = self._body(x, mask, cache)
+            z, stats = self._body(x, mask, cache, steps)
         else:
             # Without autograd, inference mode also drops autograd's per-op bookkeeping: 10-20% of a cached
             # decoding step on CPU. The cache buffers written in here become inference tensors (only ever written
             # in here); z is cloned out so the logits returned are ordinary tensors a caller may modify in place.
             with torch.inference_mode():
-                z, stats = self._body(x, mask, cache)
+                z, stats = self._body(x, mask, cache, steps)
             z = z.clone()
         self.last_solver_stats = stats
 
@@ -207,22 +221,26 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         if labels is None and shift_labels is None and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        loss = _lm_loss(logits, labels, shift_labels)
+        lm_loss = _lm_loss(logits, labels, shift_labels)
+        loss = lm_loss
+        if lm_loss is not None and stats.regularization is not None:
+            loss = lm_loss + stats.regularization
 
         out = RevDEQCausalLMOutput(
             loss=loss, logits=logits, cache=cache, solver_steps=stats.steps, solver_residual=stats.residual,
-            solver_nfe=stats.nfe, solver_backward=stats.backward,
+            solver_nfe=stats.nfe, solver_backward=stats.backward, lm_loss=lm_loss, regularization=stats.regularization,
         )
         use_dict = return_dict if return_dict is not None else config.return_dict
         return out if use_dict else out.to_tuple()
 
     # ------------------------------------------------------------------ pieces of forward
-    def _body(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache | None) -> tuple[Tensor, SolverStats]:
+    def _body(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache | None,
+              steps: tuple[int | None, int | None] = (None, None)) -> tuple[Tensor, SolverStats]:
         """z [B, T, H] from the input injection x: the stacked blocks, or the equilibrium solve the cache calls for."""
         if not self.config.is_deq:
             return self._run_explicit(x, mask, cache)
         if cache is None:
-            return self._solve_full(x, mask)
+            return self._solve_full(x, mask, *steps)
         if cache.mode == "exact":
             return self._solve_exact_cached(x, mask, cache)
         return self._solve_fixed_point_cached(x, mask, cache)
@@ -265,17 +283,65 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         layers = len(self.blocks)
         return z, SolverStats(steps=layers, residual=float("nan"), nfe=layers)
 
-    def _solve_full(self, x: Tensor, mask: AttentionMask) -> tuple[Tensor, SolverStats]:
+    def _solve_full(self, x: Tensor, mask: AttentionMask, solver_steps: int | None = None,
+                    detached_steps: int | None = None) -> tuple[Tensor, SolverStats]:
         config = self.config
         if self.training:
             tol, steps = config.tol, config.max_steps
         else:
             tol, steps = config.inference_tol, config.eval_max_steps
+        steps = steps if solver_steps is None else int(solver_steps)
+        detached = int(detached_steps or 0)
+        if steps == 0 and detached == 0:
+            return self._bypass(x, mask)
         # Without autograd every gradient method would give the solver's output z[N], except that Implicit and
         # Phantom attach their graph through 1 or k extra evaluations of f; plain iteration keeps the work and
         # the result equal to the cached path's.
-        adjoint = self._adjoint() if torch.is_grad_enabled() else deq.UnrolledAdjoint()
-        return self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=adjoint)
+        grad = torch.is_grad_enabled()
+        adjoint = self._adjoint() if grad else deq.UnrolledAdjoint()
+        if steps == 0:  # only detached steps were asked for: they are the whole (graph-free) solve
+            steps, detached = detached, 0
+        z, stats = self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=adjoint, detached_steps=detached)
+        if self.training and grad and (config.fixed_point_penalty or config.jacobian_penalty):
+            stats.regularization = self._penalties(z, x, mask)
+        return z, stats
+
+    def _z0(self, x: Tensor) -> Tensor:
+        return x if self.config.init_state == "input" else torch.zeros_like(x)
+
+    def _bypass(self, x: Tensor, mask: AttentionMask) -> tuple[Tensor, SolverStats]:
+        """0 solver steps: z = z0, the solver bypassed (its residual measured with one evaluation of f)."""
+        z = self._z0(x)
+        with torch.no_grad():
+            fz = self.blocks[0](z, x, mask)
+            residual = relative_residual(z.flatten(1), fz.flatten(1)).max()
+        return z, SolverStats(steps=0, residual=float(residual), nfe=1)
+
+    def _penalties(self, z: Tensor, x: Tensor, mask: AttentionMask) -> Tensor:
+        """The training penalties at the solver's output z [B, T, H] (scalar, float32):
+
+        fixed point  lam * mean over positions of ||f(z) - z||^2 / ||f(z)||^2 (z with its graph, so the
+                     gradient also flows back through the solve);
+        Jacobian     lam * ||v^T J||^2 / ||v||^2, J = df/dz at the detached z, v ~ N(0, I) (torch's global RNG,
+                     which the trainer's checkpoints restore): a one-sample Hutchinson estimate of
+                     ||J||_F^2 / (T * H) per sequence, differentiated by double backward."""
+        config, block = self.config, self.blocks[0]
+        total = z.new_zeros((), dtype=torch.float32)
+        if config.fixed_point_penalty:
+            fz = block(z, x, mask)
+            diff = (fz - z).float().pow(2).sum(-1)
+            total = total + config.fixed_point_penalty * (diff / fz.float().pow(2).sum(-1).clamp(min=1e-10)).mean()
+        if config.jacobian_penalty:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            at = z.detach().requires_grad_(True)
+            # the math kernel: the fused CPU/flash attention kernels have no double backward
+            with sdpa_kernel([SDPBackend.MATH]):
+                fa = block(at, x, mask)
+                v = torch.randn_like(fa)
+                (vjp,) = torch.autograd.grad(fa, at, v, create_graph=True)
+            total = total + config.jacobian_penalty * vjp.float().pow(2).sum() / v.float().pow(2).sum()
+        return total
 
     def _solve_exact_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache) -> tuple[Tensor, SolverStats]:
         """Exactly `inference_max_steps` steps; evaluation k reads and extends cache layer k."""
@@ -310,7 +376,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         return z, stats
 
     def _solve(self, x: Tensor, mask: AttentionMask, hook: Any, *, tol: float | None, max_steps: int,
-               adjoint: deq.Adjoint) -> tuple[Tensor, SolverStats]:
+               adjoint: deq.Adjoint, detached_steps: int = 0) -> tuple[Tensor, SolverStats]:
         block = self.blocks[0]
         shape = x.shape
         if self.config.solver in PER_POSITION_SOLVERS:
@@ -332,7 +398,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         # trace=False: only the final residual is reported, and per-step reductions add up when decoding
         params = list(block.parameters()) if torch.is_grad_enabled() else []
         sol = deq.solve(f, z0, x, solver=self._solver(), adjoint=adjoint, tol=tol, max_steps=max_steps,
-                        params=params, trace=False)
+                        params=params, trace=False, detached_steps=detached_steps)
         stats = SolverStats(steps=sol.steps, residual=sol.max_residual, nfe=sol.nfe, backward=sol.backward)
         return sol.z.view(shape), stats
 

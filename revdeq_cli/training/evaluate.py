@@ -15,6 +15,8 @@ What is exact and what is not:
   though the separators are not counted as bytes.
 * Windows do not overlap, so a token early in a window sees less context than in training's average; this
   is the standard non-overlapping evaluation, the same one the trainer's validation uses.
+* A window shorter than `seq_len` (the split's tail) runs as its own forward call, cut to its length, so the
+  reported `max_residual` covers real positions only; the scores are those of the padded window.
 * In eval mode a DEQ runs `config.inference_max_steps` solver steps (stopping early at `inference_tol`, if
   set): `solver_steps` overrides it per call, which is how a sweep measures test-time compute.
 """
@@ -110,18 +112,19 @@ def evaluate_split(
         for i, (inputs, targets) in enumerate(eval_batches(tokens, seq_len, batch_size, max_batches=max_batches)):
             if i % world_size != rank:
                 continue
-            inputs, targets = inputs.to(device), targets.to(device)
-            with autocast():
-                out = model(input_ids=inputs, shift_labels=targets)
-            n = int((targets != -100).sum())
-            nll += float(out.loss.double()) * n
-            n_tokens += n
-            if out.solver_steps is not None:
-                step_tokens += out.solver_steps * n
-            if out.solver_residual is not None and not math.isnan(out.solver_residual):
-                max_residual = max(max_residual, float(out.solver_residual))
-            if on_batch is not None:
-                on_batch(n)
+            for part_inputs, part_targets in _without_padding(inputs, targets):
+                part_inputs, part_targets = part_inputs.to(device), part_targets.to(device)
+                with autocast():
+                    out = model(input_ids=part_inputs, shift_labels=part_targets)
+                n = int((part_targets != -100).sum())
+                nll += float(out.loss.double()) * n
+                n_tokens += n
+                if out.solver_steps is not None:
+                    step_tokens += out.solver_steps * n
+                if out.solver_residual is not None and not math.isnan(out.solver_residual):
+                    max_residual = max(max_residual, float(out.solver_residual))
+                if on_batch is not None:
+                    on_batch(n)
         limit = model.config.eval_max_steps if getattr(model.config, "is_deq", True) else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -140,6 +143,23 @@ def evaluate_split(
         max_residual=max_residual if max_residual > -math.inf else math.nan, seconds=seconds,
         tokens_per_sec=n_tokens / seconds if seconds > 0 else math.inf, peak_memory_bytes=peak_memory_bytes(device),
     )
+
+
+def _without_padding(inputs: torch.Tensor, targets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batch as forward calls without padding: the full windows together, a shorter (tail) window alone,
+    cut to its own length. The scores are the same (padding sits after the real tokens, which causal attention
+    never lets them see), but the solver's residual, a norm over the whole sequence, then covers real positions
+    only: padding positions (a token the model never trained on, repeated) need not converge and would decide
+    the largest residual."""
+    widths = (targets != -100).sum(1)
+    full = widths == targets.shape[1]
+    if bool(full.all()):
+        return [(inputs, targets)]
+    parts = [(inputs[full], targets[full])] if bool(full.any()) else []
+    for row in torch.nonzero(~full).flatten().tolist():
+        width = max(int(widths[row]), 1)
+        parts.append((inputs[row : row + 1, :width], targets[row : row + 1, :width]))
+    return parts
 
 
 def solver_steps_sweep(model: Any, tokens: np.ndarray, steps: Iterable[int], **kwargs: Any) -> list[EvalResult]:

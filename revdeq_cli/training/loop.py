@@ -28,6 +28,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -205,8 +206,11 @@ class Trainer:
     summary. `train()` below builds it from the environment (torchrun or a single process)."""
 
     def __init__(self, settings: Settings, *, info: DistInfo, device: torch.device,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, observers: Sequence[Any] = ()) -> None:
         self.info, self.device = info, device
+        # Objects with any of `on_step(trainer, record)` (after each optimiser step; record = the history entry)
+        # and `on_evaluation(trainer, split, loss)` (after each evaluation): how benchmarks record curves.
+        self.observers = list(observers)
         tr = settings.train
         resume_from = find_resume_checkpoint(tr.resume, tr.out_dir, settings.data.dataset)
         run_dir = Path(tr.out_dir) if tr.out_dir else (
@@ -278,6 +282,10 @@ class Trainer:
         seed_everything(s.train.seed)  # same initial weights on every rank and every run with this seed
         self.model = RevDEQForCausalLM(config).to(self.device)
         self.model.train()
+        # The training depth: drawn per optimiser step from (seed, step) when a rule is not a fixed count.
+        rules = config.step_rules() if config.is_deq else None
+        self.step_rules = rules if rules is not None and not (
+            config.train_steps is None and rules[1].fixed and rules[1].low == 0) else None
         if s.train.compile:  # before DDP wraps it; the block's forward is compiled in place (model/compile.py)
             from revdeq_cli.model.compile import compile_blocks
 
@@ -430,6 +438,13 @@ class Trainer:
         net = self.ddp if self.ddp is not None else self.model
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         out = None
+        depth: dict[str, int] = {}
+        if self.step_rules is not None:
+            from revdeq_cli.model.step_rule import step_generator
+
+            generator = step_generator(tr.seed, self.step)
+            depth = {"solver_steps": self.step_rules[0].draw(generator),
+                     "detached_steps": self.step_rules[1].draw(generator)}
         try:
             for k in range(tr.grad_accum):
                 block = self.blocks[indices[k]].to(self.device, non_blocking=True)
@@ -437,9 +452,10 @@ class Trainer:
                 # DDP all-reduces gradients on the last micro-batch only.
                 with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                     with self._autocast():
-                        out = net(input_ids=block[:, :-1], shift_labels=block[:, 1:])
+                        out = net(input_ids=block[:, :-1], shift_labels=block[:, 1:], **depth)
                     self.scaler.scale(out.loss / tr.grad_accum).backward()
-                loss_sum += out.loss.detach().double()
+                # the reported loss is the cross-entropy; out.loss adds the training penalties (if any)
+                loss_sum += (out.lm_loss if out.lm_loss is not None else out.loss).detach().double()
         except deq.SolverDivergedError as err:
             if getattr(err, "where", "forward") == "backward":
                 raise self._diverged(f"the residual of the implicit gradient's backward solve (step {err.step})",
@@ -679,6 +695,9 @@ class Trainer:
                               memory_bytes=memory, tokens_seen=self.tokens_seen,
                               elapsed=time.perf_counter() - self._t0, eta=remaining, **figures)
             self.history.append({"step": self.step, **figures})
+            for observer in self.observers:
+                if hasattr(observer, "on_step"):
+                    observer.on_step(self, self.history[-1])
             if self.info.is_main:
                 self.progress.update(stats)
                 log_now = self.step % self.settings.log.log_every == 0 or self.step in (1, self.total_steps)
@@ -695,6 +714,9 @@ class Trainer:
 
     def _validate(self, max_batches: int | None, *, save_best: bool = True) -> float:
         loss = self.evaluate("validation", max_batches)
+        for observer in self.observers:
+            if hasattr(observer, "on_evaluation"):
+                observer.on_evaluation(self, "validation" if max_batches is None else "validation-prefix", loss)
         improved = self.best_val_loss is None or loss < self.best_val_loss
         if improved:
             self.best_val_loss, self.best_val_step = loss, self.step
@@ -754,12 +776,12 @@ class Trainer:
         )
 
 
-def train(settings: Settings, *, progress: Progress | None = None) -> TrainSummary:
+def train(settings: Settings, *, progress: Progress | None = None, observers: Sequence[Any] = ()) -> TrainSummary:
     """Run `revdeq train` with resolved `settings` in this process (joins the torchrun group if launched by
     torchrun). Prints progress and the summary on rank 0; returns the summary on every rank."""
     info, device = init_distributed(settings.train.device)
     try:
-        trainer = Trainer(settings, info=info, device=device, progress=progress)
+        trainer = Trainer(settings, info=info, device=device, progress=progress, observers=observers)
         summary = trainer.run()
         if info.is_main:
             for line in summary.lines():

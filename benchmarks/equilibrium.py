@@ -1,0 +1,357 @@
+"""The equilibrium study: which training recipe makes the trained model an equilibrium model, one whose quality
+holds (or improves) when the solver runs longer than it trained.
+
+    python benchmarks/equilibrium.py screen                  # every candidate, one rate, 600 steps, seed 0
+    python benchmarks/equilibrium.py confirm --models a,b    # the rate grid at 1200 steps, + seed 1 at the best
+    python benchmarks/equilibrium.py run --models base --lrs 3e-3 --steps 1200 --seeds 0,1   # any subset
+    python benchmarks/equilibrium.py report                  # equilibrium.md and the plot from the runs so far
+
+Every run trains with `revdeq_cli.training.Trainer` (what `revdeq train` runs; a `Trainer` observer records the
+validation curve), on pydoc with the byte tokenizer at the `tiny` width, in a fresh process with one torch
+thread (`--jobs` processes at a time). The training settings are pinned here (`RECIPE`, the same as
+benchmarks/recipe.py's), so a change of the package's defaults does not change a finished study; only each
+candidate's options, the learning rate and the seed differ. After training, the final model is evaluated on
+the whole validation split at 0 (z = z0, the solver bypassed), 1, 2, 4, 8, 16 and 32 inference solver steps
+(perplexity and the largest relative residual over the batches), and on the first validation-sized part of
+the training split at its nominal training depth (train perplexity, to see overfitting).
+
+Runs are appended to `benchmarks/results/equilibrium-runs.jsonl` and skipped when already there, so a study
+can be stopped and continued. Fairness: every candidate and baseline gets the same rate grid and seeds at a
+given length; the table reports each at its own best rate (lowest mean validation perplexity at its own
+inference steps, chosen per run as the smallest step count within 1% of that run's best).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from recipe import RECIPE, WARMUP_FRACTION, machine  # noqa: E402  (the shared pinned settings)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RUNS_FILE = RESULTS_DIR / "equilibrium-runs.jsonl"
+INFERENCE_STEPS = (0, 1, 2, 4, 8, 16, 32)
+
+_BASE = {"solver.solver": "reversible", "solver.adjoint": "reversible", "solver.tol": 0.0,
+         "solver.state_dtype": "float64", "model.init_state": "input", "solver.beta": 0.5, "solver.max_steps": 2}
+_INPUT_SKIP = {**_BASE, "model.block_skip": "input"}
+
+# name -> (label, settings overrides). Without tol (0 = never stop early) every step count is the drawn one.
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "base": ("today: 2 steps", _BASE),
+    "uniform-1-4": ("uniform 1..4 steps", {**_BASE, "solver.train_steps": "uniform:1-4"}),
+    "pln-4": ("Poisson-lognormal steps, mean 4 (all differentiated)",
+              {**_BASE, "solver.train_steps": "poisson-lognormal:4:16"}),
+    "fixed-6": ("6 steps", {**_BASE, "solver.max_steps": 6}),
+    "tol-0.1": ("to tol 0.1, at most 8 steps", {**_BASE, "solver.max_steps": 8, "solver.tol": 0.1}),
+    "beta-0.8": ("2 steps, beta 0.8", {**_BASE, "solver.beta": 0.8}),
+    "penalty-1": ("2 steps + fixed-point penalty 1", {**_BASE, "solver.fixed_point_penalty": 1.0}),
+    "jacobian-0.1": ("2 steps + Jacobian penalty 0.1", {**_BASE, "solver.jacobian_penalty": 0.1}),
+    "detach-u0-6": ("0..6 detached + 2 differentiated steps", {**_BASE, "solver.train_detached_steps": "uniform:0-6"}),
+    "detach-pln-6": ("Poisson-lognormal (mean 6) detached + 2 differentiated",
+                     {**_BASE, "solver.train_detached_steps": "poisson-lognormal:6:24"}),
+    "detach-pln-6-penalty": ("PLN(6) detached + 2 differentiated + penalty 1",
+                             {**_BASE, "solver.train_detached_steps": "poisson-lognormal:6:24",
+                              "solver.fixed_point_penalty": 1.0}),
+    "input-2": ("input skip, 2 steps", _INPUT_SKIP),
+    "input-4": ("input skip, 4 steps", {**_INPUT_SKIP, "solver.max_steps": 4}),
+    "input-penalty-1": ("input skip, 2 steps + penalty 1", {**_INPUT_SKIP, "solver.fixed_point_penalty": 1.0}),
+    "input-detach-pln-6": ("input skip, PLN(6) detached + 2 differentiated",
+                           {**_INPUT_SKIP, "solver.train_detached_steps": "poisson-lognormal:6:24"}),
+    "input-detach-u0-6": ("input skip, 0..6 detached + 2 differentiated",
+                          {**_INPUT_SKIP, "solver.train_detached_steps": "uniform:0-6"}),
+    "input-detach-pln-6-penalty": ("input skip, PLN(6) detached + 2 differentiated + penalty 1",
+                                   {**_INPUT_SKIP, "solver.train_detached_steps": "poisson-lognormal:6:24",
+                                    "solver.fixed_point_penalty": 1.0}),
+    "input-detach-pln-4": ("input skip, PLN(4) detached + 2 differentiated",
+                           {**_INPUT_SKIP, "solver.train_detached_steps": "poisson-lognormal:4:16"}),
+    "input-jacobian-1": ("input skip, 2 steps + Jacobian penalty 1", {**_INPUT_SKIP, "solver.jacobian_penalty": 1.0}),
+    "explicit-1": ("transformer, 1 layer (same parameters)", {"solver.solver": "explicit",
+                                                              "model.num_hidden_layers": 1}),
+}
+SCREEN_MODELS = [m for m in MODELS if m != "explicit-1"]
+SCREEN_LR = 3e-3
+LR_GRID = (2e-3, 3e-3, 4e-3)
+
+
+class CurveRecorder:
+    """A Trainer observer: validation perplexity on the first batches every eval_every steps."""
+
+    def __init__(self) -> None:
+        self.curve: list[tuple[int, float]] = []
+
+    def on_evaluation(self, trainer: Any, split: str, loss: float) -> None:
+        if split == "validation-prefix":
+            self.curve.append((trainer.step, math.exp(loss)))
+
+
+def nominal_steps(config: Any) -> float:
+    """The mean solver steps a training batch takes (differentiated + detached)."""
+    steps, detached = config.step_rules()
+    return steps.mean_value + detached.mean_value
+
+
+def own_steps(ppl: dict[str, float]) -> int:
+    """The inference steps a run would ship with: the smallest count (>= 1) within 1% of its best perplexity."""
+    counts = [k for k in INFERENCE_STEPS if k >= 1 and str(k) in ppl]
+    best = min(ppl[str(k)] for k in counts)
+    return next(k for k in counts if ppl[str(k)] <= 1.01 * best)
+
+
+def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curve_batches: int) -> dict[str, Any]:
+    """Train one candidate in this process and measure it (called in a fresh child process)."""
+    import shutil
+
+    import torch
+
+    torch.set_num_threads(1)
+    from revdeq_cli.settings import resolve_settings
+    from revdeq_cli.training import loop
+    from revdeq_cli.training.evaluate import evaluate_split
+
+    out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"revdeq-equilibrium-{os.getpid()}"
+    values = {**RECIPE, **MODELS[model][1], "train.lr": lr, "train.max_steps": steps, "train.seed": seed,
+              "train.warmup_steps": max(1, round(WARMUP_FRACTION * steps)), "train.eval_every": curve_every,
+              "train.eval_batches": curve_batches, "train.out_dir": str(out_dir)}
+    settings = resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
+    recorder = CurveRecorder()
+    trainer = loop.Trainer(settings, info=loop.init_distributed("cpu")[0], device=torch.device("cpu"),
+                           observers=[recorder])
+    t0 = time.perf_counter()
+    summary = trainer.run()
+    wall = time.perf_counter() - t0
+    net, corpus = trainer.model, trainer.corpus
+    common = {"seq_len": settings.data.seq_len, "batch_size": 16}
+    record: dict[str, Any] = {
+        "model": model, "lr": lr, "steps": steps, "seed": seed, "train_seconds": summary.seconds,
+        "wall_seconds": wall, "curve": recorder.curve, "final_val_ppl_trainer": math.exp(summary.final_val_loss),
+    }
+    if net.config.is_deq:
+        record["nominal_train_steps"] = nominal_steps(net.config)
+        ppl, residual, seconds = {}, {}, {}
+        for k in INFERENCE_STEPS:
+            r = evaluate_split(net, corpus.splits["validation"], split_bytes=corpus.split_bytes["validation"],
+                               solver_steps=k, **common)
+            ppl[str(k)], residual[str(k)], seconds[str(k)] = r.perplexity, r.max_residual, r.seconds
+        # residual over real positions (evaluate_split runs the padded tail window cut to its length)
+        record.update(val_ppl_at=ppl, residual_at=residual, eval_seconds_at=seconds, residual_real_positions=True)
+        record["own_steps"] = own_steps(ppl)
+        record["val_ppl"] = ppl[str(record["own_steps"])]
+        train_steps = max(1, round(record["nominal_train_steps"]))
+    else:
+        record["val_ppl"] = math.exp(summary.final_val_loss)
+        train_steps = None
+    n_val = len(corpus.splits["validation"])
+    train_part = corpus.splits["train"][:n_val]
+    r = evaluate_split(net, train_part, split_bytes=corpus.split_bytes["validation"], solver_steps=train_steps,
+                       split="train", **common)
+    record["train_ppl"] = r.perplexity
+    keep = os.environ.get("REVDEQ_EQUILIBRIUM_KEEP")  # a folder to keep each run's final model in, for probing
+    if keep:
+        dest = Path(keep) / f"{model}-lr{lr:g}-s{steps}-seed{seed}"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree((out_dir / "final").resolve(), dest)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- the study
+def load_runs() -> list[dict[str, Any]]:
+    if not RUNS_FILE.exists():
+        return []
+    return [json.loads(line) for line in RUNS_FILE.read_text().splitlines() if line.strip()]
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    return (r["model"], float(r["lr"]), int(r["steps"]), int(r["seed"]))
+
+
+def run_many(jobs_list: list[tuple[str, float, int, int]], args: argparse.Namespace) -> None:
+    done = {_key(r) for r in load_runs()}
+    todo = [j for j in jobs_list if (j[0], float(j[1]), j[2], j[3]) not in done]
+    print(f"{len(todo)} runs to do ({len(jobs_list) - len(todo)} already in {RUNS_FILE.name})", flush=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+
+    def child(job: tuple[str, float, int, int]) -> None:
+        model, lr, steps, seed = job
+        spec = json.dumps({"model": model, "lr": lr, "steps": steps, "seed": seed,
+                           "curve_every": args.curve_every or max(25, steps // 12),
+                           "curve_batches": args.curve_batches})
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env = {k: v for k, v in env.items()
+               if not k.startswith("REVDEQ_") or k in ("REVDEQ_CACHE_DIR", "REVDEQ_EQUILIBRIUM_KEEP")}
+        proc = subprocess.run([sys.executable, __file__, "child", spec], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"FAILED {job}: {last}", flush=True)
+            record = {"model": model, "lr": lr, "steps": steps, "seed": seed, "val_ppl": math.inf, "failed": last}
+        else:
+            record = json.loads(proc.stdout.strip().splitlines()[-1])
+        with RUNS_FILE.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        curve = " / ".join(f"{record.get('val_ppl_at', {}).get(str(k), math.nan):.2f}" for k in INFERENCE_STEPS)
+        print(f"{model:22s} lr {lr:g} steps {steps} seed {seed}: ppl@{INFERENCE_STEPS} {curve} "
+              f"res@32 {record.get('residual_at', {}).get('32', math.nan):.2g} ({record.get('wall_seconds', 0):.0f} s)",
+              flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(child, todo))
+
+
+def best_per_model(runs: list[dict[str, Any]], steps: int) -> dict[str, dict[str, Any]]:
+    """For each model at `steps`: the rate with the lowest mean val ppl (at each run's own steps) over its seeds."""
+    out: dict[str, dict[str, Any]] = {}
+    for model in MODELS:
+        by_lr: dict[float, list[dict[str, Any]]] = {}
+        for r in runs:
+            if r["model"] == model and int(r["steps"]) == steps:
+                by_lr.setdefault(float(r["lr"]), []).append(r)
+        if not by_lr:
+            continue
+        lr = min(by_lr, key=lambda g: statistics.mean(r["val_ppl"] for r in by_lr[g]))
+        vals = [r["val_ppl"] for r in by_lr[lr]]
+        out[model] = {"lr": lr, "runs": by_lr[lr], "mean": statistics.mean(vals),
+                      "spread": (max(vals) - min(vals)) / 2 if len(vals) > 1 else None,
+                      "grid": {g: statistics.mean(r["val_ppl"] for r in rs) for g, rs in sorted(by_lr.items())}}
+    return out
+
+
+def _mean_at(runs: list[dict[str, Any]], field: str, k: int) -> float:
+    values = [r[field][str(k)] for r in runs if field in r]
+    return statistics.mean(values) if values else math.nan
+
+
+def criteria(run: dict[str, Any]) -> tuple[float, bool, bool]:
+    """(worst ppl from own steps to 32 / ppl at own steps, flat within 1.02x and res@32 <= 2e-2, moonshot)."""
+    ppl, own = run["val_ppl_at"], run["own_steps"]
+    later = [ppl[str(k)] for k in INFERENCE_STEPS if k >= own]
+    worst = max(later) / ppl[str(own)]
+    flat = worst <= 1.02 and run["residual_at"]["32"] <= 2e-2
+    moon = min(ppl["8"], ppl["16"]) <= 0.95 * ppl["2"] and run["residual_at"]["32"] <= 1e-3
+    return worst, flat, moon
+
+
+def report(args: argparse.Namespace) -> str:
+    runs = [r for r in load_runs() if "failed" not in r and math.isfinite(r.get("val_ppl", math.inf))]
+    head = " | ".join(f"{k}" for k in INFERENCE_STEPS)
+    lines = ["# Equilibrium study", "", f"Machine: {machine()}.", "",
+             "`python benchmarks/equilibrium.py screen` / `confirm` / `run` / `report`. pydoc, byte tokenizer, tiny "
+             "width (128, 4 heads, MLP 512, 128-token context), batch 16, AdamW (weight decay 0.1), cosine schedule "
+             f"with {WARMUP_FRACTION:.0%} warmup, clipping 1.0, fp32, one torch thread per run, RevDEQ beta 0.5, "
+             "z0 = x unless named. Validation perplexity (bytes) on the whole validation split after training at 0 "
+             "(z = z0) to 32 inference solver steps; `res@32` the largest relative residual at 32 steps; "
+             "`own` the smallest step count within 1% of the run's best; `worst/own` the largest perplexity from own "
+             "to 32 steps over that at own (the target: <= 1.02 with res@32 <= 2e-2); train ppl on a validation-sized "
+             "prefix of the training split at the nominal training depth. Each model at its own best rate of the "
+             "grid it ran (mean over seeds; per-rate means listed); s/run = training wall time (shared machine: "
+             "`--jobs` runs on 2 cores).", ""]
+    for steps in sorted({int(r["steps"]) for r in runs}):
+        best = best_per_model(runs, steps)
+        lines += [f"## {steps} optimiser steps", "",
+                  f"| model | lr | ppl @ {head} | res@32 | own | ppl @ own | worst/own | train ppl | seeds | "
+                  "ppl per lr | s/run |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+        for model, b in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
+            rs = b["runs"]
+            spread = f" ± {b['spread']:.2f}" if b["spread"] is not None else ""
+            grid = ", ".join(f"{g:g}: {v:.2f}" for g, v in b["grid"].items())
+            secs = statistics.mean(r.get("train_seconds", math.nan) for r in rs)
+            train = statistics.mean(r.get("train_ppl", math.nan) for r in rs)
+            if "val_ppl_at" in rs[0]:
+                curve = " / ".join(f"{_mean_at(rs, 'val_ppl_at', k):.2f}" for k in INFERENCE_STEPS)
+                res = f"{max(r['residual_at']['32'] for r in rs):.2g}"
+                if not all(r.get("residual_real_positions") for r in rs):
+                    res += "*"  # measured before evaluate_split left padding out: the tail window's pad positions
+                own = "/".join(sorted({str(r["own_steps"]) for r in rs}))
+                worst = f"{max(criteria(r)[0] for r in rs):.3f}"
+            else:
+                curve, res, own, worst = "(explicit)", "-", "-", "-"
+            lines.append(f"| {MODELS[model][0]} | {b['lr']:g} | {curve} | {res} | {own} | {b['mean']:.2f}{spread} | "
+                         f"{worst} | {train:.2f} | {len(rs)} | {grid} | {secs:.0f} |")
+        lines.append("")
+    lines += ["`*`: res@32 measured with the split's padded tail window in the solve, so padding positions (the pad "
+              "token repeated, never trained on) decide it; later runs cut that window to its length (real positions "
+              "only; perplexity unchanged).", ""]
+    text = "\n".join(lines)
+    (RESULTS_DIR / "equilibrium.md").write_text(text + "\n")
+    _plot(runs)
+    return text
+
+
+def _plot(runs: list[dict[str, Any]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    steps = max((int(r["steps"]) for r in runs), default=0)
+    best = {m: b for m, b in best_per_model(runs, steps).items() if "val_ppl_at" in b["runs"][0]}
+    if not best:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    xs = [k for k in INFERENCE_STEPS if k >= 1]
+    for model, b in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
+        ax.plot(xs, [_mean_at(b["runs"], "val_ppl_at", k) for k in xs], marker="o",
+                label=f"{MODELS[model][0]} (lr {b['lr']:g})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("inference solver steps")
+    ax.set_ylabel("validation perplexity (byte)")
+    ax.set_title(f"Equilibrium study, {steps} optimiser steps: perplexity vs inference steps")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(RESULTS_DIR / "equilibrium_inference_steps.png", bbox_inches="tight", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["screen", "confirm", "run", "report", "child"])
+    p.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--models", default=None, help="comma-separated names from MODELS")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the grid)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--curve-every", type=int, default=None)
+    p.add_argument("--curve-batches", type=int, default=4)
+    args = p.parse_args(argv)
+    if args.action == "child":
+        print(json.dumps(run_one(**json.loads(args.spec))))
+        return 0
+    models = args.models.split(",") if args.models else SCREEN_MODELS
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else list(LR_GRID)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.action == "screen":
+        lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else [SCREEN_LR]
+        run_many([(m, lr, args.steps or 600, 0) for m in models for lr in lrs], args)
+    elif args.action == "confirm":
+        steps = args.steps or 1200
+        run_many([(m, lr, steps, 0) for m in models for lr in lrs], args)
+        best = best_per_model(load_runs(), steps)
+        run_many([(m, best[m]["lr"], steps, s) for m in models if m in best for s in (seeds if seeds != [0] else [1])],
+                 args)
+    elif args.action == "run":
+        run_many([(m, lr, args.steps or 600, s) for m in models for lr in lrs for s in seeds], args)
+    print(report(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -236,6 +236,7 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
 
     from revdeq_cli import deq
     from revdeq_cli.model import RevDEQForCausalLM
+    from revdeq_cli.model.step_rule import draw_depth
     from revdeq_cli.training.data_order import BlockOrder
     from revdeq_cli.training.evaluate import evaluate_split, solver_steps_sweep
     from revdeq_cli.training.metrics import perplexity
@@ -294,12 +295,14 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
             group["lr"] = lr_at(train_seconds)
         try:
             with _autocast(device, args.precision):
-                out = model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:])
+                # the training depth the trainer would draw (the preset's step rules), per optimiser step
+                depth = draw_depth(config.step_rules() if config.is_deq else None, args.seed, step)
+                out = model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:], **depth)
             scaler.scale(out.loss).backward()
         except deq.SolverDivergedError as err:
             diverged = f"solver residual not finite at solver step {err.step} (training step {step + 1})"
             break
-        loss = float(out.loss.detach())
+        loss = float((out.lm_loss if out.lm_loss is not None else out.loss).detach())
         if not math.isfinite(loss):
             diverged = f"loss {loss} at training step {step + 1}"
             break

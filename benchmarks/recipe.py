@@ -120,17 +120,14 @@ def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curv
     settings = resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
 
     curve: list[tuple[int, float]] = []
-    validate = loop.Trainer._validate
 
-    def recording_validate(self, max_batches, *, save_best=True):  # noqa: ANN001, ANN202
-        loss = validate(self, max_batches, save_best=save_best)
-        if max_batches is not None:
-            curve.append((self.step, math.exp(loss)))
-        return loss
+    class CurveRecorder:  # a Trainer observer: the validation prefix's perplexity at each evaluation
+        def on_evaluation(self, trainer: Any, split: str, loss: float) -> None:
+            if split == "validation-prefix":
+                curve.append((trainer.step, math.exp(loss)))
 
-    loop.Trainer._validate = recording_validate
     t0 = time.perf_counter()
-    summary = loop.train(settings)
+    summary = loop.train(settings, observers=[CurveRecorder()])
     wall = time.perf_counter() - t0
     import shutil
 

@@ -99,3 +99,12 @@ class StepRule:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator the trainer draws optimiser step `step`'s counts from: a pure function of (seed, step)."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**63))
+
+
+def draw_depth(rules: tuple[StepRule, StepRule] | None, seed: int, step: int) -> dict[str, int]:
+    """The forward keyword arguments (`solver_steps`, `detached_steps`) for optimiser step `step` of a run
+    with `seed`, from a config's `step_rules()`; {} for a model without a solver (rules None)."""
+    if rules is None:
+        return {}
+    generator = step_generator(seed, step)
+    return {"solver_steps": rules[0].draw(generator), "detached_steps": rules[1].draw(generator)}

@@ -282,10 +282,8 @@ class Trainer:
         seed_everything(s.train.seed)  # same initial weights on every rank and every run with this seed
         self.model = RevDEQForCausalLM(config).to(self.device)
         self.model.train()
-        # The training depth: drawn per optimiser step from (seed, step) when a rule is not a fixed count.
-        rules = config.step_rules() if config.is_deq else None
-        self.step_rules = rules if rules is not None and not (
-            config.train_steps is None and rules[1].fixed and rules[1].low == 0) else None
+        # The training depth: drawn per optimiser step from (seed, step) (model/step_rule.py).
+        self.step_rules = config.step_rules() if config.is_deq else None
         if s.train.compile:  # before DDP wraps it; the block's forward is compiled in place (model/compile.py)
             from revdeq_cli.model.compile import compile_blocks
 
@@ -438,13 +436,9 @@ class Trainer:
         net = self.ddp if self.ddp is not None else self.model
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         out = None
-        depth: dict[str, int] = {}
-        if self.step_rules is not None:
-            from revdeq_cli.model.step_rule import step_generator
+        from revdeq_cli.model.step_rule import draw_depth
 
-            generator = step_generator(tr.seed, self.step)
-            depth = {"solver_steps": self.step_rules[0].draw(generator),
-                     "detached_steps": self.step_rules[1].draw(generator)}
+        depth = draw_depth(self.step_rules, tr.seed, self.step)
         try:
             for k in range(tr.grad_accum):
                 block = self.blocks[indices[k]].to(self.device, non_blocking=True)

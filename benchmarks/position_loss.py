@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from revdeq_cli.checkpoints import load_checkpoint
     from revdeq_cli.data import prepare_corpus
-    from revdeq_cli.training.checkpoint import load_checkpoint
 
     torch.set_grad_enabled(False)
     model, _, settings, meta = load_checkpoint(args.checkpoint)

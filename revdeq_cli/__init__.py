@@ -18,7 +18,7 @@ import warnings
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.1.0"
+from revdeq_cli.version import __version__
 
 __all__ = ["deq", "RevDEQConfig", "RevDEQForCausalLM", "__version__"]
 

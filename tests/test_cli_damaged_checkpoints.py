@@ -1,7 +1,7 @@
 """Every command that opens a checkpoint (generate, eval, convert, inspect, train --resume) meets every kind of
 damage with exit code 2, one `revdeq: error:` line naming the damaged file, no traceback, and nothing
 written: not into the checkpoint, not a DEST, not into the run directory. All go through
-`revdeq_cli.training.checkpoint_files.open_checkpoint`."""
+`revdeq_cli.checkpoints.verify.open_checkpoint`."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def test_train_resume_from_a_damaged_checkpoint(run, tmp_path, damage, fragment)
 
 
 def test_converted_model_without_tokenizer_or_training_state_still_opens(run, tmp_path):
-    from revdeq_cli.training.checkpoint_files import open_checkpoint
+    from revdeq_cli.checkpoints.verify import open_checkpoint
 
     slim = shutil.copytree(run / CHECKPOINT, tmp_path / "slim")
     for name in ("tokenizer.json", "tokenizer_config.json", "training_state.pt"):

@@ -105,8 +105,8 @@ def test_commands_in_the_usage_comments_exist():
 
 
 def test_volumes_are_where_the_image_keeps_runs_and_caches(compose, dockerfile):
-    from revdeq_cli.cli.generate_cmd import RUNS_DIR
-    from revdeq_cli.training.loop import default_run_dir
+    from revdeq_cli.checkpoints import default_run_dir
+    from revdeq_cli.checkpoints.layout import RUNS_DIR
 
     env = image_env(dockerfile)
     workdir = PurePosixPath(env["WORKDIR"])

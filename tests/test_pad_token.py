@@ -49,7 +49,7 @@ def test_trained_checkpoint_saves_a_pad_token_the_config_agrees_with(run):
 
 
 def test_load_checkpoint_gives_an_older_checkpoints_tokenizer_a_pad_token(run, tmp_path):
-    from revdeq_cli.training.checkpoint import load_checkpoint
+    from revdeq_cli.checkpoints import load_checkpoint
 
     ckpt = shutil.copytree(run / "checkpoint-000002", tmp_path / "old")
     config = json.loads((ckpt / "tokenizer_config.json").read_text())
@@ -63,9 +63,9 @@ def test_load_checkpoint_gives_an_older_checkpoints_tokenizer_a_pad_token(run, t
 def test_left_padded_batched_generation_equals_per_prompt_generation(tmp_path, use_cache):
     from transformers import AutoTokenizer
 
+    from revdeq_cli.checkpoints import save_checkpoint
     from revdeq_cli.data.tokenizer import byte_tokenizer
     from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
-    from revdeq_cli.training.checkpoint import save_checkpoint
 
     built = byte_tokenizer()
     config = RevDEQConfig.from_preset("tiny", vocab_size=len(built), hidden_size=32, num_attention_heads=2,

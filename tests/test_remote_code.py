@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from revdeq_cli.checkpoints import link_checkpoint, save_checkpoint
 from revdeq_cli.data.tokenizer import byte_tokenizer
 from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
 from revdeq_cli.model.remote_code import AUTO_MAP, SELF_NAME, generate_remote_code
 from revdeq_cli.sampling import SAMPLING
-from revdeq_cli.training.checkpoint import link_checkpoint, save_checkpoint
 
 PROMPT = [[5, 17, 42, 99, 3, 250], [7, 7, 8, 1, 0, 64]]
 NEW_TOKENS = 6

@@ -21,7 +21,8 @@ from cli_helpers import invoke, one_error_line
 from test_train_cli import TINY_FLAGS, _env, needs_torchrun, torchrun_cmd
 from test_train_loop import small_corpus  # noqa: F401  (session fixture: the local test corpus)
 
-from revdeq_cli.training import checkpoint as ckpt
+from revdeq_cli import checkpoints as ckpt
+from revdeq_cli.checkpoints import atomic
 from revdeq_cli.training.run_dir import LOCK_NAME, RunDirBusyError, RunLock
 
 # A constant rate and no warmup: a run resumed with a new --max-steps computes what one run to that step does.
@@ -292,7 +293,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_half_checkpoi
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    monkeypatch.setattr(ckpt, "free_bytes", lambda path: 100 << 10)  # what the full disk has left
+    monkeypatch.setattr(atomic, "free_bytes", lambda path: 100 << 10)  # what the full disk has left
     out = tmp_path / "run"
     result = _in_process(corpus, cache, out, "--max-steps", "5", "--save-every", "1", "--eval-every", "0")
     assert result.exit_code == 2, result.output
@@ -312,11 +313,11 @@ def test_torch_saves_own_error_on_a_full_disk_is_taken_for_one(tmp_path, monkeyp
             (tmp / "model.safetensors").write_bytes(b"\0" * 100)
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 926912 vs 926804")
 
-    monkeypatch.setattr(ckpt, "free_bytes", lambda path: 4096)
+    monkeypatch.setattr(atomic, "free_bytes", lambda path: 4096)
     with pytest.raises(ckpt.DiskFullError) as err:
         failing_write()
     assert "checkpoint-000004" in str(err.value) and err.value.directory == tmp_path
-    monkeypatch.setattr(ckpt, "free_bytes", lambda path: 10 << 30)
+    monkeypatch.setattr(atomic, "free_bytes", lambda path: 10 << 30)
     with pytest.raises(RuntimeError, match="unexpected pos"):
         failing_write()
     assert list(tmp_path.iterdir()) == []

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from revdeq_cli.checkpoints.safetensors_header import read_safetensors_header
 from revdeq_cli.errors import CheckpointError
-from revdeq_cli.interop.safetensors_header import read_safetensors_header
 
 
 def _write(tmp_path, tensors, metadata=None):

@@ -107,7 +107,7 @@ def test_two_process_gloo_run_through_torchrun_saves_a_loadable_rank0_checkpoint
     assert result.stdout.count("done: 4/4 steps") == 1
     assert "2 process(es)" in result.stdout and "512 tokens/step" not in result.stdout
 
-    from revdeq_cli.training.checkpoint import load_checkpoint
+    from revdeq_cli.checkpoints import load_checkpoint
 
     model, tokenizer, settings, meta = load_checkpoint(out)
     assert meta["step"] == 4 and meta["world_size"] == 2

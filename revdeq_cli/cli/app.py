@@ -14,8 +14,8 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from revdeq_cli import __version__
 from revdeq_cli.errors import UserError
+from revdeq_cli.version import __version__
 
 
 class _RevdeqGroup(TyperGroup):

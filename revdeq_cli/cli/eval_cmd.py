@@ -84,9 +84,9 @@ def parse_steps(values: list[str] | None) -> list[int | None]:
 
 def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len, batch_size, max_batches,
               device_spec, as_json, compile_=False) -> None:
+    from revdeq_cli.checkpoints import load_checkpoint
     from revdeq_cli.data import prepare_corpus
     from revdeq_cli.errors import CheckpointError, UserError
-    from revdeq_cli.training.checkpoint import load_checkpoint
     from revdeq_cli.training.distributed import resolve_device
     from revdeq_cli.training.evaluate import solver_steps_sweep
 

@@ -8,10 +8,8 @@ from pathlib import Path
 import typer
 
 from revdeq_cli.cli.app import app
-from revdeq_cli.cli.output import newest_checkpoint_under, quiet_libraries
+from revdeq_cli.cli.output import quiet_libraries
 from revdeq_cli.sampling import SAMPLING
-
-RUNS_DIR = Path("runs")
 
 
 @app.command(
@@ -89,8 +87,9 @@ def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, tempe
     import torch
     from transformers import TextStreamer
 
+    from revdeq_cli.checkpoints import load_checkpoint, newest_checkpoint_under
+    from revdeq_cli.checkpoints.layout import RUNS_DIR
     from revdeq_cli.errors import CheckpointError, UserError
-    from revdeq_cli.training.checkpoint import load_checkpoint
     from revdeq_cli.training.distributed import resolve_device
     from revdeq_cli.training.generation import generate_sample
     from revdeq_cli.training.progress import format_bytes

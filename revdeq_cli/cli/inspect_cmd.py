@@ -44,7 +44,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
     """Describe CHECKPOINT (help text: see the decorator)."""
-    from revdeq_cli.training.inspection import describe_checkpoint
+    from revdeq_cli.checkpoints.inspection import describe_checkpoint
 
     report = describe_checkpoint(checkpoint)
     residuals = _probe(report.path, probe_text, probe_steps, device) if probe else None
@@ -79,8 +79,8 @@ def inspect(
 def _probe(path: Path, text: str, steps: int | None, device_spec: str) -> list[float]:
     import torch
 
+    from revdeq_cli.checkpoints import load_checkpoint
     from revdeq_cli.errors import CheckpointError, UserError
-    from revdeq_cli.training.checkpoint import load_checkpoint
     from revdeq_cli.training.distributed import resolve_device
     from revdeq_cli.training.evaluate import probe_residuals
 

@@ -52,21 +52,3 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | No
                          for c, w, a in zip(row, widths, align, strict=True)).rstrip()
 
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *(line(r) for r in cells[1:])])
-
-
-def newest_checkpoint_under(root: Path) -> Path:
-    """The most recently written checkpoint in any run directory under `root` (default for generate)."""
-    from revdeq_cli.errors import CheckpointError
-    from revdeq_cli.training.checkpoint import is_checkpoint_dir
-
-    found = []
-    if root.is_dir():
-        for run in root.iterdir():
-            if run.is_dir() and not run.name.startswith("."):
-                found += [p for p in run.iterdir() if p.is_dir() and not p.name.startswith(".")
-                          and is_checkpoint_dir(p)]
-    if not found:
-        raise CheckpointError(f"{root}: no checkpoint found; train one with `revdeq train` or pass "
-                              "--checkpoint PATH")
-    return max(found, key=lambda p: ((p / "model.safetensors").stat().st_mtime if
-                                     (p / "model.safetensors").exists() else 0.0, p.name))

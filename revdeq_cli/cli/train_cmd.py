@@ -154,8 +154,8 @@ def train_command(
     # written, so a damaged checkpoint is one line and leaves the run directory as it was.
     stored = None
     if given.get("train.resume") is not None:
-        from revdeq_cli.training.checkpoint_files import open_checkpoint
-        from revdeq_cli.training.loop import find_resume_checkpoint
+        from revdeq_cli.checkpoints.layout import find_resume_checkpoint
+        from revdeq_cli.checkpoints.verify import open_checkpoint
 
         out = given.get("train.out_dir")
         found = find_resume_checkpoint(str(given["train.resume"]), None if out is None else str(out),

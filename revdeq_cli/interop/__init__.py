@@ -2,14 +2,15 @@
 
     from revdeq_cli.interop import read_safetensors_header, convert_checkpoint, convert_revdeq_pytorch
 
-Layer: beside data/ and training/ (imports deq, model, data, training; never cli). Nothing here unpickles
+Floor: beside training/ (imports model, data and checkpoints below; never training or cli; docs/DESIGN.md
+§2). Nothing here unpickles
 an untrusted file: safetensors headers are parsed as JSON, torch files go through the weights-only
 unpickler.
 """
 
+from revdeq_cli.checkpoints.safetensors_header import SafetensorsHeader, TensorInfo, read_safetensors_header
 from revdeq_cli.interop.convert import ConvertResult, convert_checkpoint, convert_revdeq_pytorch, detect_source_kind
 from revdeq_cli.interop.revdeq_pytorch import LegacyCheckpoint, read_revdeq_pytorch
-from revdeq_cli.interop.safetensors_header import SafetensorsHeader, TensorInfo, read_safetensors_header
 
 __all__ = [
     "ConvertResult",

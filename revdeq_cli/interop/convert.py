@@ -5,7 +5,7 @@
 
 A model directory holds `config.json` (with `auto_map`), `generation_config.json`, `model.safetensors`, the
 modeling code generated from the package (so `trust_remote_code=True` loads it without revdeq) and the
-tokenizer files, and nothing of training (no optimiser state); see `revdeq_cli.training.model_dir`.
+tokenizer files, and nothing of training (no optimiser state); see `revdeq_cli.checkpoints.model_dir`.
 DEST is never half-written: everything is written into a temporary sibling directory that is renamed onto
 DEST at the end, and removed on any failure. DEST must not exist yet, or be an empty directory.
 """
@@ -93,8 +93,8 @@ def convert_checkpoint(source: str | Path, dest: str | Path, dtype: str | None =
 
     Weights are cast to `dtype` if given (float32, bfloat16, float16), else kept as stored. The tokenizer
     files and generation config are copied; `training_state.pt` is left out."""
-    from revdeq_cli.training.checkpoint import atomic_dir, load_checkpoint
-    from revdeq_cli.training.model_dir import save_model_dir
+    from revdeq_cli.checkpoints import atomic_dir, load_checkpoint
+    from revdeq_cli.checkpoints.model_dir import save_model_dir
 
     source, dest = Path(source), Path(dest)
     torch_dtype = _torch_dtype(dtype)
@@ -128,10 +128,10 @@ def convert_revdeq_pytorch(source: str | Path, dest: str | Path, dtype: str | No
     (shapes checked); otherwise `CheckpointError` and nothing is written. `tokenizer` (a spec as for
     `revdeq train --tokenizer`, e.g. a local directory) is saved beside the weights if given, with a pad
     token, and the config's eos_token_id / pad_token_id are set to its: the port's file holds no tokenizer."""
+    from revdeq_cli.checkpoints import atomic_dir
+    from revdeq_cli.checkpoints.model_dir import save_model_dir
     from revdeq_cli.interop.revdeq_pytorch import legacy_config_to_revdeq, read_revdeq_pytorch
     from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
-    from revdeq_cli.training.checkpoint import atomic_dir
-    from revdeq_cli.training.model_dir import save_model_dir
 
     source, dest = Path(source), Path(dest)
     torch_dtype = _torch_dtype(dtype)

@@ -156,7 +156,7 @@ def _convert(module: str) -> tuple[str, list[tuple[str, bool]]]:
 def generate_remote_code(version: str | None = None) -> list[GeneratedFile]:
     """The remote-code files for the package as installed now, entry points first, then by module name."""
     if version is None:
-        from revdeq_cli import __version__ as version
+        from revdeq_cli.version import __version__ as version
     converted: dict[str, str] = {}
     imported_as_module: set[str] = set()
     pending = [CONFIG_MODULE, MODELING_MODULE]

@@ -1,4 +1,5 @@
-"""Training: the loop, optimiser and schedule, checkpoints, progress display, TensorBoard, DDP.
+"""Training: the loop, optimiser and schedule, evaluation, generation, progress display, TensorBoard, DDP.
+Checkpoints live one floor below, in `revdeq_cli.checkpoints` (re-exported here and in `training.checkpoint`).
 
     from revdeq_cli.training import train, Trainer, TrainSummary, TrainingDivergedError
     from revdeq_cli.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, atomic_dir

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from revdeq_cli.sampling import SAMPLING
+from revdeq_cli.sampling import SAMPLING, generation_config
 from revdeq_cli.training.metrics import memory_kind, peak_memory_bytes, reset_peak_memory
 
 
@@ -43,22 +43,6 @@ class SampleStats:
     peak_memory_bytes: int
     memory_kind: str
     cropped_tokens: int = 0  # new tokens predicted from a window cropped to the context (no cache)
-
-
-def generation_config(*, max_new_tokens: int | None, temperature: float, top_k: int, top_p: float,
-                      repetition_penalty: float, eos_token_id: int | None, use_cache: bool) -> Any:
-    """A complete `GenerationConfig` (nothing inherited from the checkpoint's generation_config.json);
-    `max_new_tokens=None` sets no length, so a caller's `max_length` or `max_new_tokens` decides."""
-    from transformers import GenerationConfig
-
-    sampling = temperature > 0
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sampling,
-        temperature=temperature if sampling else None, top_k=top_k if sampling and top_k > 0 else None,
-        top_p=top_p if sampling and top_p < 1.0 else None,
-        repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
-        eos_token_id=eos_token_id, pad_token_id=eos_token_id, use_cache=use_cache,
-    )
 
 
 class _OneEnd:
@@ -142,21 +126,3 @@ def generate_sample(model: Any, prompt_ids: list[int], *, max_new_tokens: int,
         forward_calls=len(steps), solver_steps_per_token=sum(steps) / len(steps) if steps else float("nan"),
         peak_memory_bytes=peak_memory_bytes(device), memory_kind=memory_kind(device), cropped_tokens=cropped,
     )
-
-
-def default_generation_config(model_config: Any) -> Any:
-    """The `GenerationConfig` a saved model directory carries: `revdeq generate`'s sampling defaults
-    (`revdeq_cli.sampling.SAMPLING`, through `generation_config` above, so both sample alike) with the model's
-    end-of-text, pad and beginning-of-text ids. `model.generate(**inputs)` and `pipeline("text-generation")`
-    then sample like the command line by default.
-
-    It sets no length: transformers lets a model's `max_new_tokens` override a caller's `max_length`, so the
-    CLI's 100-token default stays in the CLI and the caller's `max_length` or `max_new_tokens` decides (with
-    neither, transformers' own default applies)."""
-    eos = model_config.eos_token_id
-    config = generation_config(**{**SAMPLING.as_dict(), "max_new_tokens": None}, eos_token_id=eos, use_cache=True)
-    if model_config.pad_token_id is not None:
-        config.pad_token_id = model_config.pad_token_id
-    if model_config.bos_token_id is not None:
-        config.bos_token_id = model_config.bos_token_id
-    return config

@@ -24,21 +24,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import signal
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from revdeq_cli.errors import ConfigError, UserError
+from revdeq_cli import checkpoints as ckpt
+from revdeq_cli.checkpoints import atomic
+from revdeq_cli.checkpoints.layout import default_run_dir, find_resume_checkpoint
+from revdeq_cli.errors import CheckpointError, ConfigError, UserError
 from revdeq_cli.settings import Settings, auto_warmup_steps
-from revdeq_cli.training import checkpoint as ckpt
 from revdeq_cli.training.data_order import BlockOrder
 from revdeq_cli.training.distributed import (
     DistInfo,
@@ -174,30 +174,6 @@ def backward_divergence_remedies(s: Settings) -> list[str]:
 
 def _join_or(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
-
-
-# --------------------------------------------------------------------------- run directory and resume
-def default_run_dir(dataset: str, now: datetime | None = None) -> Path:
-    """runs/<dataset>-<YYYYmmdd-HHMMSS> (a path's stem stands for a local dataset)."""
-    name = Path(dataset.rstrip("/")).stem if ("/" in dataset or "." in dataset) else dataset
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
-    return Path("runs") / f"{name}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
-
-
-def find_resume_checkpoint(resume: str | None, out_dir: str | None, dataset: str) -> Path | None:
-    """Where `--resume` points: None (fresh run), "auto" (the newest checkpoint in `out_dir`, or, with no
-    `out_dir`, in the newest runs/<dataset>-* dir; None when there is none yet), or a checkpoint / run
-    directory (must exist: `CheckpointError` otherwise)."""
-    if resume is None:
-        return None
-    if resume != "auto":
-        return ckpt.resolve_checkpoint(resume)
-    if out_dir is not None:
-        found = ckpt.list_checkpoints(out_dir)
-        return found[-1][1] if found else None
-    prefix = default_run_dir(dataset).name.rsplit("-", 2)[0] + "-"
-    runs = sorted((p for p in Path("runs").glob(prefix + "*") if ckpt.list_checkpoints(p)), key=lambda p: p.name)
-    return ckpt.list_checkpoints(runs[-1])[-1][1] if runs else None
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -337,12 +313,12 @@ class Trainer:
 
         state = ckpt.load_training_state(path)
         if not state:
-            raise ckpt.CheckpointError(f"{path}: has no {ckpt.TRAINING_STATE}, so training cannot resume from it; "
+            raise CheckpointError(f"{path}: has no {ckpt.TRAINING_STATE}, so training cannot resume from it; "
                                        "start a new run without --resume")
         try:
             load_model(self.model, str(path / "model.safetensors"), strict=True, device=str(self.device))
         except (RuntimeError, KeyError) as err:
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"{path}: its weights do not fit the model these settings build ({str(err).splitlines()[0][:160]}); "
                 "resume with the run's own settings"
             ) from None
@@ -564,12 +540,12 @@ class Trainer:
         """Whether `err` is a write into the run directory that found the disk full."""
         if isinstance(err, ckpt.DiskFullError) and err.directory is not None:
             return Path(err.directory).resolve().is_relative_to(self.run_dir.resolve())
-        if not ckpt.is_disk_full(err):
+        if not atomic.is_disk_full(err):
             return False
         name = getattr(err, "filename", None)
         if name:
             return Path(name).resolve().is_relative_to(self.run_dir.resolve())
-        return 0 <= ckpt.free_bytes(self.run_dir) < ckpt.LOW_SPACE_BYTES
+        return 0 <= atomic.free_bytes(self.run_dir) < atomic.LOW_SPACE_BYTES
 
     def _disk_full(self, err: Exception) -> ckpt.DiskFullError:
         tr = self.settings.train

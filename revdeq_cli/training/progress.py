@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Protocol
 
+from revdeq_cli.formatting import format_bytes
 from revdeq_cli.training.metrics import perplexity
 
 
@@ -44,14 +45,6 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KiB") else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def describe_step(s: StepStats) -> str:

@@ -34,8 +34,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from revdeq_cli import checkpoints as ckpt
+from revdeq_cli.checkpoints import atomic
 from revdeq_cli.errors import UserError
-from revdeq_cli.training import checkpoint as ckpt
+from revdeq_cli.formatting import format_bytes
 
 LOCK_NAME = ".revdeq.lock"
 RUN_ENTRIES = ("config.yaml", "logs", "best", "final")
@@ -237,12 +239,10 @@ class RunLock:
 def disk_full_message(run_dir: Path, *, writing: str | None, save_every: int, keep_last: int) -> str:
     """The one line for a write into `run_dir` that found no space (see the module docstring). The advice on
     `keep_last` counts the checkpoints that fit: a save writes the new one before it prunes the oldest."""
-    from revdeq_cli.training.progress import format_bytes
-
     def size(directory: Path) -> int:
         return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
 
-    free = ckpt.free_bytes(run_dir)
+    free = atomic.free_bytes(run_dir)
     found = ckpt.list_checkpoints(run_dir)
     helps = ["free some space"]
     if save_every > 0:

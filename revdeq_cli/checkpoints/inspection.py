@@ -4,7 +4,7 @@
 
 Everything comes from small reads: `config.json`, the safetensors header (names, shapes, dtypes; no tensor
 data), `training_state.pt` through the weights-only unpickler (resume-only parts dropped), and the run's
-TensorBoard scalars. The files are checked first by `checkpoint_files.open_checkpoint`, as for every
+TensorBoard scalars. The files are checked first by `verify.open_checkpoint`, as for every
 other command, so a damaged checkpoint is an error naming the damage, not a summary. Parameter counts are
 exact: the header lists every stored tensor, and a tied output head is stored once, as
 `num_parameters_split()` counts it.
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from revdeq_cli.checkpoints.safetensors_header import SafetensorsHeader, TensorInfo, read_safetensors_header
+from revdeq_cli.checkpoints.verify import open_checkpoint
 from revdeq_cli.errors import CheckpointError
-from revdeq_cli.interop.safetensors_header import SafetensorsHeader, TensorInfo, read_safetensors_header
-from revdeq_cli.training.checkpoint_files import open_checkpoint
 
 # Our model's tensor names (revdeq_cli.model.modeling); anything else in the weights is not ours.
 _OUR_NAMES = re.compile(r"^(wte|wpe|ln_f|lm_head)\.(weight|bias)$|^blocks\.\d+\.[a-z_0-9.]+$")

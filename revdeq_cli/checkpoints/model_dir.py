@@ -4,7 +4,7 @@
 
 * `config.json` (with `auto_map`) and `model.safetensors`: `model.save_pretrained`;
 * `generation_config.json`: `revdeq generate`'s sampling defaults and the model's special ids
-  (`default_generation_config`);
+  (`revdeq_cli.sampling.default_generation_config`);
 * the modeling code, generated from the package's own modules (`revdeq_cli.model.remote_code`), so
   `AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)` works without revdeq installed;
 * the tokenizer files, when a tokenizer is given.
@@ -23,7 +23,7 @@ def save_model_dir(directory: str | os.PathLike[str], model: Any, tokenizer: Any
     """Write `model` (an unwrapped `RevDEQForCausalLM`) and `tokenizer` into `directory` (existing, normally
     a temp dir of `atomic_dir`); return it."""
     from revdeq_cli.model.remote_code import write_remote_code
-    from revdeq_cli.training.generation import default_generation_config
+    from revdeq_cli.sampling import default_generation_config
 
     directory = Path(directory)
     model.save_pretrained(directory, safe_serialization=True)

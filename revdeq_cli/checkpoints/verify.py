@@ -32,15 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from revdeq_cli.checkpoints.layout import CONFIG, TRAINING_STATE, WEIGHTS, WEIGHTS_INDEX, resolve_checkpoint
+from revdeq_cli.checkpoints.safetensors_header import SafetensorsHeader, read_safetensors_header
+from revdeq_cli.checkpoints.training_state import load_training_state
 from revdeq_cli.errors import CheckpointError, UserError
-from revdeq_cli.interop.safetensors_header import SafetensorsHeader, read_safetensors_header
-from revdeq_cli.training.checkpoint import TRAINING_STATE, load_training_state, resolve_checkpoint
 
 MODEL_TYPE = "revdeq"
-CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILES = (TOKENIZER, TOKENIZER_CONFIG)

@@ -152,7 +152,7 @@ def train_command(
         given, _ = merge_layers(config_file=config, sets=set_, flags=flags, flag_names=flag_names)
     # The resume target is opened (every file checked, training_state.pt complete) before anything is
     # written, so a damaged checkpoint is one line and leaves the run directory as it was.
-    stored = None
+    stored, opened = None, None
     if given.get("train.resume") is not None:
         from revdeq_cli.checkpoints.layout import find_resume_checkpoint
         from revdeq_cli.checkpoints.verify import open_checkpoint
@@ -161,7 +161,8 @@ def train_command(
         found = find_resume_checkpoint(str(given["train.resume"]), None if out is None else str(out),
                                        str(given.get("data.dataset", DataSettings().dataset)))
         if found is not None:
-            stored = open_checkpoint(found, resume=True).training_state.get("settings")
+            opened = open_checkpoint(found, resume=True)
+            stored = opened.training_state.get("settings")
     settings = resolve(stored, f"the settings of {found}") if isinstance(stored, dict) else resolve()
     if print_config:
         typer.echo(settings.to_yaml(), nl=False)
@@ -171,6 +172,6 @@ def train_command(
     from revdeq_cli.training.loop import TrainingStopped
 
     try:
-        train(settings)
+        train(settings, resume=opened)  # the checkpoint opened above: the trainer does not open it again
     except TrainingStopped as stop:  # saved at a step boundary: exit as the signal would have (130, 143, 138)
         raise typer.Exit(stop.exit_code) from None

@@ -37,6 +37,7 @@ import torch
 from revdeq_cli import checkpoints as ckpt
 from revdeq_cli.checkpoints import atomic
 from revdeq_cli.checkpoints.layout import default_run_dir, find_resume_checkpoint
+from revdeq_cli.checkpoints.verify import CheckpointFiles, open_checkpoint
 from revdeq_cli.errors import CheckpointError, ConfigError, UserError
 from revdeq_cli.settings import Settings, auto_warmup_steps
 from revdeq_cli.training.data_order import BlockOrder
@@ -182,13 +183,21 @@ class Trainer:
     summary. `train()` below builds it from the environment (torchrun or a single process)."""
 
     def __init__(self, settings: Settings, *, info: DistInfo, device: torch.device,
-                 progress: Progress | None = None, observers: Sequence[Any] = ()) -> None:
+                 progress: Progress | None = None, observers: Sequence[Any] = (),
+                 resume: CheckpointFiles | None = None) -> None:
+        """`resume`: the checkpoint `settings.train.resume` names, already opened with
+        `open_checkpoint(path, resume=True)` (as `revdeq train` does to read its settings); without it the
+        trainer finds and opens it itself. Either way it is opened once."""
         self.info, self.device = info, device
         # Objects with any of `on_step(trainer, record)` (after each optimiser step; record = the history entry)
         # and `on_evaluation(trainer, split, loss)` (after each evaluation): how benchmarks record curves.
         self.observers = list(observers)
         tr = settings.train
-        resume_from = find_resume_checkpoint(tr.resume, tr.out_dir, settings.data.dataset)
+        if resume is None and tr.resume is not None:
+            found = find_resume_checkpoint(tr.resume, tr.out_dir, settings.data.dataset)
+            resume = open_checkpoint(found, resume=True) if found is not None else None
+        self.resume = resume
+        resume_from = resume.path if resume is not None else None
         run_dir = Path(tr.out_dir) if tr.out_dir else (
             resume_from.parent if resume_from is not None else default_run_dir(settings.data.dataset))
         self.run_dir = Path(broadcast_object(str(run_dir), info))
@@ -212,6 +221,26 @@ class Trainer:
 
         hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the progress display
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tr.precision)
+        # The run's state, all of it set up here; `_restore` continues it, the loop advances it.
+        self.step = 0
+        self.epoch = 0
+        self.micro_index = 0  # micro-batches of this epoch already consumed (at a step boundary)
+        self.tokens_seen = 0
+        self._session_start_tokens = 0  # tokens_seen when this session started (after a resume)
+        self.best_val_loss: float | None = None
+        self.best_val_step: int | None = None
+        self.last_saved: tuple[int, Path] | None = None
+        self.history: list[dict[str, float]] = []  # one record per optimiser step of this session
+        self.final_val_loss: float | None = None
+        self.test_loss: float | None = None
+        self.final_checkpoint: Path | None = None
+        self.tb: Any = None  # TensorBoardLog on rank 0 with log.tensorboard
+        self.data_seconds = 0.0
+        self._warned_reversal = False
+        self._stop_signal: int | None = None  # the first stop signal received (`_graceful_interrupt`)
+        self._rng_at_boundary: dict[str, Any] | None = None  # RNG states after the last completed step
+        self._t0 = time.perf_counter()
+        self._peak = 0
 
     # ------------------------------------------------------------------ setup
     def _log(self, message: str) -> None:
@@ -300,21 +329,12 @@ class Trainer:
                                    total_steps=self.total_steps, min_lr_ratio=tr.min_lr_ratio,
                                    plateau_factor=tr.plateau_factor, plateau_patience=tr.plateau_patience)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.step = 0
-        self.epoch = 0
-        self.micro_index = 0  # micro-batches of this epoch already consumed (at a step boundary)
-        self.tokens_seen = 0
-        self.best_val_loss: float | None = None
-        self.best_val_step: int | None = None
-        self.last_saved: tuple[int, Path] | None = None
 
-    def _restore(self, path: Path) -> None:
+    def _restore(self, files: CheckpointFiles) -> None:
+        """Continue the run of `files` (opened with `resume=True`: its training state is complete)."""
         from safetensors.torch import load_model
 
-        state = ckpt.load_training_state(path)
-        if not state:
-            raise CheckpointError(f"{path}: has no {ckpt.TRAINING_STATE}, so training cannot resume from it; "
-                                       "start a new run without --resume")
+        path, state = files.path, files.training_state
         try:
             load_model(self.model, str(path / "model.safetensors"), strict=True, device=str(self.device))
         except (RuntimeError, KeyError) as err:
@@ -562,24 +582,18 @@ class Trainer:
         s = self.settings
         if self.info.is_main:
             ckpt.atomic_write_text(self.run_dir / "config.yaml", s.to_yaml())
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
+        if self.resume is not None:
+            self._restore(self.resume)
             newest = ckpt.list_checkpoints(self.run_dir)[-1:] if self.info.is_main else []
             if newest and newest[0][1].resolve() == self.resume_from.resolve():
                 ckpt.prune_checkpoints(self.run_dir, s.train.keep_last)  # a lowered keep_last frees space first
-        self.tb = None
         if self.info.is_main and s.log.tensorboard:
             from revdeq_cli.training.tensorboard_log import TensorBoardLog
 
             self.tb = TensorBoardLog(self.run_dir / "logs")
         self._header()
-        self.history: list[dict[str, float]] = []
-        self._warned_reversal = False
-        self.final_val_loss: float | None = None
-        self.test_loss: float | None = None
         self._session_start_tokens = self.tokens_seen
         self._t0 = time.perf_counter()
-        self._peak = 0
         try:
             with self._graceful_interrupt():
                 self._loop()
@@ -600,7 +614,7 @@ class Trainer:
         asks the loop to stop at the next step boundary, so the checkpoint it saves is a consistent state and no
         library is interrupted half-way (e.g. TensorBoard's writer queue). A second Ctrl-C interrupts at once; a
         second SIGTERM / SIGUSR1 changes nothing (a scheduler and torchrun may both deliver one)."""
-        self._stop_signal: int | None = None
+        self._stop_signal = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -630,7 +644,7 @@ class Trainer:
         """Raise `TrainingStopped` at a step boundary if any process got a stop signal. All ranks agree (on the
         step and on the signal: the first of `STOP_SIGNALS` any rank got), so no rank is left waiting in a
         collective and rank 0 saves the one checkpoint."""
-        got = getattr(self, "_stop_signal", None)
+        got = self._stop_signal
         flags = torch.tensor([1.0 if got == s else 0.0 for s in STOP_SIGNALS], dtype=torch.float64,
                              device=self.device)
         if self.info.world_size > 1:
@@ -704,7 +718,6 @@ class Trainer:
     def _finish(self) -> None:
         self.final_val_loss = self._validate(None, save_best=False)
         self.test_loss = self.evaluate("test")
-        self.final_checkpoint = None
         if self.info.is_main:
             self._log(f"test loss {self.test_loss:.4f} | ppl {perplexity(self.test_loss):.2f}")
             if self.tb is not None:
@@ -721,7 +734,7 @@ class Trainer:
 
     def _interrupted(self, stop: KeyboardInterrupt) -> None:
         """Rank 0 saves the step the run stopped at (unless it is saved already) and says how to continue."""
-        if not self.info.is_main or not hasattr(self, "_rng_at_boundary"):
+        if not self.info.is_main or self._rng_at_boundary is None:
             return
         why = f"on {stop.name}" if isinstance(stop, TrainingStopped) else "on Ctrl-C"
         go_on = f"continue with --resume auto --out-dir {self.run_dir}"
@@ -741,17 +754,18 @@ class Trainer:
             peak_memory_bytes=self._peak, memory_kind=memory_kind(self.device),
             best_val_loss=self.best_val_loss, best_val_step=self.best_val_step,
             final_val_loss=self.final_val_loss, test_loss=self.test_loss, unigram_val_loss=self.unigram_val_loss,
-            final_checkpoint=getattr(self, "final_checkpoint", None), history=self.history,
+            final_checkpoint=self.final_checkpoint, history=self.history,
             data_seconds=self.data_seconds,
         )
 
 
-def train(settings: Settings, *, progress: Progress | None = None, observers: Sequence[Any] = ()) -> TrainSummary:
+def train(settings: Settings, *, progress: Progress | None = None, observers: Sequence[Any] = (),
+          resume: CheckpointFiles | None = None) -> TrainSummary:
     """Run `revdeq train` with resolved `settings` in this process (joins the torchrun group if launched by
     torchrun). Prints progress and the summary on rank 0; returns the summary on every rank."""
     info, device = init_distributed(settings.train.device)
     try:
-        trainer = Trainer(settings, info=info, device=device, progress=progress, observers=observers)
+        trainer = Trainer(settings, info=info, device=device, progress=progress, observers=observers, resume=resume)
         summary = trainer.run()
         if info.is_main:
             for line in summary.lines():

@@ -97,6 +97,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from revdeq_cli.errors import ConfigError
+from revdeq_cli.solver_facts import ADJOINTS, EXPLICIT, SOLVER_FACTS, SOLVERS
 
 ENV_PREFIX = "REVDEQ_"
 # An unset train.lr for these presets (others: TrainSettings' default, 2e-3): the recipe study's best for the
@@ -111,12 +112,11 @@ WARMUP_MAX_STEPS = 1000  # ... but at most this many
 class SettingsWarning(UserWarning):
     """A setting was accepted but has no effect (e.g. the earlier port's `report_to`)."""
 
-SOLVER_NAMES = ("reversible", "picard", "relaxed", "anderson", "broyden", "explicit")
-ADJOINT_NAMES = ("reversible", "unrolled", "implicit", "phantom")
+SOLVER_NAMES = (*SOLVERS, EXPLICIT)
+ADJOINT_NAMES = ADJOINTS
 # The gradient method an unset solver.adjoint takes for each solver (None: the explicit model solves nothing).
 ADJOINT_FOR_SOLVER: dict[str, str | None] = {
-    "reversible": "reversible", "picard": "unrolled", "relaxed": "unrolled",
-    "anderson": "implicit", "broyden": "implicit", "explicit": None,
+    **{name: facts.default_adjoint for name, facts in SOLVER_FACTS.items()}, EXPLICIT: None,
 }
 
 
@@ -171,7 +171,7 @@ class SolverSettings(_Section):
     beta: float | None = Field(None, gt=0.0, lt=2.0)
     tol: float | None = Field(None, ge=0.0)  # 0 = never stop early: always max_steps steps (config tol=None)
     max_steps: int | None = Field(None, gt=0)
-    inference_max_steps: int | None = Field(None, ge=0)  # None = max_steps; 0 = z0 (the solver bypassed)
+    inference_max_steps: int | None = Field(None, ge=0)  # None = the training depth; 0 = z0 (bypassed)
     state_dtype: Literal["float64", "float32"] | None = None
     anderson_m: int | None = Field(None, gt=0)
     phantom_steps: int | None = Field(None, gt=0)
@@ -198,7 +198,9 @@ class SolverSettings(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> SolverSettings:
-        if self.beta is not None and self.beta == 1.0 and self.solver in (None, "reversible"):
+        refuses_one = self.solver is None or (self.solver in SOLVER_FACTS
+                                               and not SOLVER_FACTS[self.solver].beta_one_allowed)
+        if self.beta is not None and self.beta == 1.0 and refuses_one:  # None: the preset's, reversible
             raise ValueError(
                 "solver.beta: must not be 1 for the reversible solver (its reversal divides by 1 - beta); "
                 "use e.g. 0.5 or 0.8"

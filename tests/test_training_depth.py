@@ -178,3 +178,11 @@ def test_evaluation_scores_the_tail_window_unpadded_and_its_residual_covers_real
             nll, residual = nll + float(out.loss) * n, max(residual, out.solver_residual)
     assert got.tokens == len(tokens) - 1
     assert abs(got.nll - nll) < 1e-3 and abs(got.max_residual - residual) < 1e-9
+
+
+def test_inference_steps_default_to_the_training_depth():
+    tiny = dict(vocab_size=40, hidden_size=16, num_attention_heads=2, max_steps=2)
+    assert RevDEQConfig(**tiny).eval_max_steps == 2  # configs without step rules: max_steps, as before
+    assert RevDEQConfig(**tiny, train_detached_steps="poisson-lognormal:6:24").eval_max_steps == 8
+    assert RevDEQConfig(**tiny, train_steps="uniform:1-4", train_detached_steps="uniform:0-2").eval_max_steps == 4
+    assert RevDEQConfig(**tiny, train_detached_steps="uniform:0-6", inference_max_steps=3).eval_max_steps == 3

@@ -16,6 +16,7 @@ Impossible values raise `revdeq_cli.errors.ConfigError` naming the field and the
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,8 +26,9 @@ from revdeq_cli import deq
 from revdeq_cli.errors import ConfigError
 from revdeq_cli.model.presets import PRESETS
 from revdeq_cli.model.step_rule import StepRule
+from revdeq_cli.solver_facts import BETA_HIGH, BETA_LOW, EXPLICIT, SOLVER_FACTS
 
-SOLVERS = (*deq.SOLVERS, "explicit")
+SOLVERS = (*deq.SOLVERS, EXPLICIT)  # the names and each solver's beta rule: revdeq_cli.solver_facts
 ADJOINTS = deq.ADJOINTS
 STATE_DTYPES = ("float64", "float32")
 INIT_STATES = ("zeros", "input")
@@ -58,7 +60,8 @@ class RevDEQConfig(PreTrainedConfig):
 
     Solver: `solver`, `adjoint` (gradient method), `beta` (relaxation, in (0, 2); != 1 for the reversible
     solver), `tol` (training stop tolerance on the relative residual; None = always `max_steps`), `max_steps`
-    (training), `inference_max_steps` (steps in eval mode and generation; None = `max_steps`), `inference_tol`
+    (training), `inference_max_steps` (steps in eval mode and generation; None = the training depth, see
+    `eval_max_steps`), `inference_tol`
     (eval-mode stop tolerance; None = always `inference_max_steps`, which is what makes cached generation
     equal to full recomputation), `state_dtype` (dtype the solver keeps its iterates and update arithmetic in,
     float64 by default as in the paper; f always computes in the model dtype), `anderson_m`, `implicit_tol`,
@@ -151,8 +154,12 @@ class RevDEQConfig(PreTrainedConfig):
 
     @property
     def eval_max_steps(self) -> int:
-        """Solver steps in eval mode and generation (`inference_max_steps`, else `max_steps`)."""
-        return self.max_steps if self.inference_max_steps is None else self.inference_max_steps
+        """Solver steps in eval mode and generation: `inference_max_steps`, else the depth the model trained at
+        (`max_steps`, or the mean of the `train_steps` rule, plus the mean of `train_detached_steps`, rounded up;
+        for a config without step rules simply `max_steps`)."""
+        if self.inference_max_steps is not None:
+            return self.inference_max_steps
+        return training_depth(self.max_steps, self.train_steps, self.train_detached_steps)
 
     def step_rules(self) -> tuple[StepRule, StepRule]:
         """(differentiated steps, detached steps) per training batch, parsed from `train_steps` (None:
@@ -219,9 +226,9 @@ class RevDEQConfig(PreTrainedConfig):
                 f"adjoint: the reversible gradient needs solver: reversible (got solver: {self.solver}); "
                 "use adjoint: implicit, phantom or unrolled"
             )
-        if not _is_real(self.beta) or not 0.0 < self.beta < 2.0:
+        if not _is_real(self.beta) or not BETA_LOW < self.beta < BETA_HIGH:
             raise ConfigError(f"beta: must be in (0, 2), got {self.beta!r}")
-        if self.solver == "reversible" and self.beta == 1.0:
+        if self.beta == 1.0 and self.solver in SOLVER_FACTS and not SOLVER_FACTS[self.solver].beta_one_allowed:
             raise ConfigError("beta: 1 makes the reversible step impossible to invert; use e.g. 0.5")
         for name in ("tol", "inference_tol"):
             value = getattr(self, name)
@@ -252,6 +259,13 @@ _SOLVER_FIELDS = (
     "implicit_tol", "block_skip", "train_steps", "train_detached_steps", "fixed_point_penalty", "jacobian_penalty",
 )
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
+
+
+@functools.lru_cache(maxsize=64)  # read per forward call, so per generated token
+def training_depth(max_steps: int, train_steps: str | None, train_detached_steps: str) -> int:
+    steps = StepRule.parse(max_steps if train_steps is None else train_steps, field="train_steps", minimum=1)
+    detached = StepRule.parse(train_detached_steps, field="train_detached_steps", minimum=0)
+    return max(1, math.ceil(steps.mean_value + detached.mean_value - 1e-9))
 
 
 def _is_real(value: Any) -> bool:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from revdeq_cli.deq.problem import Problem
-from revdeq_cli.deq.solvers import Anderson, IterateState, Reversible, Solver
+from revdeq_cli.deq.solvers import Broyden, IterateState, Reversible, Solver
 from revdeq_cli.deq.state import relative_residual, tree_leaves
 
 
@@ -224,10 +224,10 @@ class ImplicitAdjoint:
     itself, so `Solution.residual` describes the returned value. The gradient is attached through one more
     evaluation `f(z*)` with a graph (value-neutral: the output is `z* + (f(z*) - f(z*).detach())`), and the
     incoming gradient g is replaced by the solution of `u = J^T u + g` (J = df/dz at z*), found with
-    `solver` (default Anderson(m=5)) to relative tolerance `tol` in at most `max_steps` steps; a non-finite
-    residual there raises `SolverDivergedError` with where="backward". Without autograd (no_grad) the
-    extra evaluation is skipped. Gradients with respect to z0 are zero (the fixed point does not depend
-    on the start).
+    `solver` (default Broyden(), as revdeq_cli.solver_facts says) to relative tolerance `tol` in at most
+    `max_steps` steps; a non-finite residual there raises `SolverDivergedError` with where="backward".
+    Without autograd (no_grad) the extra evaluation is skipped. Gradients with respect to z0 are zero (the
+    fixed point does not depend on the start).
     """
 
     tol: float = 1e-6
@@ -248,7 +248,7 @@ class ImplicitAdjoint:
         fz = problem.evaluate(z_star)
         if not fz.requires_grad:
             return AdjointOutput(z=z_star.detach(), iteration=iteration, backward=stats)
-        backward_solver = self.solver or Anderson(m=5)
+        backward_solver = self.solver or Broyden()  # solver_facts: Broyden for every solver
         inside = [False]
 
         def implicit_grad(g: Tensor) -> Tensor:

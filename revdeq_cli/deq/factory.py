@@ -1,4 +1,5 @@
-"""Build solvers and gradient methods from the names used in configs and on the command line."""
+"""Build solvers and gradient methods from the names used in configs and on the command line (the names
+and each solver's defaults: revdeq_cli.solver_facts)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch
 from revdeq_cli.deq.adjoints import ImplicitAdjoint, PhantomAdjoint, ReversibleAdjoint, UnrolledAdjoint
 from revdeq_cli.deq.solve import Adjoint
 from revdeq_cli.deq.solvers import Anderson, Broyden, Picard, Relaxed, Reversible, Solver, as_dtype
+from revdeq_cli.solver_facts import ADJOINTS, SOLVER_FACTS, SOLVERS
 
-SOLVERS = ("reversible", "picard", "relaxed", "anderson", "broyden")
-ADJOINTS = ("reversible", "unrolled", "implicit", "phantom")
+__all__ = ["ADJOINTS", "SOLVERS", "make_adjoint", "make_solver"]
 
 
 def make_solver(
@@ -42,14 +43,17 @@ def make_adjoint(
     implicit_max_steps: int = 50,
     phantom_steps: int = 1,
     phantom_beta: float = 1.0,
+    solver: str = "reversible",
 ) -> Adjoint:
-    """`name` in ADJOINTS."""
+    """`name` in ADJOINTS, for the forward solver `solver` (its `backward_solver` solves the implicit
+    gradient's backward system: Broyden for every solver, revdeq_cli.solver_facts)."""
     if name == "reversible":
         return ReversibleAdjoint()
     if name == "unrolled":
         return UnrolledAdjoint()
     if name == "implicit":
-        return ImplicitAdjoint(tol=implicit_tol, max_steps=implicit_max_steps)
+        backward = make_solver(SOLVER_FACTS[solver].backward_solver)
+        return ImplicitAdjoint(tol=implicit_tol, max_steps=implicit_max_steps, solver=backward)
     if name == "phantom":
         return PhantomAdjoint(steps=phantom_steps, beta=phantom_beta)
     raise ValueError(f"unknown gradient method {name!r}; choose one of {', '.join(ADJOINTS)}")

@@ -22,8 +22,18 @@ from revdeq_cli.deq.adjoints import (
 from revdeq_cli.deq.problem import AutocastState, Problem
 from revdeq_cli.deq.solvers import Reversible, Solver
 from revdeq_cli.deq.state import State, StateSpec
+from revdeq_cli.solver_facts import SOLVER_FACTS
 
 Adjoint = UnrolledAdjoint | ReversibleAdjoint | ImplicitAdjoint | PhantomAdjoint
+_DEFAULT_ADJOINTS = {"reversible": ReversibleAdjoint, "unrolled": UnrolledAdjoint, "implicit": ImplicitAdjoint}
+
+
+def default_adjoint(solver: Solver) -> Adjoint:
+    """The gradient method `solve` uses when none is given: the solver's `default_adjoint` in
+    revdeq_cli.solver_facts (Reversible -> ReversibleAdjoint, Picard/Relaxed -> UnrolledAdjoint,
+    Anderson/Broyden and solvers not in the table -> ImplicitAdjoint)."""
+    facts = SOLVER_FACTS.get(type(solver).__name__.lower())
+    return _DEFAULT_ADJOINTS[facts.default_adjoint if facts is not None else "implicit"]()
 
 
 @dataclass
@@ -81,7 +91,8 @@ def solve(
                or None. Its tensor leaves receive gradients.
     solver:    Picard, Relaxed, Anderson, Broyden or Reversible.
     adjoint:   UnrolledAdjoint, ReversibleAdjoint (Reversible only), ImplicitAdjoint or PhantomAdjoint.
-               Default: ReversibleAdjoint for the Reversible solver, ImplicitAdjoint otherwise.
+               Default (`default_adjoint`, from revdeq_cli.solver_facts): ReversibleAdjoint for Reversible,
+               UnrolledAdjoint for Picard and Relaxed, ImplicitAdjoint for Anderson and Broyden.
     tol:       stop once the largest per-sample relative residual is below tol; None runs exactly
                `max_steps` steps (a fixed evaluation schedule, as cached generation needs).
     max_steps: at most this many solver steps (>= 1).
@@ -112,7 +123,7 @@ def solve(
     if keep_best and isinstance(solver, Reversible):
         raise ValueError(KEEP_BEST_REVERSIBLE)
     if adjoint is None:
-        adjoint = ReversibleAdjoint() if isinstance(solver, Reversible) else ImplicitAdjoint()
+        adjoint = default_adjoint(solver)
     if isinstance(adjoint, ReversibleAdjoint) and not isinstance(solver, Reversible):
         raise ValueError(
             f"ReversibleAdjoint needs the Reversible solver, got {type(solver).__name__}: use UnrolledAdjoint, "

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from revdeq_cli.deq.problem import Problem
+from revdeq_cli.solver_facts import BETA_HIGH, BETA_LOW, SOLVER_FACTS
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,11 +33,11 @@ def as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[value]
 
 
-def _check_beta(beta: float, name: str, allow_one: bool = True) -> float:
-    beta = float(beta)
-    if not 0.0 < beta < 2.0 or (not allow_one and beta == 1.0):
-        rule = "in (0, 2) and != 1 (the reversal divides by 1 - beta)" if not allow_one else "in (0, 2)"
-        raise ValueError(f"{name}: beta must be {rule}, got {beta}")
+def _check_beta(beta: float, name: str) -> float:
+    """`beta` as a float if it obeys solver `name`'s rule (revdeq_cli.solver_facts), else ValueError."""
+    beta, facts = float(beta), SOLVER_FACTS[name.lower()]
+    if not BETA_LOW < beta < BETA_HIGH or (not facts.beta_one_allowed and beta == 1.0):
+        raise ValueError(f"{name}: beta must be {facts.beta_rule()}, got {beta}")
     return beta
 
 
@@ -257,7 +258,7 @@ class Reversible(Solver):
     state_dtype: torch.dtype | None = torch.float64
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "beta", _check_beta(self.beta, "Reversible", allow_one=False))
+        object.__setattr__(self, "beta", _check_beta(self.beta, "Reversible"))
         object.__setattr__(self, "state_dtype", as_dtype(self.state_dtype))
 
     def init(self, problem: Problem, z0: Tensor) -> ReversibleState:

@@ -408,10 +408,10 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
 
     def _adjoint(self) -> deq.Adjoint:
         c = self.config
-        if c.adjoint == "implicit":
-            # Broyden solves the backward system (the study of its default memory is in deq/solvers.py).
-            return deq.ImplicitAdjoint(tol=c.implicit_tol, max_steps=c.implicit_max_steps, solver=deq.Broyden())
-        return deq.make_adjoint(c.adjoint, phantom_steps=c.phantom_steps, phantom_beta=c.phantom_beta)
+        # The implicit backward system is solved by the solver's `backward_solver` (revdeq_cli.solver_facts).
+        return deq.make_adjoint(c.adjoint, solver=c.solver, implicit_tol=c.implicit_tol,
+                                implicit_max_steps=c.implicit_max_steps, phantom_steps=c.phantom_steps,
+                                phantom_beta=c.phantom_beta)
 
 
 def _lm_loss(logits: Tensor, labels: Tensor | None, shift_labels: Tensor | None) -> Tensor | None:

@@ -40,6 +40,7 @@ from revdeq_cli.checkpoints.layout import default_run_dir, find_resume_checkpoin
 from revdeq_cli.checkpoints.verify import CheckpointFiles, open_checkpoint
 from revdeq_cli.errors import CheckpointError, ConfigError, UserError
 from revdeq_cli.settings import Settings, auto_warmup_steps
+from revdeq_cli.solver_facts import BETA_SOLVERS  # the solvers whose step uses solver.beta
 from revdeq_cli.training.data_order import BlockOrder
 from revdeq_cli.training.distributed import (
     DistInfo,
@@ -137,7 +138,6 @@ class TrainSummary:
 
 
 # --------------------------------------------------------------------------- divergence advice
-BETA_SOLVERS = ("reversible", "relaxed", "anderson")  # the solvers whose step uses solver.beta
 
 
 def divergence_remedies(s: Settings, *, is_deq: bool) -> list[str]:

@@ -8,15 +8,14 @@
 
 from revdeq_cli.deq.adjoints import (
     BackwardStats,
+    GradientMethod,
     ImplicitAdjoint,
-    Iteration,
     PhantomAdjoint,
     ReversibleAdjoint,
-    SolverDivergedError,
     UnrolledAdjoint,
-    iterate,
 )
 from revdeq_cli.deq.factory import ADJOINTS, SOLVERS, make_adjoint, make_solver
+from revdeq_cli.deq.iteration import Iteration, SolverDivergedError, iterate
 from revdeq_cli.deq.solve import Adjoint, Solution, solve
 from revdeq_cli.deq.solvers import Anderson, Broyden, Picard, Relaxed, Reversible, Solver
 
@@ -27,6 +26,7 @@ __all__ = [
     "Anderson",
     "BackwardStats",
     "Broyden",
+    "GradientMethod",
     "ImplicitAdjoint",
     "Iteration",
     "PhantomAdjoint",

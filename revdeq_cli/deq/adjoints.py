@@ -2,7 +2,7 @@
 
     UnrolledAdjoint    autograd through every iteration. Exact for the truncated iteration; memory
                        grows linearly with the number of steps. The reference the others are tested against.
-    ReversibleAdjoint  walks the `Reversible` iteration backwards algebraically (DESIGN §1). Exact, the
+    ReversibleAdjoint  walks the `Reversible` iteration backwards algebraically (docs/DESIGN.md §1). Exact, the
                        same numbers as UnrolledAdjoint up to rounding, with memory independent of the
                        number of steps; costs 2N forward+VJP evaluations of f in the backward pass.
     ImplicitAdjoint    implicit function theorem: solves `u = J^T u + dL/dz*` at the returned point.
@@ -10,7 +10,9 @@
     PhantomAdjoint     k damped unrolled steps from the (detached) fixed point; k = 1, beta = 1 is
                        Jacobian-free backprop. Approximate.
 
-Each has `run(problem, solver, z0, params, tol, max_steps) -> AdjointOutput`; `solve` picks one.
+All four are `GradientMethod`s: `solve` calls `run(problem, solver, z0, params, tol, max_steps, keep_best,
+start)`, which hands a method one `Request`; the method runs the forward iteration (deq/iteration.py,
+`request.iterate(graph=...)`) and attaches its gradient to the returned point.
 """
 
 from __future__ import annotations
@@ -23,43 +25,14 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from revdeq_cli.deq.iteration import Iteration, SolverDivergedError, iterate
 from revdeq_cli.deq.problem import Problem
 from revdeq_cli.deq.solvers import Broyden, IterateState, Reversible, Solver
-from revdeq_cli.deq.state import relative_residual, tree_leaves
+from revdeq_cli.deq.state import tree_leaves
 
-
-class SolverDivergedError(FloatingPointError):
-    """The residual became NaN or infinite.
-
-    step:     the solver step at which it first appeared.
-    where:    "forward" (the fixed-point solve) or "backward" (ImplicitAdjoint's linear solve
-              `u = J^T u + g`, run when autograd reaches the DEQ). The message names the solve and the
-              remedies that apply to it.
-    remedies: forward only: what to suggest (`iterate` leaves out what would change nothing, e.g.
-              float64 states that are float64 already).
-    """
-
-    def __init__(self, step: int, where: str = "forward", remedies: Sequence[str] | None = None) -> None:
-        self.step = step
-        self.where = where
-        if where == "backward":
-            message = (
-                f"non-finite residual at backward (implicit-gradient) solver step {step}: the linear solve "
-                "u = J^T u + g that ImplicitAdjoint runs at the fixed point diverged, as it does when f's Jacobian "
-                "there has spectral radius >= 1 or the forward solve did not converge. Try fewer backward steps "
-                "or a looser backward tolerance (ImplicitAdjoint max_steps/tol, the model's implicit_max_steps/"
-                "implicit_tol: the gradient is then more approximate), a lower learning rate, or a gradient "
-                "method without a backward solve (phantom, or the reversible solver with the reversible gradient)"
-            )
-        else:
-            if remedies is None:
-                remedies = ["a smaller beta", "a lower learning rate", "float64 solver states"]
-            message = (
-                f"non-finite residual at {where} solver step {step}: the fixed-point iteration diverged "
-                f"(try {', '.join(remedies[:-1])}{' or ' if len(remedies) > 1 else ''}{remedies[-1]})"
-            )
-        super().__init__(message)
-
+# Iteration, SolverDivergedError and iterate live in deq/iteration.py; imported from here too.
+__all__ = ["AdjointOutput", "BackwardStats", "GradientMethod", "ImplicitAdjoint", "Iteration", "PhantomAdjoint",
+           "Request", "ReversibleAdjoint", "SolverDivergedError", "UnrolledAdjoint", "iterate"]
 
 KEEP_BEST_REVERSIBLE = (
     "keep_best is not available for the Reversible solver: its gradient reverses the iteration from the last "
@@ -81,90 +54,49 @@ class BackwardStats:
 
 
 @dataclass
-class Iteration:
-    """A finished forward iteration.
-
-    state:    the solver's final state (its `z` is the last iterate z_N); None once ReversibleAdjoint has
-              saved what its backward needs (see `_ReversibleFunction.forward`).
-    steps:    steps taken.
-    trace:    the largest per-sample residual after each step.
-    z:        the returned iterate [B, D]: `state.z`, or with `keep_best` each sample's lowest-residual
-              iterate (rows of different steps; differentiable, a `torch.where` selection).
-    residual: [B] float64, the relative residual of `z` (of what is returned, not necessarily z_N).
-    """
-
-    state: IterateState | None
-    steps: int
-    trace: list[float]
-    residual: Tensor
-    z: Tensor | None
-
-
-def iterate(
-    solver: Solver,
-    problem: Problem,
-    z0: Tensor,
-    tol: float | None,
-    max_steps: int,
-    keep_best: bool = False,
-    where: str = "forward",
-    start: IterateState | None = None,
-) -> Iteration:
-    """Run `solver` from z0 for at most `max_steps` steps, stopping once the largest per-sample
-    relative residual is below `tol` (tol=None: always `max_steps` steps). At least one step runs.
-    With tol=None, `problem.trace` off and no `keep_best`, the residual is computed after the last step only.
-
-    keep_best: return each sample's lowest-residual iterate of steps 1..N (z0 is never returned) instead of
-    z_N; the solver itself carries on from its own state. `where` names the solve in a divergence error.
-
-    start: a solver state to continue from (e.g. the end of a detached prefix, see `solve`'s `detached_steps`)
-    instead of `solver.init(problem, z0)`; it already carries f(z), so no evaluation is spent on it."""
-    state = start if start is not None else solver.init(problem, z0)
-    trace: list[float] = []
-    skip_residuals = tol is None and not problem.trace and not keep_best
-    best_z: Tensor | None = None
-    best_residual: Tensor | None = None
-    for step in range(1, max_steps + 1):
-        state = solver.step(problem, state)
-        if skip_residuals and step < max_steps:
-            continue
-        residual = relative_residual(state.z, state.fz)
-        worst = float(residual.max())
-        if not math.isfinite(worst):
-            raise SolverDivergedError(step, where, _forward_remedies(solver, problem))
-        trace.append(worst)
-        if keep_best:
-            if best_z is None or best_residual is None:
-                best_z, best_residual = state.z, residual
-            else:
-                # Strictly lower: a tie keeps the earlier iterate. torch.where, not in-place indexing, so
-                # UnrolledAdjoint differentiates through the selection (each row's gradient goes to the
-                # iterate that row was taken from).
-                better = residual < best_residual
-                best_z = torch.where(better[:, None], state.z, best_z)
-                best_residual = torch.where(better, residual, best_residual)
-        if tol is not None and worst < tol:
-            break
-    if keep_best and best_z is not None and best_residual is not None:
-        return Iteration(state=state, steps=step, trace=trace, residual=best_residual, z=best_z)
-    return Iteration(state=state, steps=step, trace=trace, residual=residual, z=state.z)
-
-
-def _forward_remedies(solver: Solver, problem: Problem) -> list[str]:
-    """What could stop a forward divergence, given this solver and state dtype (only what would change)."""
-    beta = getattr(solver, "beta", None)
-    remedies = [f"a smaller beta (now {beta:g})" if beta is not None else
-                "a damped solver (relaxed, or anderson with beta < 1)", "a lower learning rate"]
-    if getattr(problem, "state_dtype", torch.float64) != torch.float64:
-        remedies.append("float64 solver states")
-    return remedies
-
-
-@dataclass
 class AdjointOutput:
     z: Tensor  # [B, D] in the state dtype, attached to the autograd graph as the method decides
     iteration: Iteration
     backward: BackwardStats = field(default_factory=BackwardStats)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One solve, as `solve` hands it to a gradient method.
+
+    problem: f and x, flattened states; solver: the forward solver; z0: [B, D] in the state dtype;
+    params: f's parameters that want gradients; tol / max_steps: the stop rule (tol None = always max_steps);
+    keep_best: return each sample's lowest-residual iterate; start: a detached solver state to continue from
+    (the end of `detached_steps`), else the solver starts from z0."""
+
+    problem: Problem
+    solver: Solver
+    z0: Tensor
+    params: list[Tensor]
+    tol: float | None
+    max_steps: int
+    keep_best: bool = False
+    start: IterateState | None = None
+
+    def iterate(self, *, graph: bool) -> Iteration:
+        """The forward iteration, recorded by autograd (`graph=True`) or not."""
+        with contextlib.nullcontext() if graph else torch.no_grad():
+            return iterate(self.solver, self.problem, self.z0, self.tol, self.max_steps, self.keep_best,
+                           start=self.start)
+
+
+class GradientMethod:
+    """How backpropagation runs through a fixed-point solve: the base of the four methods above. A method
+    implements `differentiate(request)`; `run` is the one signature `solve` calls."""
+
+    def run(
+        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
+        keep_best: bool = False, start: IterateState | None = None,
+    ) -> AdjointOutput:
+        return self.differentiate(Request(problem, solver, z0, params, tol, max_steps, keep_best, start))
+
+    def differentiate(self, request: Request) -> AdjointOutput:
+        raise NotImplementedError
 
 
 def _accumulate(total: list[Tensor | None], new: Sequence[Tensor | None]) -> None:
@@ -181,14 +113,11 @@ def _grad_leaves(problem: Problem) -> list[Tensor]:
     return [leaf for leaf in tree_leaves(problem.x) if leaf.requires_grad]
 
 
-class UnrolledAdjoint:
+class UnrolledAdjoint(GradientMethod):
     """Backpropagate through every solver iteration with autograd (exact; memory grows with steps)."""
 
-    def run(
-        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
-        keep_best: bool = False, start: IterateState | None = None,
-    ) -> AdjointOutput:
-        iteration = iterate(solver, problem, z0, tol, max_steps, keep_best, start=start)
+    def differentiate(self, request: Request) -> AdjointOutput:
+        iteration = request.iterate(graph=True)
         return AdjointOutput(z=iteration.z, iteration=iteration)
 
     def __repr__(self) -> str:
@@ -217,7 +146,7 @@ class _BackwardProblem:
 
 
 @dataclass(frozen=True)
-class ImplicitAdjoint:
+class ImplicitAdjoint(GradientMethod):
     """Implicit-function-theorem gradients (classic DEQ). Approximate.
 
     The forward solve runs without a graph and returns z* (the last or, with keep_best, the best iterate)
@@ -234,12 +163,9 @@ class ImplicitAdjoint:
     max_steps: int = 50
     solver: Solver | None = None
 
-    def run(
-        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
-        keep_best: bool = False, start: IterateState | None = None,
-    ) -> AdjointOutput:
-        with torch.no_grad():
-            iteration = iterate(solver, problem, z0, tol, max_steps, keep_best, start=start)
+    def differentiate(self, request: Request) -> AdjointOutput:
+        problem = request.problem
+        iteration = request.iterate(graph=False)
         stats = BackwardStats()
         z_star = iteration.z.detach()
         if not torch.is_grad_enabled():
@@ -278,7 +204,7 @@ def _value_of(z: Tensor, carrying: Tensor, problem: Problem) -> Tensor:
 
 
 @dataclass(frozen=True)
-class PhantomAdjoint:
+class PhantomAdjoint(GradientMethod):
     """Phantom gradients: from the detached fixed point z* (the last or, with keep_best, the best iterate),
     `steps` damped steps `z <- (1 - beta) z + beta f(z)` run with a graph, and backprop goes through those
     only. The returned value is z* itself (so `Solution.residual` describes it) carrying those steps'
@@ -294,12 +220,9 @@ class PhantomAdjoint:
         if not 0.0 < self.beta <= 1.0:
             raise ValueError(f"PhantomAdjoint: beta must be in (0, 1], got {self.beta}")
 
-    def run(
-        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
-        keep_best: bool = False, start: IterateState | None = None,
-    ) -> AdjointOutput:
-        with torch.no_grad():
-            iteration = iterate(solver, problem, z0, tol, max_steps, keep_best, start=start)
+    def differentiate(self, request: Request) -> AdjointOutput:
+        problem = request.problem
+        iteration = request.iterate(graph=False)
         z_star = iteration.z.detach()
         if not torch.is_grad_enabled():
             return AdjointOutput(z=z_star, iteration=iteration)
@@ -312,16 +235,29 @@ class PhantomAdjoint:
         return AdjointOutput(z=out, iteration=iteration, backward=BackwardStats(nfe=self.steps))
 
 
-class ReversibleAdjoint:
-    """Exact, constant-memory gradients for the `Reversible` solver (DESIGN §1).
+class ReversibleAdjoint(GradientMethod):
+    """Exact, constant-memory gradients for the `Reversible` solver (docs/DESIGN.md §1; arXiv 2509.12917).
 
-    The forward iteration runs without a graph and keeps only (y[N], z[N], z0). The backward pass
-    rebuilds z[n], y[n] from z[n+1], y[n+1] algebraically, evaluating f with a graph once at y[n+1]
-    and once at z[n] and taking vector-Jacobian products there:
+    The forward iteration (y[0] = z[0] = z0, or the state `start` gives) runs without a graph,
 
-        gy[n+1] += beta * J_{y[n+1]}^T gz[n+1]
-        gy[n]    = (1 - beta) * gy[n+1]
-        gz[n]    = (1 - beta) * gz[n+1] + beta * J_{z[n]}^T gy[n+1]
+        (F1)  y[n+1] = (1 - beta) * y[n] + beta * f(z[n],   x)
+        (F2)  z[n+1] = (1 - beta) * z[n] + beta * f(y[n+1], x)
+
+    and keeps only (y[N], z[N], y[0], z[0]). The backward pass rebuilds the iterates from the last one
+    by inverting (F2) and then (F1), for n = N-1 ... 0:
+
+        (R1)  z[n] = (z[n+1] - beta * f(y[n+1], x)) / (1 - beta)
+        (R2)  y[n] = (y[n+1] - beta * f(z[n],   x)) / (1 - beta)
+
+    evaluating f with a graph once at y[n+1] and once at z[n] and taking vector-Jacobian products there
+    (gz = dL/dz, gy = dL/dy; gz[N] = dL/dz*, gy[N] = 0; J_a^T v the VJP of f at a):
+
+        (G1)  gy[n+1] += beta * J_{y[n+1]}^T gz[n+1]     (theta, x grads += the same VJP)
+        (G2)  gz[n]    = (1 - beta) * gz[n+1] + beta * J_{z[n]}^T gy[n+1]   (theta, x grads += the VJP)
+        (G3)  gy[n]    = (1 - beta) * gy[n+1]
+
+    and dL/dz0 = gz[0] + gy[0] (y[0] = z[0] = z0). `BackwardStats.reconstruction_error` is
+    max |z[0]_rebuilt - z[0]|, |y[0]_rebuilt - y[0]|.
 
     with parameter and x gradients accumulated from the same products. The result equals autograd
     through the unrolled iteration up to rounding, provided f is deterministic (no dropout mask or
@@ -329,24 +265,21 @@ class ReversibleAdjoint:
     the autograd Function, so DDP and gradient hooks see ordinary parameter gradients.
     """
 
-    def run(
-        self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
-        keep_best: bool = False, start: IterateState | None = None,
-    ) -> AdjointOutput:
+    def differentiate(self, request: Request) -> AdjointOutput:
+        problem, solver, z0, params = request.problem, request.solver, request.z0, request.params
         if not isinstance(solver, Reversible):
             raise ValueError(
                 f"ReversibleAdjoint needs the Reversible solver (got {type(solver).__name__}): only its "
                 "iteration can be run backwards; use UnrolledAdjoint, ImplicitAdjoint or PhantomAdjoint instead"
             )
-        if keep_best:
+        if request.keep_best:
             raise ValueError(KEEP_BEST_REVERSIBLE)
         x_leaves = _grad_leaves(problem)
         if not (torch.is_grad_enabled() and (z0.requires_grad or x_leaves or params)):
-            with torch.no_grad():
-                iteration = iterate(solver, problem, z0, tol, max_steps, start=start)
+            iteration = request.iterate(graph=False)
             return AdjointOutput(z=iteration.state.z, iteration=iteration)
-        run = _ReversibleRun(problem=problem, solver=solver, tol=tol, max_steps=max_steps, n_x=len(x_leaves),
-                             start=start)
+        run = _ReversibleRun(problem=problem, solver=solver, tol=request.tol, max_steps=request.max_steps,
+                             n_x=len(x_leaves), start=request.start)
         z = _ReversibleFunction.apply(run, z0, *x_leaves, *params)
         return AdjointOutput(z=z, iteration=run.iteration, backward=run.stats)
 
@@ -434,17 +367,20 @@ class _ReversibleFunction(torch.autograd.Function):
             _accumulate(grads, out[1:])
             return fa.detach(), (out[0] if out[0] is not None else torch.zeros_like(at))
 
+        # Entering step n: y = y[n+1], z = z[n+1], gz = gz[n+1], gy = gy[n+1] (before G1). Equations: the
+        # class docstring.
         with torch.enable_grad():
             for n in reversed(range(steps)):
-                fy, jy = vjp(y, b * gz, check=n == steps - 1)
+                fy, jy = vjp(y, b * gz, check=n == steps - 1)  # f(y[n+1]), beta * J_{y[n+1]}^T gz[n+1]
                 with torch.no_grad(), problem.arithmetic():
-                    z = (z - b * fy) / (1 - b)
-                    gy = gy + jy
-                fz, jz = vjp(z, b * gy)
+                    z = (z - b * fy) / (1 - b)  # (R1) z[n]
+                    gy = gy + jy  # (G1) gy[n+1] += beta * J_{y[n+1]}^T gz[n+1]
+                fz, jz = vjp(z, b * gy)  # f(z[n]), beta * J_{z[n]}^T gy[n+1]
                 with torch.no_grad(), problem.arithmetic():
-                    y = (y - b * fz) / (1 - b)
-                    gz = (1 - b) * gz + jz
-                    gy = (1 - b) * gy
+                    y = (y - b * fz) / (1 - b)  # (R2) y[n]
+                    gz = (1 - b) * gz + jz  # (G2) gz[n]
+                    gy = (1 - b) * gy  # (G3) gy[n]
+        # Now y = y[0], z = z[0], gz = gz[0], gy = gy[0]: dL/dz0 = gz[0] + gy[0].
         run.stats.nfe += 2 * steps
         run.stats.reconstruction_error = float(torch.maximum((z - z0).abs().max(), (y - y0).abs().max()))
         grad_inputs = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(grads)]

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from revdeq_cli.deq.adjoints import (
     KEEP_BEST_REVERSIBLE,
     BackwardStats,
+    GradientMethod,
     ImplicitAdjoint,
-    PhantomAdjoint,
     ReversibleAdjoint,
     UnrolledAdjoint,
     iterate,
@@ -24,7 +24,7 @@ from revdeq_cli.deq.solvers import Reversible, Solver
 from revdeq_cli.deq.state import State, StateSpec
 from revdeq_cli.solver_facts import SOLVER_FACTS
 
-Adjoint = UnrolledAdjoint | ReversibleAdjoint | ImplicitAdjoint | PhantomAdjoint
+Adjoint = GradientMethod  # UnrolledAdjoint, ReversibleAdjoint, ImplicitAdjoint or PhantomAdjoint
 _DEFAULT_ADJOINTS = {"reversible": ReversibleAdjoint, "unrolled": UnrolledAdjoint, "implicit": ImplicitAdjoint}
 
 

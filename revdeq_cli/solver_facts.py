@@ -2,7 +2,7 @@
 
 `deq` (make_solver / make_adjoint, `solve`'s default gradient), the model config and the settings all
 read it, so a solver's name, its beta rule, its default gradient method and the solver of its implicit
-backward pass are written once (DESIGN §1, §5).
+backward pass are written once (docs/DESIGN.md §1, §5).
 
     SOLVER_FACTS["picard"].default_adjoint      # "unrolled"
     SOLVER_FACTS["reversible"].beta_one_allowed  # False

@@ -36,7 +36,7 @@ class TupleBlock(nn.Module):
     """A two-part state (a, b) of different shapes, coupled both ways.
 
     Strongly contractive on purpose: for beta > 1 the reversal amplifies float64 rounding by roughly
-    (1 + beta * Lip(f)) / |1 - beta| per step (DESIGN §1), and 1e-10 must hold at beta = 1.3 too."""
+    (1 + beta * Lip(f)) / |1 - beta| per step (docs/DESIGN.md §1), and 1e-10 must hold at beta = 1.3 too."""
 
     def __init__(self):
         super().__init__()

@@ -1,5 +1,5 @@
 """Checkpoints: the run-directory layout, atomic writes, the training state, checking, saving, loading and
-describing a checkpoint (DESIGN §4). The floor between `model`/`data`/`settings` below and
+describing a checkpoint (docs/DESIGN.md §4). The floor between `model`/`data`/`settings` below and
 `training`/`interop`/`cli` above: it imports nothing from those three.
 
     from revdeq_cli.checkpoints import load_checkpoint, save_checkpoint, open_checkpoint, resolve_checkpoint

@@ -1,4 +1,4 @@
-"""Atomic writes into a run directory, and what a full disk looks like (DESIGN §4).
+"""Atomic writes into a run directory, and what a full disk looks like (docs/DESIGN.md §4).
 
 Everything goes into a hidden temp dir (or file) beside the target, which is renamed into place only once
 complete (`atomic_dir`, `atomic_write_text`). A crash mid-write leaves at most a `.NAME.tmp-*` dir that

@@ -1,4 +1,4 @@
-"""The run-directory layout: the fixed names, and finding a checkpoint in it (DESIGN §4).
+"""The run-directory layout: the fixed names, and finding a checkpoint in it (docs/DESIGN.md §4).
 
     runs/<dataset>-<YYYYmmdd-HHMMSS>/        (default_run_dir)
       config.yaml  logs/  .lock

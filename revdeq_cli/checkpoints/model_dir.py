@@ -1,4 +1,4 @@
-"""Writing a model directory: the files every directory revdeq writes holds (DESIGN §4).
+"""Writing a model directory: the files every directory revdeq writes holds (docs/DESIGN.md §4).
 
     save_model_dir(directory, model, tokenizer)
 

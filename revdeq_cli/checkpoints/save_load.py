@@ -1,4 +1,4 @@
-"""Saving a checkpoint directory and loading one back (DESIGN §4).
+"""Saving a checkpoint directory and loading one back (docs/DESIGN.md §4).
 
     save_checkpoint(run_dir / checkpoint_name(step), model, tokenizer, training_state)
     model, tokenizer, settings, meta = load_checkpoint("runs/pydoc-.../")

@@ -1,4 +1,4 @@
-"""`training_state.pt`: what `revdeq train` stores beside the weights, and reading it back safely (DESIGN §4).
+"""`training_state.pt`: what `revdeq train` stores beside the weights, and reading it back safely (docs/DESIGN.md §4).
 
 It holds only tensors, numbers, strings, lists and dicts, so it loads with `torch.load(weights_only=True)`:
 step, epoch, data position, tokens seen, best validation loss, the run's resolved settings (a nested dict),

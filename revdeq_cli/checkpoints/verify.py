@@ -1,4 +1,4 @@
-"""The one way a checkpoint is opened: every file checked before anything uses it (DESIGN §4).
+"""The one way a checkpoint is opened: every file checked before anything uses it (docs/DESIGN.md §4).
 
     files = open_checkpoint("runs/pydoc-.../")        # a checkpoint dir, or a run dir (its newest checkpoint)
     files = open_checkpoint(path, resume=True)         # `train --resume`: training_state.pt must be complete

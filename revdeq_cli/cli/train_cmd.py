@@ -13,7 +13,7 @@ import typer
 
 from revdeq_cli.cli.app import app
 
-# CLI option -> dotted setting (DESIGN §3); the option spelling is what error messages name.
+# CLI option -> dotted setting (docs/DESIGN.md §3); the option spelling is what error messages name.
 FLAGS: dict[str, tuple[str, str]] = {
     "preset": ("model.preset", "--preset"),
     "dataset": ("data.dataset", "--dataset"),

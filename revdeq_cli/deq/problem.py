@@ -4,7 +4,7 @@
 in the compute dtypes, calls `f(z, x)` under the caller's autocast setting, checks the result's structure
 and returns it flat in the state dtype. It counts evaluations, so every solver and gradient method
 reports the same `nfe`. The solver arithmetic around it runs with autocast *off*, in the state dtype
-(DESIGN §1: under bf16/fp16 autocast the update arithmetic still runs in the state dtype, float64 by
+(docs/DESIGN.md §1: under bf16/fp16 autocast the update arithmetic still runs in the state dtype, float64 by
 default for the Reversible solver).
 """
 

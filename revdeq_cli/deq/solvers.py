@@ -8,7 +8,7 @@ Every solver state carries `z` (the current iterate) and `fz = f(z)`, so the rel
 
 The arithmetic is plain torch, so autograd can run through it (`UnrolledAdjoint`). All solvers except
 `Reversible` are the classic-DEQ baselines; `Reversible` is the algebraically invertible two-state
-iteration of McCallum, Arora & Foster (2025), DESIGN §1.
+iteration of McCallum, Arora & Foster (2025), docs/DESIGN.md §1.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ class ReversibleState(IterateState):
 
 @dataclass(frozen=True)
 class Reversible(Solver):
-    """The reversible two-state iteration (DESIGN §1), from `y0 = z0`:
+    """The reversible two-state iteration (docs/DESIGN.md §1), from `y0 = z0`:
 
         y[n+1] = (1 - beta) * y[n] + beta * f(z[n])
         z[n+1] = (1 - beta) * z[n] + beta * f(y[n+1])

@@ -1,4 +1,4 @@
-"""The RevDEQ language model as Hugging Face classes (DESIGN §2–§3).
+"""The RevDEQ language model as Hugging Face classes (docs/DESIGN.md §2–§3).
 
     from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM, PRESETS
     model = RevDEQForCausalLM(RevDEQConfig.from_preset("tiny", vocab_size=256))

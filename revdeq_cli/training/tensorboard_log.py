@@ -1,4 +1,4 @@
-"""TensorBoard scalars of a run (DESIGN §6), written under the run's `logs/` by rank 0.
+"""TensorBoard scalars of a run (docs/DESIGN.md §6), written under the run's `logs/` by rank 0.
 
 Tags: train/loss, train/ppl, val/loss, val/ppl, lr, grad_norm, tokens_per_sec, solver/steps,
 solver/residual, solver/backward_nfe, solver/reconstruction_error (reversible only), mem/peak_gib; plus

@@ -10,6 +10,7 @@ inspect / convert (loading). Imports torch lazily so the CLI can import this mod
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from collections.abc import Mapping
@@ -96,8 +97,10 @@ def load_checkpoint(
     files = open_checkpoint(path)
     ckpt = files.path
     try:
-        model = RevDEQForCausalLM.from_pretrained(ckpt, dtype=dtype) if dtype is not None \
-            else RevDEQForCausalLM.from_pretrained(ckpt)
+        # config.json was parsed and checked once, by open_checkpoint: the model is built from that object.
+        config = copy.deepcopy(files.model_config)
+        model = RevDEQForCausalLM.from_pretrained(ckpt, config=config, dtype=dtype) if dtype is not None \
+            else RevDEQForCausalLM.from_pretrained(ckpt, config=config)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         if isinstance(err, CheckpointError):
             raise

@@ -55,6 +55,7 @@ class CheckpointFiles:
 
     path: Path  # the checkpoint directory
     config: dict[str, Any]  # config.json as parsed
+    model_config: Any  # the RevDEQConfig it describes, built once here (load_checkpoint builds the model from it)
     weight_files: list[Path]  # model.safetensors, or its shards
     headers: list[SafetensorsHeader]  # one per weight file
     has_tokenizer: bool  # tokenizer.json + tokenizer_config.json present and readable
@@ -66,25 +67,26 @@ def open_checkpoint(path: str | os.PathLike[str], *, resume: bool = False) -> Ch
     check its files as the module docstring lists. With `resume=True` a training_state.pt with everything
     resuming needs is required. Raises `CheckpointError` (one line naming the file and the fix)."""
     directory = resolve_checkpoint(path)
-    config = read_config(directory / CONFIG)
+    config, model_config = read_config(directory / CONFIG)
     if (directory / GENERATION_CONFIG).is_file():
         _read_json_object(directory / GENERATION_CONFIG, "a Hugging Face generation_config.json")
     weight_files = weight_files_of(directory)
     headers = [read_safetensors_header(f) for f in weight_files]
-    check_weights_match_config(directory, config, headers)
+    check_weights_match_config(directory, model_config, headers)
     has_tokenizer = check_tokenizer_files(directory, config)
     if resume and not (directory / TRAINING_STATE).is_file():
         raise CheckpointError(f"{directory / TRAINING_STATE}: missing, so training cannot resume from "
                               f"{directory}; start a new run without --resume, or resume from a checkpoint "
                               "written by `revdeq train`")
     state = load_training_state(directory, full=resume)
-    return CheckpointFiles(path=directory, config=config, weight_files=weight_files, headers=headers,
-                           has_tokenizer=has_tokenizer, training_state=state)
+    return CheckpointFiles(path=directory, config=config, model_config=model_config, weight_files=weight_files,
+                           headers=headers, has_tokenizer=has_tokenizer, training_state=state)
 
 
 # --------------------------------------------------------------------------- config.json
-def read_config(path: Path) -> dict[str, Any]:
-    """Parse `config.json` and check it (module docstring); return it as a dict."""
+def read_config(path: Path) -> tuple[dict[str, Any], Any]:
+    """Parse `config.json` and check it (module docstring); return it as a dict and as the `RevDEQConfig`
+    it describes (built once: the checks, the expected tensors and the model all use that one)."""
     config = _read_json_object(path, "a Hugging Face config.json")
     if config.get("model_type") != MODEL_TYPE:
         raise CheckpointError(f"{path}: model_type is {config.get('model_type')!r}, not {MODEL_TYPE!r}; "
@@ -98,10 +100,10 @@ def read_config(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: field {name} is {config[name]!r}, not of the declared type "
                                   f"{' or '.join(kinds)}; restore the original config.json ({_FIX_COPY})")
     try:
-        _config_object(config)
+        model_config = _config_object(config)
     except UserError as err:
         raise CheckpointError(f"{path}: {err} (the file was edited or is damaged; restore the original)") from None
-    return config
+    return config, model_config
 
 
 def _config_object(config: dict[str, Any]) -> Any:
@@ -169,14 +171,14 @@ def weight_files_of(directory: Path) -> list[Path]:
     return [directory / name for name in names]
 
 
-def expected_tensors(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """(name -> shape of every tensor the model `config` describes saves, names that may be absent because
-    they are tied to another). The model is built on the meta device: no memory, no initialisation."""
+def expected_tensors(model_config: Any) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """(name -> shape of every tensor the model `model_config` (a RevDEQConfig) describes saves, names that
+    may be absent because they are tied to another). The model is built on the meta device: no memory, no
+    initialisation."""
     import torch
 
     from revdeq_cli.model import RevDEQForCausalLM
 
-    model_config = _config_object(config)
     with torch.device("meta"):
         model = RevDEQForCausalLM(model_config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -185,10 +187,11 @@ def expected_tensors(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]]
     return shapes, optional
 
 
-def check_weights_match_config(directory: Path, config: dict[str, Any], headers: list[SafetensorsHeader]) -> None:
-    """Every stored tensor is floating point and named and shaped as `config` implies; none is missing."""
+def check_weights_match_config(directory: Path, model_config: Any, headers: list[SafetensorsHeader]) -> None:
+    """Every stored tensor is floating point and named and shaped as `model_config` (config.json's
+    RevDEQConfig) implies; none is missing."""
     config_path = directory / CONFIG
-    expected, optional = expected_tensors(config)
+    expected, optional = expected_tensors(model_config)
     stored: dict[str, tuple[tuple[int, ...], Path]] = {}
     for header in headers:
         for t in header.tensors:

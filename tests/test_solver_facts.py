@@ -13,7 +13,7 @@ from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
 from revdeq_cli.model import config as model_config
 from revdeq_cli.settings import ADJOINT_FOR_SOLVER, ADJOINT_NAMES, SOLVER_NAMES, SolverSettings
 from revdeq_cli.solver_facts import ADJOINTS, BETA_SOLVERS, EXPLICIT, SOLVER_FACTS, SOLVERS
-from revdeq_cli.training.loop import BETA_SOLVERS as LOOP_BETA_SOLVERS
+from revdeq_cli.training.remedies import BETA_SOLVERS as LOOP_BETA_SOLVERS
 
 ADJOINT_CLASSES = {"reversible": deq.ReversibleAdjoint, "unrolled": deq.UnrolledAdjoint,
                    "implicit": deq.ImplicitAdjoint, "phantom": deq.PhantomAdjoint}

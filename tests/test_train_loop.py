@@ -289,7 +289,7 @@ def test_block_order_is_deterministic_and_ranks_get_disjoint_equal_shards():
     ],
 )
 def test_divergence_advice_names_only_changes_that_change_something(sets, wanted, unwanted):
-    from revdeq_cli.training.loop import divergence_remedies
+    from revdeq_cli.training.remedies import divergence_remedies
 
     s = resolve_settings(sets=sets, environ={})
     advice = " ".join(divergence_remedies(s, is_deq=s.solver.solver != "explicit"))

@@ -40,7 +40,6 @@ from revdeq_cli.checkpoints.layout import default_run_dir, find_resume_checkpoin
 from revdeq_cli.checkpoints.verify import CheckpointFiles, open_checkpoint
 from revdeq_cli.errors import CheckpointError, ConfigError, UserError
 from revdeq_cli.settings import Settings, auto_warmup_steps
-from revdeq_cli.solver_facts import BETA_SOLVERS  # the solvers whose step uses solver.beta
 from revdeq_cli.training.data_order import BlockOrder
 from revdeq_cli.training.distributed import (
     DistInfo,
@@ -59,6 +58,7 @@ from revdeq_cli.training.metrics import (
 )
 from revdeq_cli.training.optim import LRSchedule, build_optimizer
 from revdeq_cli.training.progress import Progress, StepStats, Throughput, format_bytes, format_duration, make_progress
+from revdeq_cli.training.remedies import backward_divergence_remedies, divergence_remedies, join_or
 from revdeq_cli.training.rng import capture_rng_state, restore_rng_state, seed_everything
 from revdeq_cli.training.run_dir import RunLock, claim_run_dir, disk_full_message
 
@@ -135,46 +135,6 @@ class TrainSummary:
         if self.final_checkpoint is not None:
             out.append(f"checkpoint: {self.final_checkpoint}")
         return out
-
-
-# --------------------------------------------------------------------------- divergence advice
-
-
-def divergence_remedies(s: Settings, *, is_deq: bool) -> list[str]:
-    """What might stop a diverging run, each phrased as the flag to pass and the value now: only changes
-    that would change something for this run (no beta advice for a solver without one, no float64 advice
-    when the states already are float64, a tighter clip when clipping is already on)."""
-    tr, sv = s.train, s.solver
-    out = [f"a lower learning rate (--lr {tr.lr / 2:g}, now {tr.lr:g})"]
-    if is_deq and sv.solver in BETA_SOLVERS and sv.beta is not None:
-        out.append(f"a smaller beta (--beta {sv.beta / 2:g}, now {sv.beta:g})")
-    if is_deq and sv.state_dtype != "float64":
-        out.append(f"float64 solver states (--set solver.state_dtype=float64, now {sv.state_dtype})")
-    if tr.grad_clip == 0:
-        out.append("gradient clipping (--set train.grad_clip=1.0, now off)")
-    else:
-        out.append(f"tighter gradient clipping (--set train.grad_clip={tr.grad_clip / 2:g}, now {tr.grad_clip:g})")
-    if tr.precision == "fp16":
-        out.append("a wider number format (--precision bf16 or fp32, now fp16)")
-    return out
-
-
-def backward_divergence_remedies(s: Settings) -> list[str]:
-    """What might stop the implicit gradient's backward solve from diverging (its own settings, not the
-    forward solver's beta): fewer backward steps, a looser tolerance, a lower learning rate, another gradient."""
-    tr, sv = s.train, s.solver
-    steps = sv.implicit_max_steps or 20
-    out = [f"fewer backward solver steps (--set solver.implicit_max_steps={max(1, steps // 2)}, now {steps})"]
-    if sv.implicit_tol is not None:
-        out.append(f"a looser backward tolerance (--set solver.implicit_tol={sv.implicit_tol * 10:g}, "
-                   f"now {sv.implicit_tol:g})")
-    out.append(f"a lower learning rate (--lr {tr.lr / 2:g}, now {tr.lr:g})")
-    out.append("the phantom gradient (--adjoint phantom), which needs no backward solve")
-    return out
-
-
-def _join_or(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -420,7 +380,7 @@ class Trainer:
             kept = "no checkpoint had been saved yet"
         return TrainingDivergedError(
             f"training diverged at step {self.step + 1}: {what} is {value}; {kept}. Try "
-            + _join_or(backward_divergence_remedies(self.settings) if backward
+            + join_or(backward_divergence_remedies(self.settings) if backward
                        else divergence_remedies(self.settings, is_deq=self.model.config.is_deq)),
             step=self.step + 1,
         )

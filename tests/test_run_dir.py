@@ -321,3 +321,24 @@ def test_torch_saves_own_error_on_a_full_disk_is_taken_for_one(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="unexpected pos"):
         failing_write()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_reads_the_checkpoints_training_state_once(tmp_path, small_corpus, monkeypatch):  # noqa: F811
+    """`train --resume` opens the checkpoint in the command (to read its settings) and hands it to the trainer,
+    which does not open it again: training_state.pt is loaded once."""
+    corpus, cache = small_corpus
+    out = tmp_path / "run"
+    first = _in_process(corpus, cache, out, "--max-steps", "2", "--save-every", "1", "--eval-every", "0")
+    assert first.exit_code == 0, first.output
+    loads: list[str] = []
+    real_load = torch.load
+
+    def load(f, *args, **kwargs):
+        if str(f).endswith(ckpt.TRAINING_STATE):
+            loads.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    resumed = _in_process(corpus, cache, out, "--resume", "auto", "--max-steps", "3", "--eval-every", "0")
+    assert resumed.exit_code == 0, resumed.output
+    assert loads == [str(out / "checkpoint-000002" / ckpt.TRAINING_STATE)]

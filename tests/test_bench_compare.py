@@ -39,7 +39,9 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert [m["name"] for m in saved["models"]] == ["revdeq", "deq-phantom", "explicit-9-narrow"]
     by_name = {m["name"]: m for m in record["models"]}
     rev = by_name["revdeq"]
-    assert rev["steps"] >= 1 and rev["fwd_nfe"] == 5 and rev["bwd_nfe"] == 4  # the tiny preset: 2 steps, 1+2N / 2N
+    # the tiny preset: at most 2 differentiated steps (2N backward; tol 1e-3 may stop them early after a deep
+    # start) after a drawn detached start (1 + 2(k + N) forward)
+    assert rev["steps"] >= 1 and rev["fwd_nfe"] >= 5 and 0 < rev["bwd_nfe"] <= 4
     assert by_name["deq-phantom"]["bwd_nfe"] == 1
     assert [r["steps"] for r in rev["inference_sweep"]] == [1, 3]
     assert all(math.isfinite(r["ppl"]) for r in rev["inference_sweep"])

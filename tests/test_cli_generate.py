@@ -25,7 +25,7 @@ def test_greedy_generation_streams_the_prompt_and_continuation(run):
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("def main(")
     [(sample, tokens, steps, _, cache)] = _stats(result.stderr)
-    assert (sample, tokens, steps, cache) == (1, 12, 2.0, "cache")
+    assert (sample, tokens, steps, cache) == (1, 12, 8.0, "cache")  # the preset's 8 inference steps
     again = invoke("generate", "def main(", "-c", run, "--temperature", "0", "--max-new-tokens", "12", "--no-cache")
     assert again.stdout == result.stdout  # greedy: the cache changes the cost, not the text
     assert _stats(again.stderr)[0][4] == "no cache"

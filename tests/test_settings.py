@@ -314,7 +314,7 @@ def test_print_config_shows_the_resolved_warmup_and_adjoint(capsys, monkeypatch,
 
 
 def test_an_unset_lr_follows_the_preset_and_a_given_one_is_kept(tmp_path):
-    assert resolve_settings(environ={}).train.lr == 3e-3  # tiny: the recipe study's best at 1200 steps
+    assert resolve_settings(environ={}).train.lr == 4e-3  # tiny: the equilibrium study's best at 1200 steps
     assert resolve_settings(flags={"model.preset": "small"}, environ={}).train.lr == 2e-3
     assert resolve_settings(flags={"train.lr": 1e-3}, environ={}).train.lr == 1e-3
     assert resolve_settings(sets=["train.lr=5e-4"], environ={}).train.lr == 5e-4

@@ -281,7 +281,7 @@ def test_block_order_is_deterministic_and_ranks_get_disjoint_equal_shards():
 @pytest.mark.parametrize(
     ("sets", "wanted", "unwanted"),
     [
-        ([], ["--lr 0.001", "--beta 0.25", "train.grad_clip=0.5"], ["float64", "--precision"]),
+        ([], ["--lr 0.002", "--beta 0.25", "train.grad_clip=0.5"], ["float64", "--precision"]),
         (["solver.state_dtype=float32", "train.grad_clip=0", "train.precision=fp16"],
          ["solver.state_dtype=float64, now float32", "train.grad_clip=1.0, now off", "--precision bf16"], []),
         (["solver.solver=picard"], ["--lr"], ["beta"]),

@@ -140,7 +140,9 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
     typer.echo(table(("solver steps", "perplexity", "bits/byte", "loss", "mean steps", "max residual", "tokens/s"),
                      rows, align="rrrrrrr"))
     if trained_steps is not None:
-        typer.echo(f"(trained with max_steps {trained_steps}; inference default {model.config.eval_max_steps})")
+        detached = model.config.train_detached_steps
+        start = f" after {detached} detached steps" if str(detached) != "0" else ""
+        typer.echo(f"(trained with max_steps {trained_steps}{start}; inference default {model.config.eval_max_steps})")
 
 
 def _targets(tokens, seq_len: int, batch_size: int, max_batches: int | None) -> int:

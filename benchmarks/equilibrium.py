@@ -103,12 +103,6 @@ class CurveRecorder:
             self.curve.append((trainer.step, math.exp(loss)))
 
 
-def nominal_steps(config: Any) -> float:
-    """The mean solver steps a training batch takes (differentiated + detached)."""
-    steps, detached = config.step_rules()
-    return steps.mean_value + detached.mean_value
-
-
 def own_steps(ppl: dict[str, float]) -> int:
     """The inference steps a run would ship with: the smallest count (>= 1) within 1% of its best perplexity."""
     counts = [k for k in INFERENCE_STEPS if k >= 1 and str(k) in ppl]
@@ -145,7 +139,8 @@ def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curv
         "wall_seconds": wall, "curve": recorder.curve, "final_val_ppl_trainer": math.exp(summary.final_val_loss),
     }
     if net.config.is_deq:
-        record["nominal_train_steps"] = nominal_steps(net.config)
+        # the training depth (the rules' means, rounded up): what an unset inference_max_steps runs
+        record["nominal_train_steps"] = net.config.training_depth
         ppl, residual, seconds = {}, {}, {}
         for k in INFERENCE_STEPS:
             r = evaluate_split(net, corpus.splits["validation"], split_bytes=corpus.split_bytes["validation"],
@@ -155,7 +150,7 @@ def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curv
         record.update(val_ppl_at=ppl, residual_at=residual, eval_seconds_at=seconds, residual_real_positions=True)
         record["own_steps"] = own_steps(ppl)
         record["val_ppl"] = ppl[str(record["own_steps"])]
-        train_steps = max(1, round(record["nominal_train_steps"]))
+        train_steps = record["nominal_train_steps"]
     else:
         record["val_ppl"] = math.exp(summary.final_val_loss)
         train_steps = None

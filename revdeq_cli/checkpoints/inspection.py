@@ -40,6 +40,7 @@ class CheckpointReport:
     settings: dict[str, Any] = field(default_factory=dict)  # the run's resolved settings (nested)
     recent: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> [(step, value)]
     metadata: dict[str, str] = field(default_factory=dict)  # the safetensors header's __metadata__
+    inference_steps: int | None = None  # the DEQ's solver steps in eval mode (RevDEQConfig.eval_max_steps)
 
 
 def describe_checkpoint(path: str | Path, *, recent: int = 5) -> CheckpointReport:
@@ -52,13 +53,14 @@ def describe_checkpoint(path: str | Path, *, recent: int = 5) -> CheckpointRepor
     checks and must hold a revdeq model's tensor names."""
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".safetensors" and not (path.parent / "config.json").is_file():
-        directory, config, state = path.parent, {}, {}
+        directory, config, state, inference_steps = path.parent, {}, {}, None
         headers = [read_safetensors_header(path)]
         _check_ours(path, [t for h in headers for t in h.tensors])
     else:
         files = open_checkpoint(path.parent if path.is_file() and path.suffix == ".safetensors" else path)
         directory, config, headers = files.path, files.config, files.headers
         state = dict(files.training_state)
+        inference_steps = files.model_config.eval_max_steps if files.model_config.is_deq else None
     tensors = [t for h in headers for t in h.tensors]
     total = sum(t.numel for t in tensors)
     embedding = sum(t.numel for t in tensors if t.name in EMBEDDING_TENSORS)
@@ -72,7 +74,7 @@ def describe_checkpoint(path: str | Path, *, recent: int = 5) -> CheckpointRepor
         parameters={"total": total, "embedding": embedding, "non_embedding": total - embedding},
         dtypes=dtypes, files=sorted((p.name, p.stat().st_size) for p in directory.iterdir() if p.is_file()),
         training=state, settings=settings if isinstance(settings, dict) else {},
-        metadata=_merged_metadata(headers),
+        metadata=_merged_metadata(headers), inference_steps=inference_steps,
     )
     run_dir = directory.parent
     if recent and (run_dir / "logs").is_dir():

@@ -97,18 +97,6 @@ def _probe(path: Path, text: str, steps: int | None, device_spec: str) -> list[f
     return probe_residuals(model, batch, steps)
 
 
-def _inference_steps(c: dict) -> object:
-    """The steps the model runs in eval mode (RevDEQConfig.eval_max_steps), from config.json's fields."""
-    if c.get("inference_max_steps") is not None or c.get("solver") == "explicit":
-        return c.get("inference_max_steps")
-    try:
-        from revdeq_cli.model.config import training_depth
-
-        return training_depth(c.get("max_steps"), c.get("train_steps"), c.get("train_detached_steps") or "0")
-    except Exception:  # a damaged config: verification names the field elsewhere; show what it says
-        return c.get("max_steps")
-
-
 def _depth_line(c: dict, infer: object) -> str:
     """How the model was trained to iterate, and how many steps it runs at inference."""
     steps = c.get("train_steps") or c.get("max_steps")
@@ -125,7 +113,7 @@ def _summary_lines(report) -> list[str]:
     from revdeq_cli.training.progress import format_bytes
 
     c, p, t, s = report.config, report.parameters, report.training, report.settings
-    infer = _inference_steps(c)
+    infer = report.inference_steps
     lines = [f"checkpoint   {report.path}"]
     if c:
         lines.append(f"model        {c.get('solver')} solver / {c.get('adjoint')} adjoint, beta {c.get('beta')}, "

@@ -154,20 +154,20 @@ class RevDEQConfig(PreTrainedConfig):
 
     @property
     def eval_max_steps(self) -> int:
-        """Solver steps in eval mode and generation: `inference_max_steps`, else the depth the model trained at
-        (`max_steps`, or the mean of the `train_steps` rule, plus the mean of `train_detached_steps`, rounded up;
-        for a config without step rules simply `max_steps`)."""
-        if self.inference_max_steps is not None:
-            return self.inference_max_steps
-        return training_depth(self.max_steps, self.train_steps, self.train_detached_steps)
+        """Solver steps in eval mode and generation: `inference_max_steps`, else `training_depth`."""
+        return self.training_depth if self.inference_max_steps is None else self.inference_max_steps
+
+    @property
+    def training_depth(self) -> int:
+        """The solver steps a training batch takes on average, rounded up: `max_steps` (or the mean of the
+        `train_steps` rule) plus the mean of `train_detached_steps`; `max_steps` for a config without rules."""
+        steps, detached = self.step_rules()
+        return max(1, math.ceil(steps.mean_value + detached.mean_value - 1e-9))
 
     def step_rules(self) -> tuple[StepRule, StepRule]:
         """(differentiated steps, detached steps) per training batch, parsed from `train_steps` (None:
         `max_steps`, fixed) and `train_detached_steps`. Raises `ConfigError` naming the field."""
-        steps = StepRule.parse(self.max_steps if self.train_steps is None else self.train_steps,
-                               field="train_steps", minimum=1)
-        detached = StepRule.parse(self.train_detached_steps, field="train_detached_steps", minimum=0)
-        return steps, detached
+        return _step_rules(self.max_steps, self.train_steps, self.train_detached_steps)
 
     # ------------------------------------------------------------------ validation
     def check(self) -> None:
@@ -261,11 +261,11 @@ _SOLVER_FIELDS = (
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 
 
-@functools.lru_cache(maxsize=64)  # read per forward call, so per generated token
-def training_depth(max_steps: int, train_steps: str | None, train_detached_steps: str) -> int:
+@functools.lru_cache(maxsize=64)  # eval_max_steps reads the rules per forward call, so per generated token
+def _step_rules(max_steps: Any, train_steps: Any, train_detached_steps: Any) -> tuple[StepRule, StepRule]:
     steps = StepRule.parse(max_steps if train_steps is None else train_steps, field="train_steps", minimum=1)
     detached = StepRule.parse(train_detached_steps, field="train_detached_steps", minimum=0)
-    return max(1, math.ceil(steps.mean_value + detached.mean_value - 1e-9))
+    return steps, detached
 
 
 def _is_real(value: Any) -> bool:

@@ -307,6 +307,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         return z, stats
 
     def _z0(self, x: Tensor) -> Tensor:
+        """The solver's start [B, T, H]: the input injection (init_state "input") or zeros."""
         return x if self.config.init_state == "input" else torch.zeros_like(x)
 
     def _bypass(self, x: Tensor, mask: AttentionMask) -> tuple[Tensor, SolverStats]:
@@ -393,8 +394,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             def f(z: Tensor, x: Tensor) -> Tensor:
                 return block(z, x, mask, hook)
 
-            # z0 = x is elementwise in the position, so the exact cache stays exact
-            z0 = x if self.config.init_state == "input" else torch.zeros_like(x)
+            z0 = self._z0(x)  # z0 = x is elementwise in the position, so the exact cache stays exact
         # trace=False: only the final residual is reported, and per-step reductions add up when decoding
         params = list(block.parameters()) if torch.is_grad_enabled() else []
         sol = deq.solve(f, z0, x, solver=self._solver(), adjoint=adjoint, tol=tol, max_steps=max_steps,

@@ -28,16 +28,15 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _study  # noqa: E402  (the runs file and child processes, shared with recipe.py)
 from recipe import RECIPE, WARMUP_FRACTION, machine  # noqa: E402  (the shared pinned settings)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -170,45 +169,17 @@ def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curv
 
 # ---------------------------------------------------------------------------------------------- the study
 def load_runs() -> list[dict[str, Any]]:
-    if not RUNS_FILE.exists():
-        return []
-    return [json.loads(line) for line in RUNS_FILE.read_text().splitlines() if line.strip()]
+    return _study.load_runs(RUNS_FILE)
 
 
-def _key(r: dict[str, Any]) -> tuple:
-    return (r["model"], float(r["lr"]), int(r["steps"]), int(r["seed"]))
+def _describe(record: dict[str, Any]) -> str:
+    curve = " / ".join(f"{record.get('val_ppl_at', {}).get(str(k), math.nan):.2f}" for k in INFERENCE_STEPS)
+    return f"ppl@{INFERENCE_STEPS} {curve} res@32 {record.get('residual_at', {}).get('32', math.nan):.2g}"
 
 
 def run_many(jobs_list: list[tuple[str, float, int, int]], args: argparse.Namespace) -> None:
-    done = {_key(r) for r in load_runs()}
-    todo = [j for j in jobs_list if (j[0], float(j[1]), j[2], j[3]) not in done]
-    print(f"{len(todo)} runs to do ({len(jobs_list) - len(todo)} already in {RUNS_FILE.name})", flush=True)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-
-    def child(job: tuple[str, float, int, int]) -> None:
-        model, lr, steps, seed = job
-        spec = json.dumps({"model": model, "lr": lr, "steps": steps, "seed": seed,
-                           "curve_every": args.curve_every or max(25, steps // 12),
-                           "curve_batches": args.curve_batches})
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        env = {k: v for k, v in env.items()
-               if not k.startswith("REVDEQ_") or k in ("REVDEQ_CACHE_DIR", "REVDEQ_EQUILIBRIUM_KEEP")}
-        proc = subprocess.run([sys.executable, __file__, "child", spec], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            print(f"FAILED {job}: {last}", flush=True)
-            record = {"model": model, "lr": lr, "steps": steps, "seed": seed, "val_ppl": math.inf, "failed": last}
-        else:
-            record = json.loads(proc.stdout.strip().splitlines()[-1])
-        with RUNS_FILE.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        curve = " / ".join(f"{record.get('val_ppl_at', {}).get(str(k), math.nan):.2f}" for k in INFERENCE_STEPS)
-        print(f"{model:22s} lr {lr:g} steps {steps} seed {seed}: ppl@{INFERENCE_STEPS} {curve} "
-              f"res@32 {record.get('residual_at', {}).get('32', math.nan):.2g} ({record.get('wall_seconds', 0):.0f} s)",
-              flush=True)
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(child, todo))
+    _study.run_missing(jobs_list, args, script=__file__, runs_file=RUNS_FILE, describe=_describe,
+                       keep_env=("REVDEQ_EQUILIBRIUM_KEEP",))
 
 
 def best_per_model(runs: list[dict[str, Any]], steps: int) -> dict[str, dict[str, Any]]:

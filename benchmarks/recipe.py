@@ -28,14 +28,15 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _study  # noqa: E402  (the runs file and child processes, shared with equilibrium.py)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RUNS_FILE = RESULTS_DIR / "recipe-runs.jsonl"
@@ -146,42 +147,15 @@ def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curv
 
 # ---------------------------------------------------------------------------------------------- the study
 def load_runs() -> list[dict[str, Any]]:
-    if not RUNS_FILE.exists():
-        return []
-    return [json.loads(line) for line in RUNS_FILE.read_text().splitlines() if line.strip()]
+    return _study.load_runs(RUNS_FILE)
 
 
-def _key(r: dict[str, Any]) -> tuple:
-    return (r["model"], float(r["lr"]), int(r["steps"]), int(r["seed"]))
+def _describe(record: dict[str, Any]) -> str:
+    return f"val ppl {record['val_ppl']:.3f}"
 
 
 def run_many(jobs_list: list[tuple[str, float, int, int]], args: argparse.Namespace) -> None:
-    done = {_key(r) for r in load_runs()}
-    todo = [j for j in jobs_list if (j[0], float(j[1]), j[2], j[3]) not in done]
-    print(f"{len(todo)} runs to do ({len(jobs_list) - len(todo)} already in {RUNS_FILE.name})", flush=True)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-
-    def child(job: tuple[str, float, int, int]) -> None:
-        model, lr, steps, seed = job
-        spec = json.dumps({"model": model, "lr": lr, "steps": steps, "seed": seed,
-                           "curve_every": args.curve_every or max(25, steps // 12),
-                           "curve_batches": args.curve_batches})
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        env = {k: v for k, v in env.items() if not k.startswith("REVDEQ_") or k == "REVDEQ_CACHE_DIR"}
-        proc = subprocess.run([sys.executable, __file__, "child", spec], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(f"FAILED {job}: {proc.stderr.strip().splitlines()[-1:] or proc.stdout[-500:]}", flush=True)
-            record = {"model": model, "lr": lr, "steps": steps, "seed": seed, "val_ppl": math.inf,
-                      "failed": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-        else:
-            record = json.loads(proc.stdout.strip().splitlines()[-1])
-        with RUNS_FILE.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        print(f"{model:22s} lr {lr:g} steps {steps} seed {seed}: val ppl {record['val_ppl']:.3f} "
-              f"({record.get('wall_seconds', 0):.0f} s)", flush=True)
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(child, todo))
+    _study.run_missing(jobs_list, args, script=__file__, runs_file=RUNS_FILE, describe=_describe)
 
 
 def best_per_model(runs: list[dict[str, Any]], steps: int) -> dict[str, dict[str, Any]]:

@@ -25,13 +25,16 @@ cannot match both compute and parameters, so it appears twice: `explicit-9` matc
 9x the block parameters), `explicit-9-narrow` matches non-embedding parameters by narrowing the width (same
 heads, MLP 4x width). The table reports total and non-embedding counts for every model.
 
-Training (same for every model): the same blocks in the same order (`training.data_order.BlockOrder`, one
-seed), AdamW (`training.optim.build_optimizer`, the trainer's defaults), gradient clipping at 1.0, and a learning
-rate that is a function of training *time*, not steps (models take different numbers of steps per second):
-linear warmup over the first --warmup fraction of the budget, then a cosine decay to 0.1x at its end.
-The clock counts training steps only: validation during training is excluded, so every model gets
-the same seconds of optimisation. Validation perplexity is measured on the first --eval-batches batches of the
-validation split every --budget/--eval-points seconds (the curve), and on the whole split at the end.
+Training (same for every model) runs through `revdeq_cli.training.Trainer`, what `revdeq train` runs (settings
+resolved by `revdeq_cli.settings`, `train_settings`): the same blocks in the same order (one seed), AdamW
+(weight decay 0.1, betas 0.9/0.99), gradient clipping at 1.0, the preset's training depth. An observer of the
+trainer (`BudgetRun`) keeps the budget and sets a learning rate that is a function of training *time*, not
+steps (models take different numbers of steps per second): linear warmup over the first --warmup fraction of
+the budget, then a cosine decay to 0.1x at its end. The clock counts training steps only: validation during
+training is excluded, so every model gets the same seconds of optimisation; the step that reaches the budget is
+the last, and the run then ends as any trainer run does (validation on the whole split, which the table
+reports unless --final-eval-batches caps it, and test). Validation perplexity is measured on the first
+--eval-batches batches of the validation split every --budget/--eval-points seconds and at the end (the curve).
 Each model runs in a fresh process (one after another) so that its peak memory is its own: the increase of
 CUDA max allocated, or on CPU of the peak resident set size (RSS), over what the process held just before the
 first step (gradients, optimiser state and activations; not the weights, the interpreter or libraries).
@@ -187,11 +190,13 @@ def _reset_peak_rss() -> bool:
 class MemoryMeter:
     """Peak memory of what runs between `start()` and `peak_bytes()`, as an increase over what was in use at
     `start()`: CUDA max allocated, or on CPU peak RSS in a fresh process (`exact`; Linux resets the peak at
-    `start()`, elsewhere it is the process's lifetime peak)."""
+    `start()`, elsewhere it is the process's lifetime peak). `sample()` after each training step keeps the CUDA
+    peak of that step, which the trainer resets at the start of the next."""
 
     def __init__(self, device, fresh_process: bool) -> None:
         self.device = device
         self.exact = device.type == "cuda" or fresh_process
+        self.sampled = 0
 
     def start(self) -> None:
         import torch
@@ -205,12 +210,18 @@ class MemoryMeter:
                 _reset_peak_rss()  # a peak before start() (imports, the warm-up pass) must not count
             self.before = _rss_bytes()
 
+    def sample(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            self.sampled = max(self.sampled, int(torch.cuda.max_memory_allocated(self.device)))
+
     def peak_bytes(self) -> int | None:
         import torch
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device)) - self.before
+            return max(self.sampled, int(torch.cuda.max_memory_allocated(self.device))) - self.before
         return _peak_rss_bytes() - self.before if self.exact else None
 
 
@@ -228,113 +239,145 @@ def _prepare_corpus(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = False) -> dict[str, Any]:
-    """Train model `name` for `args.budget` seconds of training-step wall time; return its record (see module
-    docstring). Divergence ends the run early and is recorded, not raised."""
-    import numpy as np
-    import torch
+def train_settings(name: str, args: argparse.Namespace, vocab_size: int, out_dir: Path):
+    """The `revdeq train` settings of model `name`: its `build_config` fields and the comparison's training
+    settings. The schedule in training time and the budget are `BudgetRun`'s, so the trainer's own schedule
+    is a constant rate and its step limit out of reach."""
+    from revdeq_cli.settings import ModelSettings, resolve_settings
 
-    from revdeq_cli import deq
-    from revdeq_cli.model import RevDEQForCausalLM
-    from revdeq_cli.model.step_rule import draw_depth
-    from revdeq_cli.training.data_order import BlockOrder
-    from revdeq_cli.training.evaluate import evaluate_split, solver_steps_sweep
-    from revdeq_cli.training.metrics import perplexity
-    from revdeq_cli.training.optim import build_optimizer
+    spec = MODELS[name]
+    fields = {**base_overrides(args, vocab_size), **spec.overrides}
+    if spec.match_params_layers:
+        config = build_config(name, args, vocab_size)
+        fields.update(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size)
+    values = {f"{'model' if k in ModelSettings.model_fields else 'solver'}.{k}": v for k, v in fields.items()}
+    values.update({
+        "model.preset": args.preset, "data.dataset": args.dataset, "data.dataset_config": args.dataset_config,
+        "data.tokenizer": args.tokenizer, "data.seq_len": args.seq_len, "train.batch_size": args.batch_size,
+        "train.eval_batch_size": args.eval_batch_size, "train.lr": args.lr, "train.weight_decay": 0.1,
+        "train.adam_beta1": 0.9, "train.adam_beta2": 0.99, "train.adam_eps": 1e-8, "train.grad_clip": 1.0,
+        "train.schedule": "constant", "train.warmup_steps": 0, "train.max_steps": 10**9,
+        "train.precision": args.precision, "train.device": args.device, "train.seed": args.seed,
+        "train.eval_every": 0, "train.save_every": 0, "train.keep_last": 1, "train.out_dir": str(out_dir),
+        "log.progress": "plain", "log.tensorboard": False,
+    })
+    return resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
 
-    device = torch.device(args.device)
-    corpus = _prepare_corpus(args)
-    blocks = corpus.blocks("train", args.seq_len)
-    val = corpus.splits["validation"]
-    config = build_config(name, args, corpus.vocab_size)
-    torch.manual_seed(args.seed)
-    model = RevDEQForCausalLM(config).to(device).train()
-    optimizer = build_optimizer(model, lr=args.lr, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-8)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    order = BlockOrder(len(blocks), args.batch_size, args.seed)
-    if order.batches_per_epoch < 1:
-        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(blocks)} training blocks")
 
-    eval_kwargs = {"split_bytes": corpus.split_bytes["validation"], "seq_len": args.seq_len,
-                   "batch_size": args.eval_batch_size or args.batch_size, "device": device}
+class BudgetRun:
+    """A Trainer observer that holds a model to the comparison's protocol (module docstring): `args.budget`
+    seconds of training-step wall time (its own evaluations excluded), then `request_finish()`; the lr a function
+    of that time (`lr_at`); the validation-prefix curve; each step's solver figures; the peak memory of the steps."""
 
-    def validate(max_batches: int | None):
-        with _autocast(device, args.precision):
-            result = evaluate_split(model, val, max_batches=max_batches, **eval_kwargs)
-        model.train()
-        return result
+    def __init__(self, args: argparse.Namespace, meter: MemoryMeter) -> None:
+        self.args, self.meter = args, meter
+        self.curve, self.fwd_nfe, self.bwd_nfe, self.residuals = [], [], [], []
+        self.seconds = self.cpu_seconds = 0.0
+        self.next_eval = self.interval = args.budget / max(args.eval_points, 1)
+        self.final_loss: float | None = None  # the trainer's final validation (whole split)
+        self.peak: int | None = None
+        self.load_before = self.load_after = os.getloadavg()
+        self._mark = (0.0, 0.0)
 
-    def lr_at(elapsed: float) -> float:
+    def lr_at(self, elapsed: float) -> float:
         """Warmup then cosine, both in training time (models take different numbers of steps per second)."""
+        args = self.args
         warmup = args.warmup * args.budget
         if elapsed < warmup:
             return args.lr * max(elapsed / warmup, 0.02)
         progress = min(1.0, (elapsed - warmup) / max(args.budget - warmup, 1e-9))
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    curve = [{"seconds": 0.0, "step": 0, "tokens": 0, "ppl": validate(args.eval_batches).perplexity}]
-    eval_interval = args.budget / max(args.eval_points, 1)
-    next_eval = eval_interval
-    step, tokens, train_seconds, cpu_seconds = 0, 0, 0.0, 0.0
-    fwd_nfe, bwd_nfe, residuals = [], [], []
-    diverged: str | None = None
-    meter = MemoryMeter(device, fresh_process)
-    load_before = os.getloadavg()
-    meter.start()
-    epoch, batch_in_epoch, indices = 0, 0, order.epoch_indices(0)
-    while train_seconds < args.budget:
-        if batch_in_epoch == len(indices):
-            epoch, batch_in_epoch = epoch + 1, 0
-            indices = order.epoch_indices(epoch)
-        batch = blocks[indices[batch_in_epoch]].to(device)
-        batch_in_epoch += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(train_seconds)
-        try:
-            with _autocast(device, args.precision):
-                # the training depth the trainer would draw (the preset's step rules), per optimiser step
-                depth = draw_depth(config.step_rules() if config.is_deq else None, args.seed, step)
-                out = model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:], **depth)
-            scaler.scale(out.loss).backward()
-        except deq.SolverDivergedError as err:
-            diverged = f"solver residual not finite at solver step {err.step} (training step {step + 1})"
-            break
-        loss = float((out.lm_loss if out.lm_loss is not None else out.loss).detach())
-        if not math.isfinite(loss):
-            diverged = f"loss {loss} at training step {step + 1}"
-            break
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds += time.perf_counter() - wall0
-        cpu_seconds += time.process_time() - cpu0
-        step += 1
-        tokens += batch.shape[0] * (batch.shape[1] - 1)
-        fwd_nfe.append(int(out.solver_nfe or 0))
-        if out.solver_backward is not None:
-            bwd_nfe.append(int(out.solver_backward.nfe))
-        if out.solver_residual is not None and config.is_deq:
-            residuals.append(float(out.solver_residual))
-        if train_seconds >= next_eval and train_seconds < args.budget:
-            curve.append({"seconds": train_seconds, "step": step, "tokens": tokens,
-                          "ppl": validate(args.eval_batches).perplexity})
-            next_eval += eval_interval
-    peak = meter.peak_bytes()
-    load_after = os.getloadavg()
-    if diverged is None:
-        curve.append({"seconds": train_seconds, "step": step, "tokens": tokens,
-                      "ppl": validate(args.eval_batches).perplexity})
-        final = validate(args.final_eval_batches)
-    else:
-        final = None
+    def _clock(self, trainer) -> tuple[float, float]:
+        import torch
 
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        return time.perf_counter(), time.process_time()
+
+    def _point(self, trainer) -> None:
+        from revdeq_cli.training.metrics import perplexity
+
+        loss = trainer.evaluate("validation", self.args.eval_batches)
+        self.curve.append({"seconds": self.seconds, "step": trainer.step, "tokens": trainer.tokens_seen,
+                           "ppl": perplexity(loss)})
+
+    def stop_measuring(self) -> None:
+        if self.peak is None:
+            self.peak, self.load_after = self.meter.peak_bytes(), os.getloadavg()
+
+    def on_start(self, trainer) -> None:
+        self._point(trainer)
+        trainer.set_lr(self.lr_at(0.0))
+        self.load_before = os.getloadavg()
+        self.meter.start()
+        self._mark = self._clock(trainer)
+
+    def on_step(self, trainer, record: dict[str, float]) -> None:
+        wall, cpu = self._clock(trainer)
+        self.seconds += wall - self._mark[0]
+        self.cpu_seconds += cpu - self._mark[1]
+        self.meter.sample()
+        forward = trainer.model.last_solver_stats  # the step's (last micro-batch's) forward
+        self.fwd_nfe.append(int(forward.nfe or 0))
+        if forward.backward is not None:
+            self.bwd_nfe.append(int(record["backward_nfe"]))
+        if trainer.model.config.is_deq:
+            self.residuals.append(float(record["solver_residual"]))
+        if self.seconds >= self.args.budget:
+            self.stop_measuring()
+            self._point(trainer)
+            trainer.request_finish()
+            return
+        if self.seconds >= self.next_eval:
+            self._point(trainer)
+            self.next_eval += self.interval
+        trainer.set_lr(self.lr_at(self.seconds))
+        self._mark = self._clock(trainer)
+
+    def on_evaluation(self, trainer, split: str, loss: float) -> None:
+        if split == "validation":
+            self.final_loss = loss
+
+
+def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = False) -> dict[str, Any]:
+    """Train model `name` with `revdeq_cli.training.Trainer` for `args.budget` seconds of training-step wall time
+    (`BudgetRun`); return its record (see module docstring). Divergence ends the run early and is recorded, not
+    raised."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from revdeq_cli.training.distributed import DistInfo
+    from revdeq_cli.training.evaluate import evaluate_split, solver_steps_sweep
+    from revdeq_cli.training.loop import Trainer, TrainingDivergedError
+    from revdeq_cli.training.metrics import perplexity
+    from revdeq_cli.training.progress import NullProgress
+
+    device = torch.device(args.device)
+    budget = BudgetRun(args, MemoryMeter(device, fresh_process))
+    diverged: str | None = None
+    with tempfile.TemporaryDirectory(prefix="revdeq-compare-") as tmp:
+        settings = train_settings(name, args, _prepare_corpus(args).vocab_size, Path(tmp) / "run")
+        trainer = Trainer(settings, info=DistInfo(), device=device, progress=NullProgress(), observers=[budget])
+        try:
+            trainer.run()
+        except TrainingDivergedError as err:
+            diverged = str(err).split("; ")[0]  # "training diverged at step N: <what> is nan"
+        budget.stop_measuring()
+    model, corpus = trainer.model, trainer.corpus
+    val, config = corpus.splits["validation"], model.config
+    eval_kwargs = {"split_bytes": corpus.split_bytes["validation"], "seq_len": args.seq_len,
+                   "batch_size": args.eval_batch_size or args.batch_size, "device": device}
+    final = None  # (ppl, bits/byte, targets): the trainer's final validation scored every target once
+    if diverged is None and args.final_eval_batches is None:
+        final = (perplexity(budget.final_loss), budget.final_loss * (len(val) - 1) / (
+            math.log(2) * max(eval_kwargs["split_bytes"], 1)), len(val) - 1)
+    elif diverged is None:
+        with _autocast(device, args.precision):
+            r = evaluate_split(model, val, max_batches=args.final_eval_batches, **eval_kwargs)
+        final = (r.perplexity, r.bits_per_byte, r.tokens)
     sweep = []
     if config.is_deq and diverged is None and args.inference_steps:
         with _autocast(device, args.precision):
@@ -343,7 +386,7 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
         sweep = [{"steps": r.solver_steps, "ppl": r.perplexity, "max_residual": r.max_residual} for r in rows]
 
     counts = model.num_parameters_split()
-    layers_or_evals = config.num_hidden_layers if not config.is_deq else None
+    seconds, tokens, curve = budget.seconds, trainer.tokens_seen, budget.curve
     return {
         "name": name, "label": MODELS[name].label,
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_attention_heads", "intermediate_size",
@@ -351,31 +394,25 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
                                                   "max_steps", "state_dtype", "anderson_m", "phantom_steps",
                                                   "implicit_max_steps", "implicit_tol")},
         "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
-        "steps": step, "tokens": tokens, "train_seconds": train_seconds, "train_cpu_seconds": cpu_seconds,
-        "tokens_per_sec": tokens / train_seconds if train_seconds > 0 else math.nan,
-        "fwd_nfe": float(np.mean(fwd_nfe)) if fwd_nfe else math.nan,
-        "bwd_nfe": float(np.mean(bwd_nfe)) if bwd_nfe else None,
-        "explicit_layers": layers_or_evals,
-        "mean_train_residual": float(np.mean(residuals)) if residuals else None,
-        "peak_memory_bytes": peak,
+        "steps": trainer.step, "tokens": tokens, "train_seconds": seconds, "train_cpu_seconds": budget.cpu_seconds,
+        "tokens_per_sec": tokens / seconds if seconds > 0 else math.nan,
+        "fwd_nfe": float(np.mean(budget.fwd_nfe)) if budget.fwd_nfe else math.nan,
+        "bwd_nfe": float(np.mean(budget.bwd_nfe)) if budget.bwd_nfe else None,
+        "explicit_layers": config.num_hidden_layers if not config.is_deq else None,
+        "mean_train_residual": float(np.mean(budget.residuals)) if budget.residuals else None,
+        "peak_memory_bytes": budget.peak,
         "memory_kind": ("CUDA max allocated increase over the allocation before the first step" if device.type == "cuda"
                         else "peak RSS increase over the RSS before the first step"),
         "curve": curve,
-        "final_val_ppl": final.perplexity if final else math.nan,
-        "final_val_bits_per_byte": final.bits_per_byte if final else math.nan,
-        "final_val_tokens": final.tokens if final else 0,
+        "final_val_ppl": final[0] if final else math.nan,
+        "final_val_bits_per_byte": final[1] if final else math.nan,
+        "final_val_tokens": final[2] if final else 0,
         "best_curve_ppl": min(p["ppl"] for p in curve),
-        "unigram_ppl": perplexity(_unigram_loss(corpus)),
+        "unigram_ppl": perplexity(trainer.unigram_val_loss),
         "inference_sweep": sweep,
         "diverged": diverged,
-        "load_average": {"before": load_before, "after": load_after},
+        "load_average": {"before": budget.load_before, "after": budget.load_after},
     }
-
-
-def _unigram_loss(corpus) -> float:
-    from revdeq_cli.training.metrics import unigram_cross_entropy
-
-    return unigram_cross_entropy(corpus.splits["train"], corpus.splits["validation"], corpus.vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------------- memory

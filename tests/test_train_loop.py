@@ -389,3 +389,34 @@ def test_backward_solve_divergence_is_named_with_its_own_remedies(tmp_path, monk
     msg = str(err.value)
     assert "backward solve (step 7)" in msg and "solver.implicit_max_steps=" in msg and "--adjoint phantom" in msg
     assert "beta" not in msg
+
+
+def test_an_observer_sets_the_lr_and_ends_the_run_early_as_a_finished_one(tmp_path):
+    """`set_lr` replaces the schedule's rate for the next step only; `request_finish` from `on_step` makes the
+    step just taken the last: no in-loop validation or save at it, then the usual end (full validation, test,
+    final checkpoint at that step)."""
+    events: list[tuple] = []
+
+    class Budget:
+        def on_start(self, trainer) -> None:
+            events.append(("start", trainer.step))
+            trainer.set_lr(1e-3)  # step 1's rate, in place of the warmup's 5e-3
+
+        def on_step(self, trainer, record) -> None:
+            events.append(("step", record["step"]))
+            if record["step"] == 2:  # a save_every step: the final checkpoint is its only save
+                trainer.request_finish()
+
+        def on_evaluation(self, trainer, split, loss) -> None:
+            events.append((split, trainer.step))
+
+    settings = tiny_settings(tmp_path / "run", train__eval_every=1)
+    summary = Trainer(settings, info=_single(), device=torch.device("cpu"), observers=[Budget()]).run()
+    assert events == [("start", 0), ("step", 1), ("validation-prefix", 1), ("step", 2), ("validation", 2)]
+    assert summary.steps == 2 and summary.total_steps == 6 and [h["step"] for h in summary.history] == [1, 2]
+    assert summary.history[0]["lr"] == pytest.approx(1e-3)
+    assert summary.history[1]["lr"] == pytest.approx(1e-2)  # the schedule's again (warmup step 2 of 2)
+    assert summary.final_val_loss is not None and summary.test_loss is not None
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "run")] == ["checkpoint-000002"]
+    assert summary.final_checkpoint == tmp_path / "run" / "final"
+    assert ckpt.load_checkpoint(tmp_path / "run" / "final").meta["step"] == 2

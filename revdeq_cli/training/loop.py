@@ -12,8 +12,9 @@ bit-for-bit the losses the uninterrupted run would have. (On GPUs, nondeterminis
 runs differ in the last bits, resumed or not.)
 
 Stopping: Ctrl-C, SIGTERM and SIGUSR1 (`STOP_SIGNALS`) finish the step, save it and raise `TrainingStopped`
-(`revdeq train` exits 128 + the signal); under torchrun every rank stops at the same step. The run directory is
-locked while training and never takes a second run's files (`run_dir`).
+(`revdeq train` exits 128 + the signal); under torchrun every rank stops at the same step. An observer (see
+`Trainer`) may instead end the run early as a finished one, with `request_finish()` (a wall-clock budget). The run
+directory is locked while training and never takes a second run's files (`run_dir`).
 
 Mixed precision: `bf16` / `fp16` autocast the model's matrix products; the solver keeps its iterates in
 `solver.state_dtype` (float64 by default) regardless, because the model casts f's input and output.
@@ -149,8 +150,10 @@ class Trainer:
         `open_checkpoint(path, resume=True)` (as `revdeq train` does to read its settings); without it the
         trainer finds and opens it itself. Either way it is opened once."""
         self.info, self.device = info, device
-        # Objects with any of `on_step(trainer, record)` (after each optimiser step; record = the history entry)
-        # and `on_evaluation(trainer, split, loss)` (after each evaluation): how benchmarks record curves.
+        # Objects with any of `on_start(trainer)` (set up, before this session's first step), `on_step(trainer,
+        # record)` (after each optimiser step; record = the history entry) and `on_evaluation(trainer, split,
+        # loss)` (after each evaluation): how benchmarks record curves. They may call `request_finish()` and
+        # `set_lr()` (e.g. a wall-clock budget and a schedule in training time, benchmarks/compare.py).
         self.observers = list(observers)
         tr = settings.train
         if resume is None and tr.resume is not None:
@@ -198,6 +201,7 @@ class Trainer:
         self.data_seconds = 0.0
         self._warned_reversal = False
         self._stop_signal: int | None = None  # the first stop signal received (`_graceful_interrupt`)
+        self._finish_requested = False  # `request_finish()`: the step being taken is the last
         self._rng_at_boundary: dict[str, Any] | None = None  # RNG states after the last completed step
         self._t0 = time.perf_counter()
         self._peak = 0
@@ -446,6 +450,34 @@ class Trainer:
             self._log(f"warning: step {self.step + 1}: the reversible backward rebuilt z0 with error {error:.1e}, so "
                       "its gradients are no longer exact; use beta 0.5, float64 solver states or fewer solver steps")
 
+    # ------------------------------------------------------------------ what observers may ask
+    def request_finish(self) -> None:
+        """End the loop after the optimiser step being taken (from `on_step`: the one just taken) as if it were
+        the last of `total_steps`: the run then finishes as at its planned end (final validation and test, the
+        final checkpoint). Under torchrun a request on any rank ends every rank at the same step."""
+        self._finish_requested = True
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next optimiser step, in place of the schedule's (which sets its own again
+        after that step): for an observer with a schedule of its own, e.g. one in training time."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr)
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        for observer in self.observers:
+            if hasattr(observer, hook):
+                getattr(observer, hook)(self, *args)
+
+    def _last_step(self) -> bool:
+        """Whether the step just taken ends the loop: the run's length, or a finish request on any rank."""
+        if self.step >= self.total_steps:
+            return True
+        requested = self._finish_requested
+        if self.info.world_size > 1:
+            flag = torch.tensor([1.0 if requested else 0.0], dtype=torch.float64, device=self.device)
+            requested = float(all_reduce_sum(flag, self.info)[0]) > 0
+        return requested
+
     # ------------------------------------------------------------------ the loop
     def _header(self) -> None:
         s, c = self.settings, self.corpus
@@ -615,12 +647,14 @@ class Trainer:
 
     def _loop(self) -> None:
         tr = self.settings.train
+        self.progress.start(self.total_steps, self.step)
+        self._notify("on_start")
         throughput = Throughput()
         throughput.mark(self.tokens_seen)
-        self.progress.start(self.total_steps, self.step)
         epoch_indices = self.order.epoch_indices(self.epoch)
         self._rng_at_boundary = capture_rng_state()
-        while self.step < self.total_steps:
+        last = self.step >= self.total_steps
+        while not last:
             self._check_stop()
             if self.micro_index + tr.grad_accum > self.steps_per_epoch * tr.grad_accum:
                 self.epoch, self.micro_index = self.epoch + 1, 0
@@ -639,18 +673,17 @@ class Trainer:
                               memory_bytes=memory, tokens_seen=self.tokens_seen,
                               elapsed=time.perf_counter() - self._t0, eta=remaining, **figures)
             self.history.append({"step": self.step, **figures})
-            for observer in self.observers:
-                if hasattr(observer, "on_step"):
-                    observer.on_step(self, self.history[-1])
+            self._notify("on_step", self.history[-1])
+            last = self._last_step()
             if self.info.is_main:
                 self.progress.update(stats)
-                log_now = self.step % self.settings.log.log_every == 0 or self.step in (1, self.total_steps)
+                log_now = self.step % self.settings.log.log_every == 0 or self.step == 1 or last
                 if self.tb is not None and log_now:
                     self.tb.train_step(stats)
             side_start = time.perf_counter()
-            if tr.eval_every and self.step % tr.eval_every == 0 and self.step < self.total_steps:
+            if tr.eval_every and self.step % tr.eval_every == 0 and not last:
                 self._validate(tr.eval_batches)
-            if tr.save_every and self.step % tr.save_every == 0 and self.step < self.total_steps and self.info.is_main:
+            if tr.save_every and self.step % tr.save_every == 0 and not last and self.info.is_main:
                 self._save_step(self._rng_at_boundary)
                 if self.best_val_step == self.step:
                     self._save_best(self._rng_at_boundary)
@@ -658,9 +691,7 @@ class Trainer:
 
     def _validate(self, max_batches: int | None, *, save_best: bool = True) -> float:
         loss = self.evaluate("validation", max_batches)
-        for observer in self.observers:
-            if hasattr(observer, "on_evaluation"):
-                observer.on_evaluation(self, "validation" if max_batches is None else "validation-prefix", loss)
+        self._notify("on_evaluation", "validation" if max_batches is None else "validation-prefix", loss)
         improved = self.best_val_loss is None or loss < self.best_val_loss
         if improved:
             self.best_val_loss, self.best_val_step = loss, self.step

@@ -29,13 +29,15 @@ BETA_LOW, BETA_HIGH = 0.0, 2.0  # the open interval every beta must lie in (the 
 @dataclass(frozen=True)
 class SolverFacts:
     """One solver: whether its step uses beta (and whether beta = 1 is refused), its default gradient
-    method (a name of ADJOINTS), and the solver of the implicit gradient's backward system."""
+    method (a name of ADJOINTS), the solver of the implicit gradient's backward system, and how many
+    evaluations of f one step makes (after the one `init` makes at z0)."""
 
     name: str
     takes_beta: bool
     beta_one_allowed: bool
     default_adjoint: str
     backward_solver: str
+    evaluations_per_step: int = 1
 
     def beta_rule(self) -> str:
         """The beta rule in words: "in (0, 2)", or "in (0, 2) and != 1 (the reversal divides by 1 - beta)"."""
@@ -46,7 +48,7 @@ SOLVER_FACTS: dict[str, SolverFacts] = {
     f.name: f
     for f in (
         SolverFacts("reversible", takes_beta=True, beta_one_allowed=False, default_adjoint="reversible",
-                    backward_solver="broyden"),
+                    backward_solver="broyden", evaluations_per_step=2),  # f(y[n+1]), then f(z[n+1])
         SolverFacts("picard", takes_beta=False, beta_one_allowed=True, default_adjoint="unrolled",
                     backward_solver="broyden"),
         SolverFacts("relaxed", takes_beta=True, beta_one_allowed=True, default_adjoint="unrolled",

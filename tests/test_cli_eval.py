@@ -40,10 +40,39 @@ def test_solver_steps_table(trained):
     header = next(i for i, line in enumerate(lines) if line.startswith("solver steps"))
     rows = [line.split() for line in lines[header + 2: header + 5]]
     assert [r[0] for r in rows] == ["1", "2", "4"]
-    assert [r[4] for r in rows] == ["1.00", "2.00", "4.00"]  # mean solver steps taken
-    residuals = [float(r[5]) for r in rows]
+    assert [r[1] for r in rows] == ["-", "-", "-"]  # no tolerance: fixed steps
+    assert [r[5] for r in rows] == ["1.00", "2.00", "4.00"]  # mean solver steps taken
+    assert [r[6] for r in rows] == ["1", "2", "4"]  # max
+    residuals = [float(r[7]) for r in rows]
     assert residuals[0] > residuals[1] > residuals[2]  # more steps, closer to the fixed point
     assert "test split" in result.stdout and "trained with max_steps 2" in result.stdout
+
+
+def test_tol_sweeps_adaptive_depth_and_reports_mean_steps_per_token(trained):
+    """Each --tol row stops every position at its own residual: a looser tolerance, fewer steps per token
+    on average; 'none' runs the fixed count. JSON rows carry mean_solver_steps (over tokens) and the tol."""
+    run, _ = trained
+    fixed = json.loads(invoke("eval", run, "--solver-steps", "16", "--json").stdout)["results"][0]
+    result = invoke("eval", run, "--solver-steps", "16", "--tol", "0.5,0.2", "--tol", "none", "--json")
+    assert result.exit_code == 0, result.output
+    loose, tight, none = json.loads(result.stdout)["results"]
+    assert (loose["tol"], tight["tol"], none["tol"]) == (0.5, 0.2, None)
+    assert loose["solver_steps"] == tight["solver_steps"] == 16
+    assert 1 <= loose["mean_solver_steps"] < tight["mean_solver_steps"] <= 16
+    assert loose["max_solver_steps"] <= tight["max_solver_steps"] <= 16
+    assert none["mean_solver_steps"] == none["max_solver_steps"] == 16
+    assert none["loss"] == pytest.approx(fixed["loss"], abs=1e-6)
+    table = invoke("eval", run, "--solver-steps", "16", "--tol", "0.5").stdout
+    [row] = [line.split() for line in table.splitlines() if line.split()[:2] == ["16", "0.5"]]
+    assert float(row[5]) == pytest.approx(loose["mean_solver_steps"], abs=0.01)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", ","])
+def test_a_bad_tol_is_one_line_exit_2(trained, value):
+    run, _ = trained
+    result = invoke("eval", run, "--tol", value)
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "--tol")
 
 
 def test_dataset_override_and_max_batches(trained, tmp_path):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -25,12 +27,15 @@ class Split(StrEnum):
         "dataset (or of --dataset); bits per byte are comparable across tokenizers; tokens/s and mean solver "
         "steps are reported too. Several "
         "--solver-steps values print a table of perplexity against inference-time solver steps: a DEQ can "
-        "iterate longer at test time than it trained."
+        "iterate longer at test time than it trained. --tol sets adaptive depth: each token's position stops "
+        "iterating once its own relative residual is below the tolerance (at most --solver-steps); several "
+        "values sweep it, and mean steps report the steps per token."
     ),
     epilog=(
         "Examples:\n\n"
         "  revdeq eval runs/pydoc-20260101-120000\n\n"
         "  revdeq eval runs/x/final --split test --solver-steps 1,2,4,8,16\n\n"
+        "  revdeq eval runs/x/final --tol 0.3,0.2,0.1 --solver-steps 32\n\n"
         "  revdeq eval models/x --dataset wikitext --json"
     ),
 )
@@ -45,6 +50,11 @@ def evaluate(
     solver_steps: list[str] | None = typer.Option(
         None, "--solver-steps", help="Inference solver steps: one value or a list (1,2,4,8 or repeated).",
         show_default=False),
+    tol: list[str] | None = typer.Option(
+        None, "--tol", show_default=False,
+        help="Adaptive depth: each position stops once its relative residual is below this tolerance (at most "
+             "--solver-steps steps); one value or a list (0.2,0.1 or repeated). 'none' = fixed steps. "
+             "Default: the model's own (inference_tol; fixed steps when --solver-steps is given)."),
     seq_len: int | None = typer.Option(
         None, "--seq-len", min=2, show_default=False,
         help="Window length (default: the trained context: the run's seq_len, else the model's "
@@ -59,7 +69,7 @@ def evaluate(
 ) -> None:
     """Evaluate CHECKPOINT (help text: see the decorator)."""
     _evaluate(checkpoint, dataset, dataset_config, split.value, solver_steps, seq_len, batch_size,
-              max_batches, device, as_json, compile_)
+              max_batches, device, as_json, compile_, tol)
 
 
 def parse_steps(values: list[str] | None) -> list[int | None]:
@@ -82,8 +92,36 @@ def parse_steps(values: list[str] | None) -> list[int | None]:
     return steps
 
 
+def parse_tols(values: list[str] | None) -> list[Any]:
+    """`["0.2,0.1", "none"]` -> [0.2, 0.1, None]; nothing -> [KEEP] (the model's own, see `evaluate_split`)."""
+    from revdeq_cli.errors import UserError
+    from revdeq_cli.training.evaluate import KEEP
+
+    if not values:
+        return [KEEP]
+    tols: list[Any] = []
+    for item in ",".join(values).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.lower() == "none":
+            tols.append(None)
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--tol: {item!r} is not a number > 0 (or none, for fixed steps); give e.g. 0.1 or "
+                            "0.3,0.2,0.1")
+        tols.append(value)
+    if not tols:
+        raise UserError("--tol: no values given; give e.g. 0.1 or 0.3,0.2,0.1")
+    return tols
+
+
 def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len, batch_size, max_batches,
-              device_spec, as_json, compile_=False) -> None:
+              device_spec, as_json, compile_=False, tol=None) -> None:
     from revdeq_cli.checkpoints import load_checkpoint
     from revdeq_cli.data import prepare_corpus
     from revdeq_cli.errors import CheckpointError, UserError
@@ -91,6 +129,7 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
     from revdeq_cli.training.evaluate import solver_steps_sweep
 
     steps = parse_steps(solver_steps)
+    tols = parse_tols(tol)
     quiet_libraries()
     model, tokenizer, settings, meta = load_checkpoint(checkpoint, device=resolve_device(device_spec))
     if compile_:
@@ -103,6 +142,8 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
         raise CheckpointError(f"{path}: has no tokenizer files, which eval needs to encode the dataset")
     if steps != [None] and not model.config.is_deq:
         raise UserError("--solver-steps: this is an explicit (stacked) model, it has no solver steps to vary")
+    if tol and not model.config.is_deq:
+        raise UserError("--tol: this is an explicit (stacked) model, it has no solver to stop adaptively")
     data = settings.data if settings is not None else None
     if dataset is None:
         if data is None:
@@ -125,8 +166,8 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
                    f"bytes; seq_len {seq_len}, batch {batch_size}"
                    + (f", first {max_batches} batches only" if max_batches else ""))
     trained_steps = model.config.max_steps if model.config.is_deq else None
-    with _progress(len(steps) * _targets(tokens, seq_len, batch_size, max_batches)) as advance:
-        results = solver_steps_sweep(model, tokens, steps, split=split, split_bytes=corpus.split_bytes[split],
+    with _progress(len(steps) * len(tols) * _targets(tokens, seq_len, batch_size, max_batches)) as advance:
+        results = solver_steps_sweep(model, tokens, steps, tols, split=split, split_bytes=corpus.split_bytes[split],
                                      seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
                                      on_batch=advance)
     if as_json:
@@ -134,11 +175,12 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
                    "seq_len": seq_len, "trained_max_steps": trained_steps,
                    "results": [r.as_dict() for r in results]})
         return
-    rows = [(r.solver_steps if r.solver_steps is not None else "-", f"{r.perplexity:.3f}", f"{r.bits_per_byte:.4f}",
-             f"{r.loss:.4f}", f"{r.mean_solver_steps:.2f}", f"{r.max_residual:.2e}", f"{r.tokens_per_sec:,.0f}")
+    rows = [(r.solver_steps if r.solver_steps is not None else "-", f"{r.tol:g}" if r.tol is not None else "-",
+             f"{r.perplexity:.3f}", f"{r.bits_per_byte:.4f}", f"{r.loss:.4f}", f"{r.mean_solver_steps:.2f}",
+             r.max_solver_steps, f"{r.max_residual:.2e}", f"{r.tokens_per_sec:,.0f}")
             for r in results]
-    typer.echo(table(("solver steps", "perplexity", "bits/byte", "loss", "mean steps", "max residual", "tokens/s"),
-                     rows, align="rrrrrrr"))
+    typer.echo(table(("solver steps", "tol", "perplexity", "bits/byte", "loss", "mean steps", "max steps",
+                      "max residual", "tokens/s"), rows, align="rrrrrrrrr"))
     if trained_steps is not None:
         detached = model.config.train_detached_steps
         start = f" after {detached} detached steps" if str(detached) != "0" else ""

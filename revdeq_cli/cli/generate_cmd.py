@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -19,13 +20,15 @@ from revdeq_cli.sampling import SAMPLING
         "streamed to stdout as it is produced; statistics (tokens/s, solver steps per token, peak memory) go "
         "to stderr. Without --checkpoint the newest checkpoint under ./runs is used. Past the model's context "
         "(the length it trained on) each further token is predicted from the last context tokens, recomputed "
-        "without the cache."
+        "without the cache. --solver-steps and --tol set the solver (adaptive depth: each token stops "
+        "iterating once its relative residual is below --tol, at most --solver-steps steps)."
     ),
     epilog=(
         "Examples:\n\n"
         "  revdeq generate \"The module\" --max-new-tokens 200\n\n"
         "  revdeq generate -c runs/pydoc-20260101-120000 --temperature 0 \"def \"\n\n"
         "  echo \"Python is\" | revdeq generate --num-samples 3 --seed 1 --top-p 0.9\n\n"
+        "  revdeq generate \"def \" --tol 0.1 --solver-steps 32   (adaptive depth)\n\n"
         "  revdeq generate --prompt-file prompt.txt --max_length 256   (the earlier port's flag: counts the prompt)"
     ),
 )
@@ -52,13 +55,28 @@ def generate(
     num_samples: int = typer.Option(1, "--num-samples", min=1, help="Independent samples to draw."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: a fresh one, printed)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence for every token."),
+    solver_steps: int | None = typer.Option(
+        None, "--solver-steps", min=0, show_default=False,
+        help="Solver steps per token (the most, with --tol); 0 = z0, the solver bypassed. Default: the model's "
+             "inference_max_steps."),
+    tol: float | None = typer.Option(
+        None, "--tol", show_default=False,
+        help="Adaptive depth: each token stops once its relative residual is below this (> 0). Default: the "
+             "model's inference_tol (none: every token runs --solver-steps)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the block(s) f (speeds up --no-cache; "
                                   "with the KV cache, decoding runs eagerly)."),
 ) -> None:
     """Generate text (help text: see the decorator)."""
     _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, temperature, top_k, top_p,
-              repetition_penalty, num_samples, seed, no_cache, device, compile_)
+              repetition_penalty, num_samples, seed, no_cache, device, compile_, solver_steps, tol)
+
+
+def _steps_detail(config, stats) -> str:
+    """` (max 12 of 32, tol 0.1)` under adaptive depth; empty otherwise."""
+    if not config.is_deq or config.inference_tol is None:
+        return ""
+    return f" (max {stats.max_solver_steps} of {config.eval_max_steps}, tol {config.inference_tol:g})"
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -81,7 +99,8 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, temperature, top_k, top_p,
-              repetition_penalty, num_samples, seed, no_cache, device_spec, compile_=False) -> None:
+              repetition_penalty, num_samples, seed, no_cache, device_spec, compile_=False, solver_steps=None,
+              tol=None) -> None:
     import random
 
     import torch
@@ -96,6 +115,8 @@ def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, tempe
 
     if max_new_tokens is not None and max_length is not None:
         raise UserError("give --max-new-tokens or --max_length (the earlier port's total length), not both")
+    if tol is not None and not (math.isfinite(tol) and tol > 0):
+        raise UserError(f"--tol {tol}: must be a number > 0 (the relative residual at which a token stops)")
     text = _read_prompt(prompt, prompt_file)
     if checkpoint is None:
         checkpoint = newest_checkpoint_under(RUNS_DIR)
@@ -110,6 +131,13 @@ def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, tempe
     if tokenizer is None:
         raise CheckpointError(f"{meta['path']}: has no tokenizer files; convert it with "
                               "`revdeq convert --tokenizer ...` or use a checkpoint made by `revdeq train`")
+    if (solver_steps is not None or tol is not None) and not model.config.is_deq:
+        raise UserError(f"--{'solver-steps' if solver_steps is not None else 'tol'}: this is an explicit (stacked) "
+                        "model, it has no solver")
+    if solver_steps is not None:
+        model.config.inference_max_steps = solver_steps
+    if tol is not None:
+        model.config.inference_tol = tol
     prompt_ids = tokenizer(text)["input_ids"] if text else []
     start = prompt_ids or [tokenizer.eos_token_id]  # no prompt: start a new document
     if max_length is not None:
@@ -140,7 +168,8 @@ def _generate(prompt, checkpoint, prompt_file, max_new_tokens, max_length, tempe
                                 on_crop=note_crop)
         typer.echo(
             f"[sample {i + 1}] {len(stats.token_ids)} tokens in {stats.seconds:.2f}s: "
-            f"{stats.tokens_per_sec:.1f} tokens/s, {stats.solver_steps_per_token:.1f} solver steps/token, "
+            f"{stats.tokens_per_sec:.1f} tokens/s, {stats.solver_steps_per_token:.2f} solver steps/token"
+            f"{_steps_detail(model.config, stats)}, "
             f"peak memory {format_bytes(stats.peak_memory_bytes)} ({stats.memory_kind}); "
             f"seed {seed}, {'no cache' if no_cache else 'cache'}",
             err=True,

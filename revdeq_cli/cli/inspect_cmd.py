@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -27,6 +29,7 @@ PROBE_TEXT = (
         "  revdeq inspect runs/pydoc-20260101-120000\n\n"
         "  revdeq inspect runs/x/checkpoint-000400 --weights\n\n"
         "  revdeq inspect runs/x/final --probe --probe-steps 16\n\n"
+        "  revdeq inspect runs/x/final --probe --tol 0.1 --steps 32   (when each token stops)\n\n"
         "  revdeq inspect models/x/model.safetensors --weights --json"
     ),
 )
@@ -40,14 +43,23 @@ def inspect(
     probe_steps: int | None = typer.Option(
         None, "--probe-steps", "--steps", min=1,
         help="Solver steps for --probe (default: the model's inference steps; more shows where the iteration goes)."),
+    tol: float | None = typer.Option(
+        None, "--tol", show_default=False,
+        help="With --probe: also run adaptive depth at this tolerance (> 0) and show how many tokens stop at "
+             "each solver step."),
     device: str = typer.Option("cpu", "--device", help="Device for --probe: auto, cpu, cuda, mps."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
     """Describe CHECKPOINT (help text: see the decorator)."""
     from revdeq_cli.checkpoints.inspection import describe_checkpoint
+    from revdeq_cli.errors import UserError
 
+    if tol is not None and not probe:
+        raise UserError("--tol: needs --probe (it runs the model to see when each token stops)")
+    if tol is not None and not (math.isfinite(tol) and tol > 0):
+        raise UserError(f"--tol {tol}: must be a number > 0 (the relative residual at which a token stops)")
     report = describe_checkpoint(checkpoint)
-    residuals = _probe(report.path, probe_text, probe_steps, device) if probe else None
+    residuals, stops = _probe(report.path, probe_text, probe_steps, device, tol) if probe else (None, None)
     if as_json:
         out = {
             "path": report.path, "config": report.config, "parameters": report.parameters,
@@ -60,6 +72,8 @@ def inspect(
                               for t in report.tensors]
         if residuals is not None:
             out["probe"] = {"text": probe_text, "residuals": residuals}
+            if stops is not None:
+                out["probe"].update(tol=tol, stopping_steps=stops)
         echo_json(out)
         return
     for line in _summary_lines(report):
@@ -74,15 +88,24 @@ def inspect(
         rows = [(k, f"{r:.3e}", "#" * max(1, min(40, round(40 * r / max(residuals[0], 1e-30)))))
                 for k, r in enumerate(residuals, start=1)]
         typer.echo(table(("step", "residual", ""), rows, align="rrl"))
+    if stops is not None:
+        typer.echo("")
+        typer.echo(f"adaptive depth at tol {tol:g}: {len(stops)} tokens, mean {sum(stops) / len(stops):.2f} steps, "
+                   f"max {max(stops)} of {len(residuals)}; tokens stopping at each step")
+        counts = Counter(stops)
+        rows = [(k, counts[k], "#" * round(40 * counts[k] / len(stops))) for k in range(1, len(residuals) + 1)
+                if counts[k]]
+        typer.echo(table(("step", "tokens", ""), rows, align="rrl"))
 
 
-def _probe(path: Path, text: str, steps: int | None, device_spec: str) -> list[float]:
+def _probe(path: Path, text: str, steps: int | None, device_spec: str,
+           tol: float | None = None) -> tuple[list[float], list[int] | None]:
     import torch
 
     from revdeq_cli.checkpoints import load_checkpoint
     from revdeq_cli.errors import CheckpointError, UserError
     from revdeq_cli.training.distributed import resolve_device
-    from revdeq_cli.training.evaluate import probe_residuals
+    from revdeq_cli.training.evaluate import probe_residuals, probe_stopping_steps
 
     quiet_libraries()
     model, tokenizer, _, _ = load_checkpoint(path, device=resolve_device(device_spec))
@@ -94,7 +117,8 @@ def _probe(path: Path, text: str, steps: int | None, device_spec: str) -> list[f
     if not ids:
         raise UserError("--probe-text: encodes to no tokens; give some text")
     batch = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-    return probe_residuals(model, batch, steps)
+    residuals = probe_residuals(model, batch, steps)
+    return residuals, probe_stopping_steps(model, batch, tol, len(residuals)) if tol is not None else None
 
 
 def _depth_line(c: dict, infer: object) -> str:

@@ -67,7 +67,8 @@ class Request:
     problem: f and x, flattened states; solver: the forward solver; z0: [B, D] in the state dtype;
     params: f's parameters that want gradients; tol / max_steps: the stop rule (tol None = always max_steps);
     keep_best: return each sample's lowest-residual iterate; start: a detached solver state to continue from
-    (the end of `detached_steps`), else the solver starts from z0."""
+    (the end of `detached_steps`), else the solver starts from z0; groups / active: per-group stopping
+    (deq/iteration.py), None: the batch stops together."""
 
     problem: Problem
     solver: Solver
@@ -77,12 +78,14 @@ class Request:
     max_steps: int
     keep_best: bool = False
     start: IterateState | None = None
+    groups: int | None = None
+    active: Tensor | None = None
 
     def iterate(self, *, graph: bool) -> Iteration:
         """The forward iteration, recorded by autograd (`graph=True`) or not."""
         with contextlib.nullcontext() if graph else torch.no_grad():
             return iterate(self.solver, self.problem, self.z0, self.tol, self.max_steps, self.keep_best,
-                           start=self.start)
+                           start=self.start, groups=self.groups, active=self.active)
 
 
 class GradientMethod:
@@ -91,9 +94,11 @@ class GradientMethod:
 
     def run(
         self, problem: Problem, solver: Solver, z0: Tensor, params: list[Tensor], tol: float | None, max_steps: int,
-        keep_best: bool = False, start: IterateState | None = None,
+        keep_best: bool = False, start: IterateState | None = None, groups: int | None = None,
+        active: Tensor | None = None,
     ) -> AdjointOutput:
-        return self.differentiate(Request(problem, solver, z0, params, tol, max_steps, keep_best, start))
+        return self.differentiate(Request(problem, solver, z0, params, tol, max_steps, keep_best, start, groups,
+                                          active))
 
     def differentiate(self, request: Request) -> AdjointOutput:
         raise NotImplementedError
@@ -278,6 +283,11 @@ class ReversibleAdjoint(GradientMethod):
         if not (torch.is_grad_enabled() and (z0.requires_grad or x_leaves or params)):
             iteration = request.iterate(graph=False)
             return AdjointOutput(z=iteration.state.z, iteration=iteration)
+        if request.groups is not None:
+            raise ValueError(
+                "per-group stopping (groups) is for inference: the reversible backward pass reverses every step "
+                "of every position; run it under torch.no_grad(), or use UnrolledAdjoint to differentiate it"
+            )
         run = _ReversibleRun(problem=problem, solver=solver, tol=request.tol, max_steps=request.max_steps,
                              n_x=len(x_leaves), start=request.start)
         z = _ReversibleFunction.apply(run, z0, *x_leaves, *params)

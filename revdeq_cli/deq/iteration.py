@@ -1,16 +1,27 @@
 """The forward iteration of a fixed-point solve: run a solver from z0 until the residual is below tol.
 
     iteration = iterate(solver, problem, z0, tol, max_steps)   # -> Iteration(state, steps, trace, residual, z)
+    iteration = iterate(..., groups=T)    # per-group stopping: each of T groups freezes at its own tolerance
 
 Every gradient method (deq/adjoints.py) runs its forward pass through `iterate`, with or without a graph;
 a NaN or infinite residual raises `SolverDivergedError` naming the step and the remedies that apply.
+
+Per-group stopping (adaptive depth, docs/DESIGN.md §7). With `groups=G` each sample's flat state [D] is G
+equal parts (a sequence model: its positions, D = T * H) with their own relative residual. After every
+step a group whose residual is below `tol` is *frozen*: from the next step on every tensor of the solver's
+state for it (z, f(z), the reversible y) keeps its value, while the others go on. f still sees the frozen
+parts (f is evaluated on the whole state), so a frozen position keeps serving attention with the
+keys/values of its frozen state. The iteration ends when every group is frozen or at `max_steps`.
+Because a group's update and its freezing decision read only its own state and f's output for it, a
+group's trajectory depends on the others only through f: under causal attention, only on earlier positions.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -65,6 +76,8 @@ class Iteration:
     z:        the returned iterate [B, D]: `state.z`, or with `keep_best` each sample's lowest-residual
               iterate (rows of different steps; differentiable, a `torch.where` selection).
     residual: [B] float64, the relative residual of `z` (of what is returned, not necessarily z_N).
+    group_steps: with per-group stopping, [B, G] long: the steps each group iterated before it froze
+              (`steps` for a group that never did, 0 for one frozen from the start); else None.
     """
 
     state: IterateState | None
@@ -72,6 +85,7 @@ class Iteration:
     trace: list[float]
     residual: Tensor
     z: Tensor | None
+    group_steps: Tensor | None = None
 
 
 def iterate(
@@ -83,6 +97,8 @@ def iterate(
     keep_best: bool = False,
     where: str = "forward",
     start: IterateState | None = None,
+    groups: int | None = None,
+    active: Tensor | None = None,
 ) -> Iteration:
     """Run `solver` from z0 for at most `max_steps` steps, stopping once the largest per-sample
     relative residual is below `tol` (tol=None: always `max_steps` steps). At least one step runs.
@@ -92,7 +108,12 @@ def iterate(
     z_N; the solver itself carries on from its own state. `where` names the solve in a divergence error.
 
     start: a solver state to continue from (e.g. the end of a detached prefix, see `solve`'s `detached_steps`)
-    instead of `solver.init(problem, z0)`; it already carries f(z), so no evaluation is spent on it."""
+    instead of `solver.init(problem, z0)`; it already carries f(z), so no evaluation is spent on it.
+
+    groups / active: per-group stopping (module docstring; needs `tol`, not `keep_best`): `active` [B, G] bool
+    marks the groups that iterate at all (False: frozen from the start, e.g. padding positions)."""
+    if groups is not None:
+        return _iterate_groups(solver, problem, z0, tol, max_steps, groups, active, where, start)
     state = start if start is not None else solver.init(problem, z0)
     trace: list[float] = []
     skip_residuals = tol is None and not problem.trace and not keep_best
@@ -122,6 +143,77 @@ def iterate(
     if keep_best and best_z is not None and best_residual is not None:
         return Iteration(state=state, steps=step, trace=trace, residual=best_residual, z=best_z)
     return Iteration(state=state, steps=step, trace=trace, residual=residual, z=state.z)
+
+
+def _iterate_groups(solver: Solver, problem: Problem, z0: Tensor, tol: float | None, max_steps: int, groups: int,
+                    active: Tensor | None, where: str, start: IterateState | None) -> Iteration:
+    """`iterate` with per-group stopping (see the module docstring)."""
+    batch, width = z0.shape
+    if tol is None:
+        raise ValueError("per-group stopping (groups) needs a tol: the residual below which a group freezes")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or width % groups:
+        raise ValueError(f"groups must be an integer >= 1 that divides the {width} state elements, got {groups!r}")
+    moving = torch.ones(batch, groups, dtype=torch.bool, device=z0.device) if active is None else active.clone()
+    if moving.shape != (batch, groups):
+        raise ValueError(f"active must have shape {(batch, groups)}, got {tuple(moving.shape)}")
+    group_steps = torch.zeros(batch, groups, dtype=torch.long, device=z0.device)
+    state = start if start is not None else solver.init(problem, z0)
+    trace: list[float] = []
+    step = 0
+    for step in range(1, max_steps + 1):
+        if not bool(moving.any()):  # every group frozen (e.g. all of them from the start)
+            step -= 1
+            break
+        if bool(moving.all()):
+            state = solver.step(problem, state)
+        else:
+            keep = _element_mask(~moving, width)
+            new = solver.step(problem, state, hold=functools.partial(_where_kept, keep))
+            state = hold_frozen(new, state, keep)  # f(z) too: a frozen part keeps the f(z) it froze with
+        group_steps += moving
+        residual = group_residual(state.z, state.fz, groups)  # [B, G]
+        worst = float(residual.max())
+        if not math.isfinite(worst):
+            raise SolverDivergedError(step, where, _forward_remedies(solver, problem))
+        trace.append(float(relative_residual(state.z, state.fz).max()))
+        moving &= ~(residual < tol)
+        if not bool(moving.any()):
+            break
+    return Iteration(state=state, steps=step, trace=trace, residual=relative_residual(state.z, state.fz),
+                     z=state.z, group_steps=group_steps)
+
+
+def _where_kept(keep: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    return torch.where(keep, old, new)
+
+
+def _element_mask(frozen: Tensor, width: int) -> Tensor:
+    """[B, G] bool per group -> [B, D] bool per state element (groups are contiguous, D / G each)."""
+    batch, groups = frozen.shape
+    return frozen[:, :, None].expand(batch, groups, width // groups).reshape(batch, width)
+
+
+def hold_frozen(new: IterateState, old: IterateState, keep: Tensor) -> IterateState:
+    """`new` with the values of every [B, D] tensor of the solver state taken from `old` where `keep` [B, D].
+
+    Lists in the state (Anderson's and Broyden's histories) are left as `new` has them: they only ever mix a
+    sample's own rows, and the parts of a frozen group are never read again."""
+    batch, width = keep.shape
+    values = {}
+    for f in fields(new):
+        value = getattr(new, f.name)
+        if isinstance(value, Tensor) and value.shape == (batch, width):
+            value = torch.where(keep, getattr(old, f.name), value)
+        values[f.name] = value
+    return type(new)(**values)
+
+
+def group_residual(z: Tensor, fz: Tensor, groups: int) -> Tensor:
+    """Per-group `||z - f(z)|| / (1e-5 + ||f(z)||)` of flat [B, D] states cut into `groups` parts: float64 [B, G]."""
+    batch = z.shape[0]
+    z64, fz64 = z.detach().double().view(batch, groups, -1), fz.detach().double().view(batch, groups, -1)
+    norm = torch.linalg.vector_norm
+    return norm(z64 - fz64, dim=2) / (1e-5 + norm(fz64, dim=2))
 
 
 def _forward_remedies(solver: Solver, problem: Problem) -> list[str]:

@@ -45,6 +45,8 @@ class Solution:
               graph. Every gradient method returns this point's value (ImplicitAdjoint and PhantomAdjoint
               attach their extra evaluations' graph to it without changing it).
     steps:    solver steps taken (<= max_steps; fewer when the residual fell below tol).
+    group_steps: with `groups`, [B, G] long: the steps each group iterated before it froze (0: frozen from
+              the start by `active`); None otherwise (every group took `steps`).
     residual: [B] float64, the per-sample relative residual ||z - f(z)|| / (1e-5 + ||f(z)||) of the
               returned z (exactly, up to the cast back to the compute dtype, which is lossless when the
               state dtype is no wider).
@@ -61,6 +63,7 @@ class Solution:
     nfe: int
     trace: list[float]
     backward: BackwardStats
+    group_steps: Tensor | None = None
 
     @property
     def max_residual(self) -> float:
@@ -80,6 +83,8 @@ def solve(
     trace: bool = True,
     keep_best: bool = False,
     detached_steps: int = 0,
+    groups: int | None = None,
+    active: Tensor | None = None,
 ) -> Solution:
     """Solve `z = f(z, x)` from `z0` and return a `Solution` whose `z` carries the gradient `adjoint` defines.
 
@@ -109,6 +114,16 @@ def solve(
                per step): each sample's gradient is exactly that of the iterate it returns, and the graph
                keeps one more [B, D] tensor per step.
 
+    groups:    per-group stopping (adaptive depth; docs/DESIGN.md §7): each sample's D state elements are
+               `groups` equal parts (a sequence model: its positions) with their own relative residual; a group
+               whose residual falls below `tol` (required) is frozen: every tensor of the solver state keeps
+               its value for it while f still sees it. The solve ends when every group is frozen or at
+               max_steps; `Solution.group_steps` says how many steps each took. Under autograd only
+               UnrolledAdjoint (which differentiates through the freezing), ImplicitAdjoint and PhantomAdjoint
+               (from the returned point) take it; not with keep_best or detached_steps.
+    active:    with groups, [B, groups] bool: the groups that iterate (False: frozen at z0 from the start,
+               e.g. padding positions, which then never hold the solve up).
+
     Under `torch.no_grad()` nothing is recorded. Raises ValueError for bad arguments or an f whose output
     does not match z, and `SolverDivergedError` (naming the step) when the residual becomes non-finite.
     """
@@ -122,6 +137,10 @@ def solve(
         raise ValueError(f"detached_steps must be an integer >= 0, got {detached_steps!r}")
     if keep_best and isinstance(solver, Reversible):
         raise ValueError(KEEP_BEST_REVERSIBLE)
+    if groups is not None and (keep_best or detached_steps):
+        raise ValueError("groups (per-group stopping) cannot be combined with keep_best or detached_steps")
+    if groups is None and active is not None:
+        raise ValueError("active needs groups (it marks which of the groups iterate)")
     if adjoint is None:
         adjoint = default_adjoint(solver)
     if isinstance(adjoint, ReversibleAdjoint) and not isinstance(solver, Reversible):
@@ -150,12 +169,13 @@ def solve(
         if isinstance(adjoint, UnrolledAdjoint) and torch.is_grad_enabled():
             # f(z_k) is the first differentiated evaluation (ReversibleAdjoint re-evaluates it in its backward)
             start = replace(start, fz=problem.evaluate(z0_flat))
-    out = adjoint.run(problem, solver, z0_flat, grad_params, tol, max_steps, keep_best=keep_best, start=start)
+    out = adjoint.run(problem, solver, z0_flat, grad_params, tol, max_steps, keep_best=keep_best, start=start,
+                      groups=groups, active=active)
     with problem.arithmetic():
         z = spec.unflatten(out.z)
     it = out.iteration
     return Solution(z=z, steps=detached_steps + it.steps, residual=it.residual, nfe=problem.nfe,
-                    trace=prefix_trace + it.trace, backward=out.backward)
+                    trace=prefix_trace + it.trace, backward=out.backward, group_steps=it.group_steps)
 
 
 def _promote(dtypes: tuple[torch.dtype, ...]) -> torch.dtype:

@@ -13,6 +13,7 @@ iteration of McCallum, Arora & Foster (2025), docs/DESIGN.md §1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -49,17 +50,29 @@ class IterateState:
     fz: Tensor
 
 
-class Solver:
-    """A fixed-point solver: `init(problem, z0)` then repeated `step(problem, state)`.
+# `hold(new, old)` -> the iterate to evaluate f at: `new`, with the frozen parts' values taken from `old`
+# (per-group stopping, deq/iteration.py). A step applies it to every iterate before f sees it, so f never sees
+# a frozen part move, not even in the middle of a step (the reversible y).
+Hold = Callable[[Tensor, Tensor], Tensor]
 
-    `state_dtype` is the dtype of the iterates and update arithmetic (None: the dtype of z0)."""
+
+def _held(hold: Hold | None, new: Tensor, old: Tensor) -> Tensor:
+    return new if hold is None else hold(new, old)
+
+
+class Solver:
+    """A fixed-point solver: `init(problem, z0)` then repeated `step(problem, state, hold)`.
+
+    `state_dtype` is the dtype of the iterates and update arithmetic (None: the dtype of z0). `hold` (None
+    unless groups are frozen) keeps frozen parts of each iterate at their old values before f is evaluated."""
 
     state_dtype: torch.dtype | None = None
 
     def init(self, problem: Problem, z0: Tensor) -> IterateState:
         return IterateState(z=z0, fz=problem.evaluate(z0))
 
-    def step(self, problem: Problem, state: IterateState) -> IterateState:  # pragma: no cover
+    def step(self, problem: Problem, state: IterateState,
+             hold: Hold | None = None) -> IterateState:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -69,8 +82,8 @@ class Picard(Solver):
 
     state_dtype: torch.dtype | None = None
 
-    def step(self, problem: Problem, state: IterateState) -> IterateState:
-        z = state.fz
+    def step(self, problem: Problem, state: IterateState, hold: Hold | None = None) -> IterateState:
+        z = _held(hold, state.fz, state.z)
         return IterateState(z=z, fz=problem.evaluate(z))
 
 
@@ -84,9 +97,9 @@ class Relaxed(Solver):
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", _check_beta(self.beta, "Relaxed"))
 
-    def step(self, problem: Problem, state: IterateState) -> IterateState:
+    def step(self, problem: Problem, state: IterateState, hold: Hold | None = None) -> IterateState:
         with problem.arithmetic():
-            z = (1 - self.beta) * state.z + self.beta * state.fz
+            z = _held(hold, (1 - self.beta) * state.z + self.beta * state.fz, state.z)
         return IterateState(z=z, fz=problem.evaluate(z))
 
 
@@ -122,7 +135,7 @@ class Anderson(Solver):
     def init(self, problem: Problem, z0: Tensor) -> AndersonState:
         return AndersonState(z=z0, fz=problem.evaluate(z0))
 
-    def step(self, problem: Problem, state: AndersonState) -> AndersonState:
+    def step(self, problem: Problem, state: AndersonState, hold: Hold | None = None) -> AndersonState:
         # Lists, not in-place buffers, so autograd can run through the mixing (UnrolledAdjoint).
         hz = (state.history_z + [state.z])[-self.m :]
         hf = (state.history_fz + [state.fz])[-self.m :]
@@ -135,6 +148,7 @@ class Anderson(Solver):
                 mix_f = torch.einsum("bn,bnd->bd", alpha, F)
                 mix_z = torch.einsum("bn,bnd->bd", alpha, X)
                 z = self.beta * mix_f + (1 - self.beta) * mix_z
+            z = _held(hold, z, state.z)
         return AndersonState(z=z, fz=problem.evaluate(z), history_z=hz, history_fz=hf)
 
     def _weights(self, G: Tensor) -> Tensor:
@@ -215,10 +229,12 @@ class Broyden(Solver):
             out = out + w * _dot(u, s)
         return out
 
-    def step(self, problem: Problem, state: BroydenState) -> BroydenState:
+    def step(self, problem: Problem, state: BroydenState, hold: Hold | None = None) -> BroydenState:
         with problem.arithmetic():
             g = state.fz - state.z
             dz = -self._apply_inverse(state.us, state.vs, g)
+            if hold is not None:  # a frozen part does not move: its dz is 0 (the rank-one update skips it)
+                dz = hold(dz, torch.zeros_like(dz))
             z = state.z + dz
         fz = problem.evaluate(z)
         with problem.arithmetic():
@@ -264,13 +280,13 @@ class Reversible(Solver):
     def init(self, problem: Problem, z0: Tensor) -> ReversibleState:
         return ReversibleState(z=z0, fz=problem.evaluate(z0), y=z0)
 
-    def step(self, problem: Problem, state: ReversibleState) -> ReversibleState:
+    def step(self, problem: Problem, state: ReversibleState, hold: Hold | None = None) -> ReversibleState:
         b = self.beta
         with problem.arithmetic():
-            y = (1 - b) * state.y + b * state.fz
+            y = _held(hold, (1 - b) * state.y + b * state.fz, state.y)
         fy = problem.evaluate(y)
         with problem.arithmetic():
-            z = (1 - b) * state.z + b * fy
+            z = _held(hold, (1 - b) * state.z + b * fy, state.z)
         return ReversibleState(z=z, fz=problem.evaluate(z), y=y)
 
 

@@ -14,6 +14,17 @@ layer instead of 1 + 2N); each new token is solved to tolerance against them. It
 solve converged (a converged z* satisfies z* = f(z*), whose attention sees the final states of earlier
 positions), so its outputs are approximate.
 
+**Adaptive depth** (`inference_tol` set, exact mode). Each position freezes once its own residual is below
+the tolerance: its states stop changing, so every later evaluation of f computes the same keys/values for it
+as its last evaluation of the same state (the reversible solver alternates evaluations at y and at z, so the
+one two evaluations earlier; the others the one before). The full forward keeps evaluating frozen positions
+(f runs on the whole sequence); a decoding solve that stops early, when all its new positions are frozen,
+writes those held keys/values into the layers of the evaluations it skipped (`fill_held_evaluations`). Layer
+k then holds, for every position, what evaluation k of the full forward saw there, and cached decoding
+equals full recomputation under adaptive depth too (each position's trajectory, and so when it freezes,
+depends only on positions <= t). One caveat, as for any threshold: a residual within rounding of the
+tolerance may freeze one step apart in the two computations.
+
 Both need a solver update that is causal in the position: Reversible, Picard and Relaxed are elementwise;
 the model solves Anderson and Broyden with one sample per position (see `RevDEQForCausalLM._solve`).
 """
@@ -109,6 +120,19 @@ class RevDEQCache(DynamicCache):
         if not self.layers or self.get_seq_length() == 0:
             return None
         return self.layers[0].keys, self.layers[0].values
+
+
+def fill_held_evaluations(cache: RevDEQCache, done: int, total: int, per_step: int, new: int) -> None:
+    """Layers `done .. total-1` get the last `new` positions' keys/values of layer k - `per_step` (the same
+    state's previous evaluation; a frozen state's keys/values do not change), for a solve that stopped
+    after `done` of its `total` evaluations because every new position had frozen."""
+    for k in range(done, total):
+        source = cache.layers[k - per_step]
+        keys, values = source.keys[:, :, -new:], source.values[:, :, -new:]
+        if k < len(cache.layers):
+            cache.layers[k].update(keys, values)
+        else:
+            cache.update(keys, values, k)
 
 
 class EvaluationKeyValues:

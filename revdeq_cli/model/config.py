@@ -62,10 +62,11 @@ class RevDEQConfig(PreTrainedConfig):
     solver), `tol` (training stop tolerance on the relative residual; None = always `max_steps`), `max_steps`
     (training), `inference_max_steps` (steps in eval mode and generation; None = the training depth, see
     `eval_max_steps`), `inference_tol`
-    (eval-mode stop tolerance; None = always `inference_max_steps`, which is what makes cached generation
-    equal to full recomputation), `state_dtype` (dtype the solver keeps its iterates and update arithmetic in,
-    float64 by default as in the paper; f always computes in the model dtype), `anderson_m`, `implicit_tol`,
-    `implicit_max_steps`, `phantom_steps`, `phantom_beta`.
+    (adaptive depth in eval mode and generation: each position freezes once its own relative residual is below
+    it, at most `inference_max_steps` steps; cached generation stays equal to full recomputation; None =
+    every position runs `inference_max_steps` steps), `state_dtype` (dtype the solver keeps its iterates and
+    update arithmetic in, float64 by default as in the paper; f always computes in the model dtype),
+    `anderson_m`, `implicit_tol`, `implicit_max_steps`, `phantom_steps`, `phantom_beta`.
 
     Block form (DEQs only): `block_skip` = "state" (f(z, x) = z + a + m, the pre-LN GPT block with the identity
     skip of the state; f's Jacobian is I + ..., so the iteration moves z by small increments and its fixed

@@ -11,10 +11,13 @@ further input injection (x enters once, as the initial state).
 Which solve runs:
 
 * training mode (`model.train()`): `tol`, `max_steps`;
-* eval mode: `inference_tol` (default None: no early stop) and `inference_max_steps`, so the full
-  recomputation does exactly the work of the cached path;
-* with a cache (`use_cache=True`, as `generate` does): exact mode always runs exactly
-  `inference_max_steps` steps (see cache.py); fixed-point mode solves to `inference_tol` (else `tol`).
+* eval mode: `inference_max_steps` steps; with `inference_tol` set, adaptive depth: each position stops
+  (freezes) once its own relative residual is below `inference_tol`, the solve ends when every position has
+  (docs/DESIGN.md §7); padding positions (attention_mask 0) are frozen from the start;
+* with a cache (`use_cache=True`, as `generate` does): exact mode runs the same per-position rule (each new
+  position freezes at its tolerance, else runs `inference_max_steps` steps) and keeps the keys/values of every
+  evaluation, a frozen position's held ones included (see cache.py), so it equals the full recomputation;
+  fixed-point mode solves to `inference_tol` (else `tol`) per position.
 
 Gradients come from the configured method (`adjoint`). With autograd off the result is the solver's own
 output z[N] for every method (Implicit and Phantom would otherwise add the 1 or k evaluations that attach
@@ -42,8 +45,9 @@ from revdeq_cli import deq
 from revdeq_cli.deq.state import relative_residual
 from revdeq_cli.errors import UserError
 from revdeq_cli.model.block import MLP, AttentionMask, Block, CausalSelfAttention
-from revdeq_cli.model.cache import EvaluationKeyValues, PastKeyValues, RevDEQCache
+from revdeq_cli.model.cache import EvaluationKeyValues, PastKeyValues, RevDEQCache, fill_held_evaluations
 from revdeq_cli.model.config import PER_POSITION_SOLVERS, RevDEQConfig
+from revdeq_cli.solver_facts import SOLVER_FACTS
 
 
 @dataclass
@@ -53,6 +57,7 @@ class SolverStats:
     steps: int
     residual: float  # max over the batch of the final relative residual; nan for the explicit model
     nfe: int  # forward evaluations of f
+    position_steps: Tensor | None = None  # [B, T] long: the steps each position iterated (0: padding, or z0 itself)
     backward: Any = None  # deq.BackwardStats, filled in when loss.backward() runs; None if not a DEQ
     regularization: Tensor | None = None  # the training penalties' sum (fixed-point, Jacobian); None if off
 
@@ -63,7 +68,8 @@ class RevDEQCausalLMOutput(CausalLMOutputWithPast):
 
     transformers v5 names the cache `cache`; `past_key_values` still reads it (with a deprecation warning)."""
 
-    solver_steps: int | None = None
+    solver_steps: int | None = None  # steps the solve ran (the most any position took)
+    solver_position_steps: Tensor | None = None  # [B, T] long: each position's steps (adaptive depth: its own)
     solver_residual: float | None = None
     solver_nfe: int | None = None
     solver_backward: Any = None
@@ -202,18 +208,21 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         if self.training and config.dropout:  # (a module call per generated token otherwise)
             x = self.drop(x)
         mask = AttentionMask.build(past, length, attention_mask, x.device)
+        # the positions that iterate under adaptive depth: padding never holds a solve up
+        real = attention_mask[:, -length:].bool() if attention_mask is not None and not bool(attention_mask.all()) \
+            else None
 
         steps = (solver_steps, detached_steps)
         if steps != (None, None) and (cache is not None or not config.is_deq):
             raise ValueError("solver_steps / detached_steps apply to a DEQ's full-sequence forward (no cache)")
         if torch.is_grad_enabled():
-            z, stats = self._body(x, mask, cache, steps)
+            z, stats = self._body(x, mask, cache, steps, real)
         else:
             # Without autograd, inference mode also drops autograd's per-op bookkeeping: 10-20% of a cached
             # decoding step on CPU. The cache buffers written in here become inference tensors (only ever written
             # in here); z is cloned out so the logits returned are ordinary tensors a caller may modify in place.
             with torch.inference_mode():
-                z, stats = self._body(x, mask, cache, steps)
+                z, stats = self._body(x, mask, cache, steps, real)
             z = z.clone()
         self.last_solver_stats = stats
 
@@ -227,7 +236,8 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             loss = lm_loss + stats.regularization
 
         out = RevDEQCausalLMOutput(
-            loss=loss, logits=logits, cache=cache, solver_steps=stats.steps, solver_residual=stats.residual,
+            loss=loss, logits=logits, cache=cache, solver_steps=stats.steps,
+            solver_position_steps=stats.position_steps, solver_residual=stats.residual,
             solver_nfe=stats.nfe, solver_backward=stats.backward, lm_loss=lm_loss, regularization=stats.regularization,
         )
         use_dict = return_dict if return_dict is not None else config.return_dict
@@ -235,15 +245,17 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ pieces of forward
     def _body(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache | None,
-              steps: tuple[int | None, int | None] = (None, None)) -> tuple[Tensor, SolverStats]:
-        """z [B, T, H] from the input injection x: the stacked blocks, or the equilibrium solve the cache calls for."""
+              steps: tuple[int | None, int | None] = (None, None),
+              real: Tensor | None = None) -> tuple[Tensor, SolverStats]:
+        """z [B, T, H] from the input injection x: the stacked blocks, or the equilibrium solve the cache calls for.
+        `real` [B, T] bool (None: all): the non-padding positions, the ones adaptive depth iterates."""
         if not self.config.is_deq:
             return self._run_explicit(x, mask, cache)
         if cache is None:
-            return self._solve_full(x, mask, *steps)
+            return self._solve_full(x, mask, *steps, real=real)
         if cache.mode == "exact":
-            return self._solve_exact_cached(x, mask, cache)
-        return self._solve_fixed_point_cached(x, mask, cache)
+            return self._solve_exact_cached(x, mask, cache, real)
+        return self._solve_fixed_point_cached(x, mask, cache, real)
 
     def _positions(self, input_ids: Tensor, past: int, attention_mask: Tensor | None,
                    position_ids: Tensor | None) -> Tensor:
@@ -284,7 +296,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         return z, SolverStats(steps=layers, residual=float("nan"), nfe=layers)
 
     def _solve_full(self, x: Tensor, mask: AttentionMask, solver_steps: int | None = None,
-                    detached_steps: int | None = None) -> tuple[Tensor, SolverStats]:
+                    detached_steps: int | None = None, real: Tensor | None = None) -> tuple[Tensor, SolverStats]:
         config = self.config
         if self.training:
             tol, steps = config.tol, config.max_steps
@@ -298,10 +310,14 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         # Phantom attach their graph through 1 or k extra evaluations of f; plain iteration keeps the work and
         # the result equal to the cached path's.
         grad = torch.is_grad_enabled()
-        adjoint = self._adjoint() if grad else deq.UnrolledAdjoint()
+        per_position = not self.training and tol is not None
+        # adaptive depth under autograd: unrolled, the method that differentiates through each position's freezing
+        adjoint = self._adjoint() if grad and not per_position else deq.UnrolledAdjoint()
         if steps == 0:  # only detached steps were asked for: they are the whole (graph-free) solve
             steps, detached = detached, 0
-        z, stats = self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=adjoint, detached_steps=detached)
+        # training stops the batch together at `tol` (if any); inference gives each position its own stop
+        z, stats = self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=adjoint, detached_steps=detached,
+                               per_position=per_position, real=real)
         if self.training and grad and (config.fixed_point_penalty or config.jacobian_penalty):
             stats.regularization = self._penalties(z, x, mask)
         return z, stats
@@ -310,13 +326,15 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         """The solver's start [B, T, H]: the input injection (init_state "input") or zeros."""
         return x if self.config.init_state == "input" else torch.zeros_like(x)
 
-    def _bypass(self, x: Tensor, mask: AttentionMask) -> tuple[Tensor, SolverStats]:
-        """0 solver steps: z = z0, the solver bypassed (its residual measured with one evaluation of f)."""
+    def _bypass(self, x: Tensor, mask: AttentionMask, hook: Any = None) -> tuple[Tensor, SolverStats]:
+        """0 solver steps: z = z0, the solver bypassed (its residual measured with one evaluation of f, the one
+        a cache's layer 0 holds: `hook`)."""
         z = self._z0(x)
         with torch.no_grad():
-            fz = self.blocks[0](z, x, mask)
+            fz = self.blocks[0](z, x, mask, hook)
             residual = relative_residual(z.flatten(1), fz.flatten(1)).max()
-        return z, SolverStats(steps=0, residual=float(residual), nfe=1)
+        return z, SolverStats(steps=0, residual=float(residual), nfe=1,
+                              position_steps=torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
 
     def _penalties(self, z: Tensor, x: Tensor, mask: AttentionMask) -> Tensor:
         """The training penalties at the solver's output z [B, T, H] (scalar, float32):
@@ -344,42 +362,64 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             total = total + config.jacobian_penalty * vjp.float().pow(2).sum() / v.float().pow(2).sum()
         return total
 
-    def _solve_exact_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache) -> tuple[Tensor, SolverStats]:
-        """Exactly `inference_max_steps` steps; evaluation k reads and extends cache layer k."""
+    def _solve_exact_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache,
+                            real: Tensor | None = None) -> tuple[Tensor, SolverStats]:
+        """`inference_max_steps` steps (adaptive depth: each new position until it freezes); evaluation k reads
+        and extends cache layer k. A solve that ended early (every new position frozen) fills the layers of the
+        evaluations it did not run with the new positions' held keys/values, which is what those evaluations
+        would have computed: a frozen state does not change."""
         config = self.config
-        steps = config.eval_max_steps
-        cache.claim(("exact", config.solver, config.beta, steps, config.state_dtype))
+        steps, tol = config.eval_max_steps, config.inference_tol
+        cache.claim(("exact", config.solver, config.beta, steps, config.state_dtype, tol))
         hook = EvaluationKeyValues(cache)
-        # Unrolled: if gradients are wanted, autograd follows the cached evaluations as they happened.
-        z, stats = self._solve(x, mask, hook, tol=None, max_steps=steps, adjoint=deq.UnrolledAdjoint())
+        if steps == 0:  # z = z0; f's one evaluation (the residual) fills layer 0
+            z, stats = self._bypass(x, mask, hook)
+        else:
+            # Unrolled: if gradients are wanted, autograd follows the cached evaluations as they happened.
+            z, stats = self._solve(x, mask, hook, tol=tol, max_steps=steps, adjoint=deq.UnrolledAdjoint(),
+                                   per_position=tol is not None, real=real)
+        per_step = SOLVER_FACTS[config.solver].evaluations_per_step
+        total = 1 + per_step * steps
+        if hook.calls < total:
+            fill_held_evaluations(cache, hook.calls, total, per_step, x.shape[1])
         if cache.num_evaluations is None:
-            cache.num_evaluations = hook.calls
-        elif hook.calls != cache.num_evaluations:
+            cache.num_evaluations = total
+        elif hook.calls > total or total != cache.num_evaluations:
             raise RuntimeError(
-                f"cache: this solve evaluated f {hook.calls} times but the cache holds {cache.num_evaluations} "
-                "evaluations; the cached keys/values no longer match"
+                f"cache: this solve evaluated f {hook.calls} times (of {total}) but the cache holds "
+                f"{cache.num_evaluations} evaluations; the cached keys/values no longer match"
             )
         return z, stats
 
-    def _solve_fixed_point_cached(self, x: Tensor, mask: AttentionMask,
-                                  cache: RevDEQCache) -> tuple[Tensor, SolverStats]:
+    def _solve_fixed_point_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache,
+                                  real: Tensor | None = None) -> tuple[Tensor, SolverStats]:
         """Solve the new positions to tolerance against the cached final-state keys/values, then cache theirs."""
         config = self.config
         tol = config.inference_tol if config.inference_tol is not None else config.tol
         cache.claim(("fixed_point", config.solver))
         past = cache.past_keys_values()
         hook = PastKeyValues(*past) if past is not None else None
-        z, stats = self._solve(x, mask, hook, tol=tol, max_steps=config.eval_max_steps,
-                               adjoint=deq.UnrolledAdjoint())
+        if config.eval_max_steps == 0:  # z = z0 (no attention needed); its keys/values are cached below
+            z = self._z0(x)
+            stats = SolverStats(steps=0, residual=math.nan, nfe=0,
+                                position_steps=torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
+        else:
+            z, stats = self._solve(x, mask, hook, tol=tol, max_steps=config.eval_max_steps,
+                                   adjoint=deq.UnrolledAdjoint(), per_position=True, real=real)
         block = self.blocks[0]
         keys, values = block.attn.keys_values(block.attention_input(z, x))
         cache.update(keys, values, 0)
         return z, stats
 
     def _solve(self, x: Tensor, mask: AttentionMask, hook: Any, *, tol: float | None, max_steps: int,
-               adjoint: deq.Adjoint, detached_steps: int = 0) -> tuple[Tensor, SolverStats]:
+               adjoint: deq.Adjoint, detached_steps: int = 0, per_position: bool = False,
+               real: Tensor | None = None) -> tuple[Tensor, SolverStats]:
+        """The equilibrium solve of f = the block over x [B, T, H]. `per_position` (needs tol): each position
+        freezes at its own residual (deq.solve's groups; `real` [B, T] bool: the positions that iterate at all)."""
         block = self.blocks[0]
         shape = x.shape
+        batch, length = shape[0], shape[1]
+        groups, active = None, None
         if self.config.solver in PER_POSITION_SOLVERS:
             # deq mixes iterates per "sample" (dim 0). Anderson/Broyden over a whole [T, H] sequence would let
             # later tokens steer earlier positions through the shared mixing weights (a leak of the future into
@@ -390,16 +430,25 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
 
             z0 = x.reshape(-1, shape[-1]) if self.config.init_state == "input" else x.new_zeros(
                 shape[0] * shape[1], shape[-1])
+            if per_position:  # a sample is a position already
+                groups, active = 1, real.reshape(-1, 1) if real is not None else None
         else:
             def f(z: Tensor, x: Tensor) -> Tensor:
                 return block(z, x, mask, hook)
 
             z0 = self._z0(x)  # z0 = x is elementwise in the position, so the exact cache stays exact
+            if per_position:
+                groups, active = length, real
         # trace=False: only the final residual is reported, and per-step reductions add up when decoding
         params = list(block.parameters()) if torch.is_grad_enabled() else []
         sol = deq.solve(f, z0, x, solver=self._solver(), adjoint=adjoint, tol=tol, max_steps=max_steps,
-                        params=params, trace=False, detached_steps=detached_steps)
-        stats = SolverStats(steps=sol.steps, residual=sol.max_residual, nfe=sol.nfe, backward=sol.backward)
+                        params=params, trace=False, detached_steps=detached_steps, groups=groups, active=active)
+        if sol.group_steps is not None:
+            position_steps = sol.group_steps.view(batch, length)
+        else:
+            position_steps = torch.full((batch, length), sol.steps, dtype=torch.long, device=x.device)
+        stats = SolverStats(steps=sol.steps, residual=sol.max_residual, nfe=sol.nfe, position_steps=position_steps,
+                            backward=sol.backward)
         return sol.z.view(shape), stats
 
     def _solver(self) -> deq.Solver:

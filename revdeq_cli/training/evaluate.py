@@ -17,8 +17,10 @@ What is exact and what is not:
   is the standard non-overlapping evaluation, the same one the trainer's validation uses.
 * A window shorter than `seq_len` (the split's tail) runs as its own forward call, cut to its length, so the
   reported `max_residual` covers real positions only; the scores are those of the padded window.
-* In eval mode a DEQ runs `config.inference_max_steps` solver steps (stopping early at `inference_tol`, if
-  set): `solver_steps` overrides it per call, which is how a sweep measures test-time compute.
+* In eval mode a DEQ runs `config.inference_max_steps` solver steps; with `inference_tol` each position stops
+  at its own tolerance (adaptive depth). `solver_steps` and `tol` override them per call, which is how a
+  sweep measures test-time compute. `mean_solver_steps` is then a mean over the scored tokens of the steps
+  each one's position iterated (`max_solver_steps` the most any took).
 """
 
 from __future__ import annotations
@@ -43,13 +45,15 @@ class EvalResult:
 
     split: str
     solver_steps: int | None  # inference steps limit in force (None: explicit model)
+    tol: float | None  # the adaptive-depth tolerance in force (None: every position ran `solver_steps`)
     tokens: int  # targets scored
     bytes: int  # UTF-8 bytes of the split's text
     nll: float  # total negative log-likelihood, nats
     loss: float  # nll / tokens
     perplexity: float
     bits_per_byte: float
-    mean_solver_steps: float  # steps actually taken, averaged over batches (weighted by tokens)
+    mean_solver_steps: float  # steps each scored token's position took, averaged over those tokens
+    max_solver_steps: int  # the most steps any scored token's position took (explicit model: its layers)
     max_residual: float  # largest final relative residual over all batches (nan: explicit model)
     seconds: float
     tokens_per_sec: float
@@ -59,14 +63,20 @@ class EvalResult:
         return asdict(self)
 
 
+KEEP = object()  # `inference_steps(model, steps, tol=KEEP)`: leave the model's tolerance as it is
+
+
 @contextmanager
-def inference_steps(model: Any, steps: int | None) -> Any:
-    """Temporarily set `model.config.inference_max_steps` (None: leave it) and no early stop, restoring
-    both afterwards, so `steps` is exactly the number of solver steps each forward call runs."""
+def inference_steps(model: Any, steps: int | None, tol: Any = None) -> Any:
+    """Temporarily set `model.config.inference_max_steps` (None: leave it) and `inference_tol` (adaptive
+    depth; None: every position runs exactly `steps`; KEEP: the model's own, or with no `steps` given
+    the model's own unless a tol is given), restoring both afterwards."""
     config = model.config
     saved = (config.inference_max_steps, config.inference_tol)
     if steps is not None:
-        config.inference_max_steps, config.inference_tol = int(steps), None
+        config.inference_max_steps = int(steps)
+    if tol is not KEEP and (steps is not None or tol is not None):
+        config.inference_tol = None if tol is None else float(tol)
     try:
         yield
     finally:
@@ -83,13 +93,16 @@ def evaluate_split(
     batch_size: int,
     split: str = "validation",
     solver_steps: int | None = None,
+    tol: Any = KEEP,
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     shard: tuple[int, int] = (0, 1),
     autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> EvalResult:
-    """Score `tokens` (1-D ids) with `model` in eval mode; `solver_steps` overrides the inference steps.
+    """Score `tokens` (1-D ids) with `model` in eval mode; `solver_steps` overrides the inference steps and
+    `tol` the adaptive-depth tolerance (None: fixed steps; default: a given `solver_steps` runs fixed, else
+    the model's own settings).
 
     `split_bytes` is the UTF-8 size of the text behind `tokens` (`PreparedCorpus.split_bytes[split]`).
     `max_batches` evaluates a prefix only (then `bits_per_byte` scales bytes by the fraction of targets
@@ -104,10 +117,13 @@ def evaluate_split(
     reset_peak_memory(device)
     nll = 0.0
     n_tokens = 0
-    step_tokens = 0.0
+    step_tokens = 0
+    max_steps = 0
     max_residual = -math.inf
     t0 = time.perf_counter()
-    with inference_steps(model, solver_steps):
+    if tol is KEEP:
+        tol = None if solver_steps is not None else KEEP
+    with inference_steps(model, solver_steps, tol):
         rank, world_size = shard
         for i, (inputs, targets) in enumerate(eval_batches(tokens, seq_len, batch_size, max_batches=max_batches)):
             if i % world_size != rank:
@@ -116,16 +132,24 @@ def evaluate_split(
                 part_inputs, part_targets = part_inputs.to(device), part_targets.to(device)
                 with autocast():
                     out = model(input_ids=part_inputs, shift_labels=part_targets)
-                n = int((part_targets != -100).sum())
+                scored = part_targets != -100
+                n = int(scored.sum())
                 nll += float(out.loss.double()) * n
                 n_tokens += n
-                if out.solver_steps is not None:
+                if out.solver_position_steps is not None:
+                    taken = out.solver_position_steps[scored]
+                    step_tokens += int(taken.sum())
+                    max_steps = max(max_steps, int(taken.max()) if n else 0)
+                elif out.solver_steps is not None:  # the explicit model: its layers
                     step_tokens += out.solver_steps * n
+                    max_steps = max(max_steps, out.solver_steps)
                 if out.solver_residual is not None and not math.isnan(out.solver_residual):
                     max_residual = max(max_residual, float(out.solver_residual))
                 if on_batch is not None:
                     on_batch(n)
-        limit = model.config.eval_max_steps if getattr(model.config, "is_deq", True) else None
+        is_deq = getattr(model.config, "is_deq", True)
+        limit = model.config.eval_max_steps if is_deq else None
+        used_tol = model.config.inference_tol if is_deq else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -137,9 +161,9 @@ def evaluate_split(
         covered = 1.0
     loss = nll / max(n_tokens, 1)
     return EvalResult(
-        split=split, solver_steps=limit, tokens=n_tokens, bytes=int(split_bytes), nll=nll, loss=loss,
+        split=split, solver_steps=limit, tol=used_tol, tokens=n_tokens, bytes=int(split_bytes), nll=nll, loss=loss,
         perplexity=perplexity(loss), bits_per_byte=nll / (math.log(2) * max(split_bytes * covered, 1.0)),
-        mean_solver_steps=step_tokens / max(n_tokens, 1),
+        mean_solver_steps=step_tokens / max(n_tokens, 1), max_solver_steps=max_steps,
         max_residual=max_residual if max_residual > -math.inf else math.nan, seconds=seconds,
         tokens_per_sec=n_tokens / seconds if seconds > 0 else math.inf, peak_memory_bytes=peak_memory_bytes(device),
     )
@@ -162,10 +186,13 @@ def _without_padding(inputs: torch.Tensor, targets: torch.Tensor) -> list[tuple[
     return parts
 
 
-def solver_steps_sweep(model: Any, tokens: np.ndarray, steps: Iterable[int], **kwargs: Any) -> list[EvalResult]:
-    """`evaluate_split` once per inference solver-steps value (test-time compute: a DEQ can iterate
-    longer than it trained). The model's own settings are restored afterwards."""
-    return [evaluate_split(model, tokens, solver_steps=s, **kwargs) for s in steps]
+def solver_steps_sweep(model: Any, tokens: np.ndarray, steps: Iterable[int | None],
+                       tols: Iterable[Any] = (KEEP,), **kwargs: Any) -> list[EvalResult]:
+    """`evaluate_split` once per (inference solver-steps value, tolerance) pair, steps outer (test-time compute:
+    a DEQ can iterate longer than it trained; adaptive depth stops each position at a tolerance). The model's
+    own settings are restored afterwards."""
+    tols = list(tols)
+    return [evaluate_split(model, tokens, solver_steps=s, tol=t, **kwargs) for s in steps for t in tols]
 
 
 @torch.no_grad()
@@ -189,3 +216,19 @@ def probe_residuals(model: Any, input_ids: torch.Tensor, steps: int | None = Non
     finally:
         model.train(was_training)
     return residuals
+
+
+@torch.no_grad()
+def probe_stopping_steps(model: Any, input_ids: torch.Tensor, tol: float, steps: int | None = None) -> list[int]:
+    """Adaptive depth on one sequence (`input_ids` [1, T]): the solver steps each position takes before its
+    relative residual falls below `tol` (at most `steps`, default the model's inference steps), in order."""
+    if not getattr(model.config, "is_deq", True):
+        raise ValueError("the explicit (stacked) model has no solver to probe")
+    was_training = model.training
+    model.eval()
+    try:
+        with inference_steps(model, steps if steps is not None else model.config.eval_max_steps, tol):
+            out = model(input_ids=input_ids)
+    finally:
+        model.train(was_training)
+    return [int(k) for k in out.solver_position_steps[0].tolist()]

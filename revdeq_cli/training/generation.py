@@ -39,10 +39,11 @@ class SampleStats:
     seconds: float
     tokens_per_sec: float
     forward_calls: int  # one per new token
-    solver_steps_per_token: float  # mean solver steps of those calls (nan for the explicit model)
+    solver_steps_per_token: float  # mean over new tokens of the solver steps of the position that predicted it
     peak_memory_bytes: int
     memory_kind: str
     cropped_tokens: int = 0  # new tokens predicted from a window cropped to the context (no cache)
+    max_solver_steps: int = 0  # the most steps one of them took (adaptive depth: fewer than the limit)
 
 
 class _OneEnd:
@@ -77,7 +78,12 @@ def generate_sample(model: Any, prompt_ids: list[int], *, max_new_tokens: int,
     steps: list[int] = []
 
     def count_steps(_module: Any, _args: Any, output: Any) -> None:
-        if getattr(output, "solver_steps", None) is not None:
+        # the last position's steps: its logits pick the next token. Cached or not, that position's solve is
+        # the same (adaptive depth included), so the figure does not depend on --no-cache.
+        per_position = getattr(output, "solver_position_steps", None)
+        if per_position is not None:
+            steps.append(int(per_position[0, -1]))
+        elif getattr(output, "solver_steps", None) is not None:
             steps.append(int(output.solver_steps))
 
     def config(new_tokens: int, cache: bool) -> Any:
@@ -124,5 +130,6 @@ def generate_sample(model: Any, prompt_ids: list[int], *, max_new_tokens: int,
     return SampleStats(
         token_ids=new, seconds=seconds, tokens_per_sec=len(new) / seconds if seconds > 0 else float("inf"),
         forward_calls=len(steps), solver_steps_per_token=sum(steps) / len(steps) if steps else float("nan"),
+        max_solver_steps=max(steps, default=0),
         peak_memory_bytes=peak_memory_bytes(device), memory_kind=memory_kind(device), cropped_tokens=cropped,
     )

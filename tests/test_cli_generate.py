@@ -126,3 +126,35 @@ def test_generation_past_the_context_crops_continues_and_says_so_once(run):
     assert first.startswith("def main(") and first.count("def main(") == 1  # the prompt once, then the text
     assert "past the model's context" not in invoke("generate", "def main(", "-c", run, "--temperature", "0",
                                                     "--max-new-tokens", "10").stderr
+
+
+ADAPTIVE = re.compile(r"([\d.]+) solver steps/token \(max (\d+) of (\d+), tol ([\d.e-]+)\), peak memory .*; seed \d+, "
+                      r"(cache|no cache)")
+
+
+def test_tol_and_solver_steps_set_adaptive_depth_cached_and_not(run):
+    """--solver-steps 16 --tol 0.3: each token stops at its own residual (fewer steps than 16 on average);
+    the cache reproduces the full recomputation, so the text and the steps per token are the same."""
+    args = ("generate", "def main(", "-c", run, "--temperature", "0", "--max-new-tokens", "10", "--solver-steps", "16")
+    cached = invoke(*args, "--tol", "0.3")
+    uncached = invoke(*args, "--tol", "0.3", "--no-cache")
+    assert cached.exit_code == 0 and uncached.exit_code == 0, cached.output + uncached.output
+    [(mean, most, limit, tol, mode)] = ADAPTIVE.findall(cached.stderr)
+    assert (limit, tol, mode) == ("16", "0.3", "cache")
+    assert 1 <= float(mean) < 16 and int(most) <= 16
+    [(mean2, most2, *_rest, mode2)] = ADAPTIVE.findall(uncached.stderr)
+    assert (mean2, most2, mode2) == (mean, most, "no cache")
+    assert cached.stdout == uncached.stdout
+    fixed = invoke(*args)
+    [(_, _, steps, _, _)] = _stats(fixed.stderr)
+    assert steps == 16.0  # no --tol: every token runs --solver-steps
+    zero = invoke(*args[:-1], "0")  # --solver-steps 0: z0 itself, with the cache too
+    assert zero.exit_code == 0, zero.output
+    assert _stats(zero.stderr)[0][2] == 0.0
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "nan"])
+def test_a_bad_tol_is_one_line_exit_2(run, value):
+    result = invoke("generate", "x", "-c", run, "--tol", value, "--max-new-tokens", "2")
+    assert result.exit_code == 2
+    one_error_line(result.stderr, "--tol")

@@ -84,6 +84,22 @@ def test_inspect_shows_how_the_model_was_trained_to_iterate_and_probes_past_it(r
 
 
 # ------------------------------------------------------------------------------------------ error paths
+def test_probe_with_a_tolerance_shows_when_each_token_stops(run):
+    result = invoke("inspect", run, "--probe", "--steps", "16", "--tol", "0.2", "--json")
+    assert result.exit_code == 0, result.output
+    probe = json.loads(result.stdout)["probe"]
+    stops, residuals = probe["stopping_steps"], probe["residuals"]
+    assert probe["tol"] == 0.2 and len(residuals) == 16
+    assert all(1 <= k <= 16 for k in stops) and len(set(stops)) > 1  # tokens stop at different steps
+    text = invoke("inspect", run, "--probe", "--steps", "16", "--tol", "0.2").stdout
+    assert f"adaptive depth at tol 0.2: {len(stops)} tokens, mean {sum(stops) / len(stops):.2f} steps" in text
+    counts = {int(line.split()[0]): int(line.split()[1]) for line in text.split("tokens stopping at each step")[1]
+              .splitlines() if line.split() and line.split()[0].isdigit()}
+    assert counts == {k: stops.count(k) for k in set(stops)}
+    refused = invoke("inspect", run, "--tol", "0.3")
+    assert refused.exit_code == 2 and "--probe" in refused.stderr
+
+
 def test_missing_path(tmp_path):
     result = invoke("inspect", tmp_path / "nope")
     assert result.exit_code == 2

@@ -209,6 +209,22 @@ def test_checkpoint_loads_with_trust_remote_code_without_revdeq(tmp_path, solver
     assert remote["generation_config"]["temperature"] == SAMPLING.temperature
 
 
+def test_adaptive_depth_acts_in_a_model_loaded_with_trust_remote_code(tmp_path):
+    """config.json's inference_tol / inference_max_steps: each position stops at its own residual in
+    forward and generate, in a Python without revdeq as with it (same logits, cache and generations)."""
+    model = _tiny_model()
+    model.config.update({"inference_max_steps": 12, "inference_tol": 0.3})
+    model.eval()
+    with torch.no_grad():
+        steps = model(torch.tensor(PROMPT)).solver_position_steps
+    assert 1 <= int(steps.min()) < int(steps.max()) < 12  # positions stop at different steps
+    ckpt = save_checkpoint(tmp_path / "checkpoint-000001", model, byte_tokenizer(), None)
+    assert json.loads((ckpt / "config.json").read_text())["inference_tol"] == 0.3
+    remote = _run_remote(ckpt, tmp_path)
+    _assert_same(remote, _package_outputs(model))
+    assert torch.equal(remote["cached"], remote["uncached"])
+
+
 def test_convert_from_revdeq_pytorch_output_loads_with_trust_remote_code(tmp_path):
     from revdeq_cli.interop.convert import convert_revdeq_pytorch
 

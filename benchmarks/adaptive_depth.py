@@ -1,14 +1,14 @@
 """Adaptive depth against fixed solver steps: block evaluations per token, perplexity, generation speed.
 
     .venv/bin/python benchmarks/adaptive_depth.py CHECKPOINT [--steps 1 2 4 8 16 32] [--tols 0.3 0.2 0.1]
-                      [--max-steps 32] [--batches 1 8] [--new 64] [--repeats 3] [--threads 2] [--name adaptive_depth]
+                      [--max-steps 8 32] [--batches 1 8] [--new 64] [--repeats 3] [--threads 2] [--name adaptive_depth]
 
 CHECKPOINT: a checkpoint or run directory of a RevDEQ language model with its training settings (the
 published table used the `final/` of the no-options `revdeq train`). Three parts, all on its validation split:
 
 1. Fixed step counts: validation perplexity (whole split, `training.evaluate.evaluate_split`) at each of
    --steps, every position running that many solver steps.
-2. Adaptive depth: the same at each tolerance of --tols, at most --max-steps steps: each position stops
+2. Adaptive depth: the same at each tolerance of --tols and each limit of --max-steps: each position stops
    once its own relative residual is below the tolerance (deq/iteration.py). Block evaluations per token =
    evaluations of f a token's position needed: 1 + e * (its steps), e = 2 for the reversible solver
    (f at y, then at z), 1 otherwise; the mean over the split's tokens.
@@ -65,7 +65,8 @@ def generation_speed(model, prompts, new: int, repeats: int, settings: list[tupl
     try:
         with torch.no_grad():
             config.inference_max_steps, config.inference_tol = settings[0]
-            model.generate(prompts, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+            model.generate(prompts, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                           attention_mask=torch.ones_like(prompts))  # warm-up
             for _ in range(repeats):  # interleaved: a burst of load on a shared machine hits every setting
                 for setting in settings:
                     config.inference_max_steps, config.inference_tol = setting
@@ -87,8 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
-    parser.add_argument("--tols", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03])
-    parser.add_argument("--max-steps", type=int, default=32, help="the most steps a position takes under --tols")
+    parser.add_argument("--tols", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05])
+    parser.add_argument("--max-steps", type=int, nargs="+", default=[8, 32],
+                        help="the most steps a position takes under --tols (each limit with each tolerance)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
     parser.add_argument("--new", type=int, default=64, help="new tokens per sequence")
@@ -135,10 +137,10 @@ def main() -> None:
     print(f"checkpoint {meta['path']} (step {meta.get('step')}): {config.solver}, trained {config.training_depth} "
           f"steps deep; validation {len(tokens):,} tokens, seq_len {seq_len}", flush=True)
     fixed = [score(k, None) for k in args.steps]
-    adaptive = [score(args.max_steps, t) for t in args.tols]
+    adaptive = [score(m, t) for m in args.max_steps for t in args.tols]
 
-    start = torch.as_tensor(tokens[: args.prompt * max(args.batches)], dtype=torch.long)
-    settings_list = [(k, None) for k in args.steps] + [(args.max_steps, t) for t in args.tols]
+    start = torch.tensor(tokens[: args.prompt * max(args.batches)], dtype=torch.long)
+    settings_list = [(k, None) for k in args.steps] + [(m, t) for m in args.max_steps for t in args.tols]
     speed: dict[int, dict] = {}
     for batch in args.batches:
         prompts = start[: args.prompt * batch].view(batch, args.prompt)
@@ -204,10 +206,11 @@ def write_report(args, meta, config, fixed, adaptive, cheapest, best_ppl, verdic
         "|---|---|---:|" + "---:|" * len(batches) + "---|",
     ]
     for r, ok_ppl, ratio, speedups, ok in verdicts:
-        lines.append(f"| {r['tol']:g} | {'yes' if ok_ppl else 'no'} ({r['ppl'] / best_ppl:.3f}x) | {ratio:.2f}x | "
+        lines.append(f"| {r['tol']:g} (<= {r['steps']}) | {'yes' if ok_ppl else 'no'} ({r['ppl'] / best_ppl:.3f}x) | "
+                     f"{ratio:.2f}x | "
                      + " | ".join(f"{speedups[b]:.2f}x" for b in batches) + f" | {'met' if ok else 'missed'} |")
     met = [r for r, *_, ok in verdicts if ok]
-    met_tols = ", ".join(f"{r['tol']:g}" for r in met)
+    met_tols = ", ".join(f"{r['tol']:g} (<= {r['steps']} steps)" for r in met)
     verdict = f"met at tol {met_tols}." if met else "the target is missed at every tolerance tried."
     lines += ["", "Verdict: " + verdict]
     (args.out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
@@ -226,10 +229,12 @@ def write_report(args, meta, config, fixed, adaptive, cheapest, best_ppl, verdic
     ax.plot([r["evals_per_token"] for r in fixed], [r["ppl"] for r in fixed], "o-", label="fixed steps")
     for r in fixed:
         ax.annotate(str(r["steps"]), (r["evals_per_token"], r["ppl"]), fontsize=7)
-    ax.plot([r["evals_per_token"] for r in adaptive], [r["ppl"] for r in adaptive], "s-",
-            label=f"adaptive (tol, <= {args.max_steps} steps)")
-    for r in adaptive:
-        ax.annotate(f"{r['tol']:g}", (r["evals_per_token"], r["ppl"]), fontsize=7)
+    for limit in args.max_steps:
+        rows = [r for r in adaptive if r["steps"] == limit]
+        ax.plot([r["evals_per_token"] for r in rows], [r["ppl"] for r in rows], "s-",
+                label=f"adaptive (tol, <= {limit} steps)")
+        for r in rows:
+            ax.annotate(f"{r['tol']:g}", (r["evals_per_token"], r["ppl"]), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("block evaluations per token (mean)")
     ax.set_ylabel("validation perplexity")

@@ -19,9 +19,11 @@ the tolerance: its states stop changing, so every later evaluation of f computes
 as its last evaluation of the same state (the reversible solver alternates evaluations at y and at z, so the
 one two evaluations earlier; the others the one before). The full forward keeps evaluating frozen positions
 (f runs on the whole sequence); a decoding solve that stops early, when all its new positions are frozen,
-writes those held keys/values into the layers of the evaluations it skipped (`fill_held_evaluations`). Layer
-k then holds, for every position, what evaluation k of the full forward saw there, and cached decoding
-equals full recomputation under adaptive depth too (each position's trajectory, and so when it freezes,
+leaves the layers of the evaluations it skipped short. A later solve that runs evaluation k first extends
+layer k over the positions it lacks with their held keys/values, copied from layer k - e (e = evaluations
+per step: the same state's previous evaluation; `EvaluationKeyValues`), so layer k holds, for every
+position, what evaluation k of the full forward saw there. Cached decoding equals full recomputation under
+adaptive depth too (each position's trajectory, and so when it freezes,
 depends only on positions <= t). One caveat, as for any threshold: a residual within rounding of the
 tolerance may freeze one step apart in the two computations.
 
@@ -122,32 +124,33 @@ class RevDEQCache(DynamicCache):
         return self.layers[0].keys, self.layers[0].values
 
 
-def fill_held_evaluations(cache: RevDEQCache, done: int, total: int, per_step: int, new: int) -> None:
-    """Layers `done .. total-1` get the last `new` positions' keys/values of layer k - `per_step` (the same
-    state's previous evaluation; a frozen state's keys/values do not change), for a solve that stopped
-    after `done` of its `total` evaluations because every new position had frozen."""
-    for k in range(done, total):
-        source = cache.layers[k - per_step]
-        keys, values = source.keys[:, :, -new:], source.values[:, :, -new:]
-        if k < len(cache.layers):
-            cache.layers[k].update(keys, values)
-        else:
-            cache.update(keys, values, k)
-
-
 class EvaluationKeyValues:
     """A `KeyValueHook` that gives the k-th call (evaluation of f, or block k) cache layer k: it appends the
-    new keys/values there and returns all of that layer's keys/values."""
+    new keys/values there and returns all of that layer's keys/values.
 
-    def __init__(self, cache: RevDEQCache) -> None:
+    Adaptive depth: layer k may be shorter than the `past` positions before this call (their solves ended
+    before evaluation k). It is first extended with the held keys/values of the same state, layer
+    k - `per_step`'s entries for those positions (the module docstring)."""
+
+    def __init__(self, cache: RevDEQCache, past: int = 0, per_step: int = 1) -> None:
         self.cache = cache
         self.calls = 0
+        self.past = past
+        self.per_step = per_step
 
     def __call__(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         layers, k = self.cache.layers, self.calls
         self.calls += 1
         if k < len(layers):  # straight to the layer: this runs once per evaluation of f per generated token
-            return layers[k].update(keys, values)
+            layer = layers[k]
+            have = layer.get_seq_length()
+            if have < self.past and k >= self.per_step:
+                source = layers[k - self.per_step]
+                layer.update(source.keys[:, :, have : self.past], source.values[:, :, have : self.past])
+            return layer.update(keys, values)
+        if self.past and k >= self.per_step:  # a layer no solve reached before: all of it is held entries
+            source = layers[k - self.per_step]
+            self.cache.update(source.keys[:, :, : self.past], source.values[:, :, : self.past], k)
         return self.cache.update(keys, values, k)
 
 

@@ -45,7 +45,7 @@ from revdeq_cli import deq
 from revdeq_cli.deq.state import relative_residual
 from revdeq_cli.errors import UserError
 from revdeq_cli.model.block import MLP, AttentionMask, Block, CausalSelfAttention
-from revdeq_cli.model.cache import EvaluationKeyValues, PastKeyValues, RevDEQCache, fill_held_evaluations
+from revdeq_cli.model.cache import EvaluationKeyValues, PastKeyValues, RevDEQCache
 from revdeq_cli.model.config import PER_POSITION_SOLVERS, RevDEQConfig
 from revdeq_cli.solver_facts import SOLVER_FACTS
 
@@ -365,26 +365,24 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
     def _solve_exact_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache,
                             real: Tensor | None = None) -> tuple[Tensor, SolverStats]:
         """`inference_max_steps` steps (adaptive depth: each new position until it freezes); evaluation k reads
-        and extends cache layer k. A solve that ended early (every new position frozen) fills the layers of the
-        evaluations it did not run with the new positions' held keys/values, which is what those evaluations
-        would have computed: a frozen state does not change."""
+        and extends cache layer k. Layers a solve that ended early (every new position frozen) did not reach are
+        completed by the next solve that does, with the held keys/values (`EvaluationKeyValues`): what those
+        evaluations would have computed, since a frozen state does not change."""
         config = self.config
         steps, tol = config.eval_max_steps, config.inference_tol
         cache.claim(("exact", config.solver, config.beta, steps, config.state_dtype, tol))
-        hook = EvaluationKeyValues(cache)
+        per_step = SOLVER_FACTS[config.solver].evaluations_per_step
+        hook = EvaluationKeyValues(cache, past=cache.get_seq_length(), per_step=per_step)
         if steps == 0:  # z = z0; f's one evaluation (the residual) fills layer 0
             z, stats = self._bypass(x, mask, hook)
         else:
             # Unrolled: if gradients are wanted, autograd follows the cached evaluations as they happened.
             z, stats = self._solve(x, mask, hook, tol=tol, max_steps=steps, adjoint=deq.UnrolledAdjoint(),
                                    per_position=tol is not None, real=real)
-        per_step = SOLVER_FACTS[config.solver].evaluations_per_step
-        total = 1 + per_step * steps
-        if hook.calls < total:
-            fill_held_evaluations(cache, hook.calls, total, per_step, x.shape[1])
+        total = 1 + per_step * steps  # evaluations of a solve that runs every step
         if cache.num_evaluations is None:
             cache.num_evaluations = total
-        elif hook.calls > total or total != cache.num_evaluations:
+        elif hook.calls > total or total != cache.num_evaluations or (tol is None and hook.calls != total):
             raise RuntimeError(
                 f"cache: this solve evaluated f {hook.calls} times (of {total}) but the cache holds "
                 f"{cache.num_evaluations} evaluations; the cached keys/values no longer match"

@@ -37,13 +37,14 @@ _revdeq() {
                 --dataset-config) return 0 ;;
                 --split) COMPREPLY=( $(compgen -W "validation test" -- "$cur") ); return 0 ;;
                 --solver-steps) return 0 ;;
+                --tol) return 0 ;;
                 --seq-len) return 0 ;;
                 --batch-size) return 0 ;;
                 --max-batches) return 0 ;;
                 --device) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=( $(compgen -W "--dataset --dataset-config --split --solver-steps --seq-len --batch-size --max-batches --device --json --compile --help -h" -- "$cur") )
+                COMPREPLY=( $(compgen -W "--dataset --dataset-config --split --solver-steps --tol --seq-len --batch-size --max-batches --device --json --compile --help -h" -- "$cur") )
             else
                 COMPREPLY=( $(compgen -f -- "$cur") )
             fi
@@ -60,10 +61,12 @@ _revdeq() {
                 --repetition-penalty) return 0 ;;
                 --num-samples) return 0 ;;
                 --seed) return 0 ;;
+                --solver-steps) return 0 ;;
+                --tol) return 0 ;;
                 --device) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=( $(compgen -W "--checkpoint -c --prompt-file --max-new-tokens --max-length --max_length --temperature --top-k --top-p --repetition-penalty --num-samples --seed --no-cache --device --compile --help -h" -- "$cur") )
+                COMPREPLY=( $(compgen -W "--checkpoint -c --prompt-file --max-new-tokens --max-length --max_length --temperature --top-k --top-p --repetition-penalty --num-samples --seed --no-cache --solver-steps --tol --device --compile --help -h" -- "$cur") )
             else
                 COMPREPLY=( $(compgen -f -- "$cur") )
             fi
@@ -72,10 +75,11 @@ _revdeq() {
             case "$prev" in
                 --probe-text) return 0 ;;
                 --probe-steps|--steps) return 0 ;;
+                --tol) return 0 ;;
                 --device) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=( $(compgen -W "--weights --probe --probe-text --probe-steps --steps --device --json --help -h" -- "$cur") )
+                COMPREPLY=( $(compgen -W "--weights --probe --probe-text --probe-steps --steps --tol --device --json --help -h" -- "$cur") )
             else
                 COMPREPLY=( $(compgen -f -- "$cur") )
             fi

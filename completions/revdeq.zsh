@@ -42,6 +42,7 @@ _revdeq() {
                         '--dataset-config[Hub dataset config name.]:dataset_config: ' \
                         '--split[Which split to score.]:split:(validation test)' \
                         '*--solver-steps[Inference solver steps\: one value or a list (1,2,4,8 or repeated).]:solver_steps: ' \
+                        '*--tol[Adaptive depth\: each position stops once its relative residual is below this tolerance (at most --solver-steps steps); one value or a list (0.2,0.1 or repeated). '\''none'\'' = fixed steps. Default\: the model'\''s own (inference_tol; fixed steps when --solver-steps is given).]:tol: ' \
                         '--seq-len[Window length (default\: the trained context\: the run'\''s seq_len, else the model'\''s max_position_embeddings).]:seq_len: ' \
                         '--batch-size[Windows per batch.]:batch_size: ' \
                         '--max-batches[Score only the first N batches (a quick estimate).]:max_batches: ' \
@@ -64,6 +65,8 @@ _revdeq() {
                         '--num-samples[Independent samples to draw.]:num_samples: ' \
                         '--seed[Random seed (default\: a fresh one, printed).]:seed: ' \
                         '--no-cache[Recompute the whole sequence for every token.]' \
+                        '--solver-steps[Solver steps per token (the most, with --tol); 0 = z0, the solver bypassed. Default\: the model'\''s inference_max_steps.]:solver_steps: ' \
+                        '--tol[Adaptive depth\: each token stops once its relative residual is below this (> 0). Default\: the model'\''s inference_tol (none\: every token runs --solver-steps).]:tol: ' \
                         '--device[auto, cpu, cuda, cuda\:N or mps.]:device: ' \
                         '--compile[torch.compile the block(s) f (speeds up --no-cache; with the KV cache, decoding runs eagerly).]' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]' \
@@ -75,6 +78,7 @@ _revdeq() {
                         '--probe[Run one batch and show the residual after each solver step.]' \
                         '--probe-text[Text of the --probe batch.]:probe_text: ' \
                         '(--probe-steps --steps)'{--probe-steps,--steps}'[Solver steps for --probe (default\: the model'\''s inference steps; more shows where the iteration goes).]:probe_steps: ' \
+                        '--tol[With --probe\: also run adaptive depth at this tolerance (> 0) and show how many tokens stop at each solver step.]:tol: ' \
                         '--device[Device for --probe\: auto, cpu, cuda, mps.]:device: ' \
                         '--json[Print everything as JSON.]' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]' \

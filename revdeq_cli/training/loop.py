@@ -473,7 +473,9 @@ class Trainer:
         if self.step >= self.total_steps:
             return True
         requested = self._finish_requested
-        if self.info.world_size > 1:
+        # Only observers ask to finish; without any, `revdeq train` under torchrun pays no collective per step.
+        # (Every rank is given the same observers, so every rank takes part in the reduction or none does.)
+        if self.info.world_size > 1 and self.observers:
             flag = torch.tensor([1.0 if requested else 0.0], dtype=torch.float64, device=self.device)
             requested = float(all_reduce_sum(flag, self.info)[0]) > 0
         return requested

@@ -47,6 +47,8 @@ _BASE = {"solver.solver": "reversible", "solver.adjoint": "reversible", "solver.
          "solver.state_dtype": "float64", "model.init_state": "input", "solver.beta": 0.5, "solver.max_steps": 2}
 _INPUT_SKIP = {**_BASE, "model.block_skip": "input"}
 
+_RECIPE = {**_INPUT_SKIP, "solver.train_detached_steps": "poisson-lognormal:6:24", "solver.fixed_point_penalty": 0.1}
+
 # name -> (label, settings overrides). Without tol (0 = never stop early) every step count is the drawn one.
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "base": ("today: 2 steps", _BASE),
@@ -83,6 +85,12 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                        {**_INPUT_SKIP, "solver.train_detached_steps": "poisson-lognormal:6:24",
                                         "solver.fixed_point_penalty": 0.3}),
     "input-jacobian-1": ("input skip, 2 steps + Jacobian penalty 1", {**_INPUT_SKIP, "solver.jacobian_penalty": 1.0}),
+    # round 2 (issue 20's residual target): the recipe (input skip, PLN(6) detached + 2, penalty 0.1) plus
+    # Jacobian-norm regularisation, which classic DEQs use to make the iteration contract, or a smaller beta
+    "recipe-jacobian-0.03": ("recipe + Jacobian penalty 0.03", {**_RECIPE, "solver.jacobian_penalty": 0.03}),
+    "recipe-jacobian-0.1": ("recipe + Jacobian penalty 0.1", {**_RECIPE, "solver.jacobian_penalty": 0.1}),
+    "recipe-jacobian-0.3": ("recipe + Jacobian penalty 0.3", {**_RECIPE, "solver.jacobian_penalty": 0.3}),
+    "recipe-beta-0.3": ("recipe, beta 0.3", {**_RECIPE, "solver.beta": 0.3}),
     "explicit-1": ("transformer, 1 layer (same parameters)", {"solver.solver": "explicit",
                                                               "model.num_hidden_layers": 1}),
 }

@@ -137,7 +137,7 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
         assert (work / run / "final" / "model.safetensors").is_file()
         assert f"run: {run}" in text
     assert re.search(r"step 3/3 \| loss", text), "training progress lines are missing"
-    assert "solver steps" in text and re.search(r"^ *16 +\d", text, flags=re.M), "no eval row for 16 solver steps"
+    assert "solver steps" in text and re.search(r"^ *16 +- +\d", text, flags=re.M), "no eval row for 16 solver steps"
     # Same checkpoint weights, same seed: the CLI and transformers' generate() print the same text on a CPU up to
     # the context, where generate() stops and the CLI goes on (cropping the window); the last word may be cut.
     cli_sample, library_sample = (stdout_of(nb, marker) for marker in ('revdeq_cli generate "', "model.generate("))

@@ -1,0 +1,58 @@
+"""Does a checkpoint's iteration settle, and at which beta? Perplexity and the largest relative residual after
+8, 16, 32 and 64 solver steps with the solver (and beta) it trained with and with others. The fixed point
+z* = f(z*) does not depend on the solver or beta, so where another solver reaches a small residual the fixed
+point exists and the trained iteration merely fails to settle on it.
+
+    .venv/bin/python benchmarks/inference_beta.py CHECKPOINT [--max-batches 6]
+
+Scores the first --max-batches validation batches (16 windows of the trained length each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SETTINGS = [("reversible", 0.5), ("reversible", 0.3), ("reversible", 0.2), ("relaxed", 0.5), ("anderson", 1.0)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--max-batches", type=int, default=6)
+    parser.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64])
+    args = parser.parse_args()
+
+    import torch
+
+    from revdeq_cli.checkpoints import load_checkpoint
+    from revdeq_cli.data import prepare_corpus
+    from revdeq_cli.training.evaluate import evaluate_split
+
+    torch.set_num_threads(1)
+    model, _, settings, meta = load_checkpoint(args.checkpoint)
+    data = settings.data
+    corpus = prepare_corpus(data.dataset, tokenizer=meta["path"], offline=True, cache_dir=data.cache_dir)
+    val = corpus.splits["validation"]
+    seq_len = min(data.seq_len, model.config.max_position_embeddings)
+    print(f"checkpoint {meta['path']}: trained with {model.config.solver} beta {model.config.beta}; first "
+          f"{args.max_batches} validation batches; cells: perplexity / largest relative residual")
+    print("| solver | beta | " + " | ".join(f"{k} steps" for k in args.steps) + " |")
+    print("|---|---:|" + "---|" * len(args.steps))
+    for solver, beta in SETTINGS:
+        model.config.solver, model.config.beta = solver, beta
+        if solver != "reversible":
+            model.config.adjoint = "unrolled"
+        cells = []
+        for k in args.steps:
+            r = evaluate_split(model, val, split_bytes=corpus.split_bytes["validation"], seq_len=seq_len,
+                               batch_size=16, solver_steps=k, max_batches=args.max_batches)
+            cells.append(f"{r.perplexity:.3f} / {r.max_residual:.3f}")
+        print(f"| {solver} | {beta:g} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

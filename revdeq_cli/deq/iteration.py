@@ -223,11 +223,9 @@ def hold_frozen(new: IterateState, old: IterateState, keep: Tensor) -> IterateSt
 
 
 def group_residual(z: Tensor, fz: Tensor, groups: int) -> Tensor:
-    """Per-group `||z - f(z)|| / (1e-5 + ||f(z)||)` of flat [B, D] states cut into `groups` parts: float64 [B, G]."""
+    """`relative_residual` of each of the `groups` contiguous parts of flat [B, D] states: float64 [B, G]."""
     batch = z.shape[0]
-    z64, fz64 = z.detach().double().view(batch, groups, -1), fz.detach().double().view(batch, groups, -1)
-    norm = torch.linalg.vector_norm
-    return norm(z64 - fz64, dim=2) / (1e-5 + norm(fz64, dim=2))
+    return relative_residual(z.reshape(batch * groups, -1), fz.reshape(batch * groups, -1)).view(batch, groups)
 
 
 def _forward_remedies(solver: Solver, problem: Problem) -> list[str]:

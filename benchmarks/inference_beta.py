@@ -24,6 +24,9 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--max-batches", type=int, default=6)
     parser.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--settings", default=None,
+                        help="comma-separated SOLVER:BETA pairs (default: "
+                        + ",".join(f"{s}:{b:g}" for s, b in SETTINGS) + ")")
     args = parser.parse_args()
 
     import torch
@@ -42,7 +45,9 @@ def main() -> None:
           f"{args.max_batches} validation batches; cells: perplexity / largest relative residual")
     print("| solver | beta | " + " | ".join(f"{k} steps" for k in args.steps) + " |")
     print("|---|---:|" + "---|" * len(args.steps))
-    for solver, beta in SETTINGS:
+    settings_list = SETTINGS if args.settings is None else [
+        (item.split(":")[0], float(item.split(":")[1])) for item in args.settings.split(",")]
+    for solver, beta in settings_list:
         model.config.solver, model.config.beta = solver, beta
         if solver != "reversible":
             model.config.adjoint = "unrolled"

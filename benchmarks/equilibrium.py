@@ -96,6 +96,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     # 24 steps, so training never sees those orbits. Deeper detached starts, with the penalty at those states
     "recipe-pln-12": ("recipe, PLN(12):48 detached",
                       {**_RECIPE, "solver.train_detached_steps": "poisson-lognormal:12:48"}),
+    "recipe-pln-12-penalty-0.3": ("recipe, PLN(12):48 detached, penalty 0.3",
+                                  {**_RECIPE, "solver.train_detached_steps": "poisson-lognormal:12:48",
+                                   "solver.fixed_point_penalty": 0.3}),
     "recipe-pln-12-penalty-1": ("recipe, PLN(12):48 detached, penalty 1",
                                 {**_RECIPE, "solver.train_detached_steps": "poisson-lognormal:12:48",
                                  "solver.fixed_point_penalty": 1.0}),

@@ -107,7 +107,14 @@ def test_step_rules_parse_draw_and_refuse_with_the_field_named():
     values = [heavy.draw(step_generator(1, s)) for s in range(2000)]
     assert 0 <= min(values) and max(values) <= 24 and 5.0 < sum(values) / len(values) < 7.0
     assert max(values) >= 15  # heavy-tailed: some deep draws
-    for bad, words in (("uniform:4-1", "wrong way round"), ("zero", "not a step rule"), ("0", "at least 1")):
+    wide = StepRule.parse("poisson-lognormal:6:48:1", field="f", minimum=0)
+    assert str(wide) == "poisson-lognormal:6:48:1" and str(heavy) == "poisson-lognormal:6:24"  # round trip
+    assert StepRule.parse(str(wide), field="f", minimum=0) == wide
+    wide_values = [wide.draw(step_generator(1, s)) for s in range(2000)]
+    deep = [sum(v >= 20 for v in vs) for vs in (values, wide_values)]
+    assert 5.0 < sum(wide_values) / len(wide_values) < 7.0 and deep[1] > 4 * deep[0]  # same mean, heavier tail
+    for bad, words in (("uniform:4-1", "wrong way round"), ("zero", "not a step rule"), ("0", "at least 1"),
+                       ("poisson-lognormal:6:24:0", "sigma must be in")):
         with pytest.raises(ConfigError, match=f"^f: .*{words}"):
             StepRule.parse(bad, field="f", minimum=1)
     with pytest.raises(ConfigError, match="^solver.train_steps: "):

@@ -100,6 +100,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                   {**_DEEP_START, "solver.fixed_point_penalty": 0.3}),
     "recipe-pln-12-penalty-1": ("recipe, PLN(12):48 detached, penalty 1",
                                 {**_DEEP_START, "solver.fixed_point_penalty": 1.0}),
+    # round 4: between 0.3 (res@32 0.012 / 0.030 on seeds 0 / 1) and 1 (0.017 / 0.024, perplexity +0.14)
+    "recipe-pln-12-penalty-0.5": ("recipe, PLN(12):48 detached, penalty 0.5",
+                                  {**_DEEP_START, "solver.fixed_point_penalty": 0.5}),
     # round 4: the deep tail at the default's cost. Poisson-lognormal with sigma 1 instead of 0.5 puts as much
     # mass past 24 steps as PLN(12):48 (6.2% / 3.4% against 7.0%) at a mean of 7.7 / 5.9 steps (12.0)
     "recipe-pln-8-sigma-1-penalty-0.3": ("recipe, PLN(8):48 sigma 1 detached, penalty 0.3",
@@ -112,6 +115,11 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "recipe-pln-10-penalty-0.3": ("recipe, PLN(10):48 detached, penalty 0.3",
                                   {**_RECIPE, "solver.train_detached_steps": "poisson-lognormal:10:48",
                                    "solver.fixed_point_penalty": 0.3}),
+    # round 5: a depth curriculum at PLN(9)'s average cost (within the time budget), PLN(18) at the end of the
+    # run: the deep start matters where the model settles, not in the first steps, where the state is noise
+    "recipe-pln-0-18-penalty-0.3": ("recipe, PLN(0 -> 18):72 curriculum detached, penalty 0.3",
+                                    {**_RECIPE, "solver.train_detached_steps": "poisson-lognormal:0-18:72",
+                                     "solver.fixed_point_penalty": 0.3}),
     "explicit-1": ("transformer, 1 layer (same parameters)", {"solver.solver": "explicit",
                                                               "model.num_hidden_layers": 1}),
 }

@@ -22,7 +22,7 @@ from test_train_loop import (  # noqa: F401  (_use_small_corpus, small_corpus: f
 from revdeq_cli import deq
 from revdeq_cli.errors import ConfigError
 from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
-from revdeq_cli.model.step_rule import StepRule, step_generator
+from revdeq_cli.model.step_rule import StepRule, draw_depth, step_generator
 from revdeq_cli.settings import resolve_settings
 
 
@@ -113,8 +113,18 @@ def test_step_rules_parse_draw_and_refuse_with_the_field_named():
     wide_values = [wide.draw(step_generator(1, s)) for s in range(2000)]
     deep = [sum(v >= 20 for v in vs) for vs in (values, wide_values)]
     assert 5.0 < sum(wide_values) / len(wide_values) < 7.0 and deep[1] > 4 * deep[0]  # same mean, heavier tail
+    ramp = StepRule.parse("poisson-lognormal:0-18:72", field="f", minimum=0)
+    assert str(ramp) == "poisson-lognormal:0-18:72" and StepRule.parse(str(ramp), field="f", minimum=0) == ramp
+    assert ramp.mean_at(0.0) == 0.0 and ramp.mean_at(0.5) == 9.0 and ramp.mean_at(1.0) == 18.0
+    assert ramp.draw(step_generator(0, 0), 0.0) == 0  # mean 0 at the start of the run: no graph-free steps
+    early = [ramp.draw(step_generator(2, s), 0.1) for s in range(2000)]
+    late = [ramp.draw(step_generator(2, s), 1.0) for s in range(2000)]
+    assert 1.0 < sum(early) / 2000 < 2.6 and 16.5 < sum(late) / 2000 < 19.5 and max(late) <= 72
+    run = [draw_depth((uniform, ramp), 3, s, 100)["detached_steps"] for s in range(100)]
+    assert run == [draw_depth((uniform, ramp), 3, s, 100)["detached_steps"] for s in range(100)]  # (seed, step)
+    assert sum(run[:20]) < sum(run[-20:])  # the curriculum rises over the run
     for bad, words in (("uniform:4-1", "wrong way round"), ("zero", "not a step rule"), ("0", "at least 1"),
-                       ("poisson-lognormal:6:24:0", "sigma must be in")):
+                       ("poisson-lognormal:6:24:0", "sigma must be in"), ("poisson-lognormal:9-3", "falls")):
         with pytest.raises(ConfigError, match=f"^f: .*{words}"):
             StepRule.parse(bad, field="f", minimum=1)
     with pytest.raises(ConfigError, match="^solver.train_steps: "):

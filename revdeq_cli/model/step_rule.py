@@ -11,6 +11,10 @@ A rule is written as text, so it fits a config file, `--set` and `config.json`:
     "poisson-lognormal:8:48:1"   mean 8, clipped at 48, sigma = 1: a heavier tail at the same mean (more deep
                                  draws per step of average cost; P(k >= 24) 6.2% against 1.3% for sigma 0.5,
                                  `python benchmarks/step_rule_tail.py`)
+    "poisson-lognormal:0-18:48"  a depth curriculum: the mean grows linearly over the run, from 0 at the first
+                                 optimiser step to 18 at the last (a mean of 0 gives 0 steps); the cap and
+                                 sigma as above, the default cap 4 * 18. The same average cost as mean 9,
+                                 with the deep draws late in training.
 
 The model reads two rules (`RevDEQConfig.train_steps`, the differentiated steps, and `train_detached_steps`,
 steps run first without a graph); the trainer draws both once per optimiser step from a generator seeded by
@@ -31,20 +35,23 @@ _SIGMA = 0.5
 _PATTERNS = (
     ("fixed", re.compile(r"^(\d+)$")),
     ("uniform", re.compile(r"^uniform:(\d+)-(\d+)$")),
-    ("poisson-lognormal", re.compile(r"^poisson-lognormal:(\d+(?:\.\d+)?)(?::(\d+)(?::(\d+(?:\.\d+)?))?)?$")),
+    ("poisson-lognormal",
+     re.compile(r"^poisson-lognormal:(?:(\d+(?:\.\d+)?)-)?(\d+(?:\.\d+)?)(?::(\d+)(?::(\d+(?:\.\d+)?))?)?$")),
 )
 
 
 @dataclass(frozen=True)
 class StepRule:
     """A parsed rule (see the module docstring). `low` is the smallest count it may give (0 or 1); `sigma` the
-    Poisson-lognormal's log-scale spread."""
+    Poisson-lognormal's log-scale spread; `ramp_from`, for a curriculum, its mean at the start of the run
+    (`mean_value` is then the mean at the end)."""
 
     kind: str
     low: int
     high: int
     mean_value: float = 0.0
     sigma: float = _SIGMA
+    ramp_from: float | None = None
 
     @classmethod
     def parse(cls, text: str | int, *, field: str, minimum: int) -> StepRule:
@@ -64,14 +71,18 @@ class StepRule:
                                       f"write uniform:{high}-{low}")
                 rule = cls("uniform", low, high, (low + high) / 2)
             else:
-                mean = float(match.group(1))
-                high = int(match.group(2)) if match.group(2) else max(1, math.ceil(4 * mean))
-                sigma = float(match.group(3)) if match.group(3) else _SIGMA
+                start = float(match.group(1)) if match.group(1) else None
+                mean = float(match.group(2))
+                high = int(match.group(3)) if match.group(3) else max(1, math.ceil(4 * mean))
+                sigma = float(match.group(4)) if match.group(4) else _SIGMA
                 if mean <= 0:
                     raise ConfigError(f"{field}: the poisson-lognormal mean must be > 0, got {mean:g}")
+                if start is not None and start > mean:
+                    raise ConfigError(f"{field}: the curriculum {start:g}-{mean:g} falls; its mean must rise "
+                                      "from the start of the run to its end (START-END with START <= END)")
                 if not 0 < sigma <= 3:
                     raise ConfigError(f"{field}: the poisson-lognormal sigma must be in (0, 3], got {sigma:g}")
-                rule = cls("poisson-lognormal", minimum, high, mean, sigma)
+                rule = cls("poisson-lognormal", minimum, high, mean, sigma, start)
             if rule.low < minimum:
                 raise ConfigError(f"{field}: {spec!r} can give {rule.low} steps; at least {minimum} are needed")
             if rule.high < rule.low:
@@ -79,20 +90,31 @@ class StepRule:
             return rule
         raise ConfigError(
             f"{field}: {text!r} is not a step rule; write a count (2), uniform:LOW-HIGH (uniform:1-4) or "
-            "poisson-lognormal:MEAN[:MAX[:SIGMA]] (poisson-lognormal:6)"
+            "poisson-lognormal:[START-]MEAN[:MAX[:SIGMA]] (poisson-lognormal:6)"
         )
 
     @property
     def fixed(self) -> bool:
         return self.kind == "fixed"
 
-    def draw(self, generator: torch.Generator) -> int:
-        """One count from the rule, using only `generator` (CPU)."""
+    def mean_at(self, progress: float) -> float:
+        """The mean before clipping at `progress` in [0, 1] through the run (constant unless a curriculum)."""
+        if self.ramp_from is None:
+            return self.mean_value
+        progress = min(max(float(progress), 0.0), 1.0)
+        return self.ramp_from + (self.mean_value - self.ramp_from) * progress
+
+    def draw(self, generator: torch.Generator, progress: float = 1.0) -> int:
+        """One count from the rule, using only `generator` (CPU); `progress` in [0, 1] places a curriculum's
+        draw in the run (ignored by the other rules)."""
         if self.kind == "fixed":
             return self.low
         if self.kind == "uniform":
             return int(torch.randint(self.low, self.high + 1, (), generator=generator))
-        tau = torch.normal(math.log(self.mean_value) - self.sigma**2 / 2, self.sigma, (1,), generator=generator)
+        mean = self.mean_at(progress)
+        if mean <= 0:
+            return self.low
+        tau = torch.normal(math.log(mean) - self.sigma**2 / 2, self.sigma, (1,), generator=generator)
         k = int(torch.poisson(tau.exp(), generator=generator))
         return min(max(k, self.low), self.high)
 
@@ -101,7 +123,8 @@ class StepRule:
             return str(self.low)
         if self.kind == "uniform":
             return f"uniform:{self.low}-{self.high}"
-        text = f"poisson-lognormal:{self.mean_value:g}:{self.high}"
+        start = "" if self.ramp_from is None else f"{self.ramp_from:g}-"
+        text = f"poisson-lognormal:{start}{self.mean_value:g}:{self.high}"
         # sigma 0.5 is written without it, so rules saved before the field existed read back unchanged
         return text if self.sigma == _SIGMA else f"{text}:{self.sigma:g}"
 
@@ -111,10 +134,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**63))
 
 
-def draw_depth(rules: tuple[StepRule, StepRule] | None, seed: int, step: int) -> dict[str, int]:
-    """The forward keyword arguments (`solver_steps`, `detached_steps`) for optimiser step `step` of a run
-    with `seed`, from a config's `step_rules()`; {} for a model without a solver (rules None)."""
+def draw_depth(rules: tuple[StepRule, StepRule] | None, seed: int, step: int,
+               total_steps: int | None = None) -> dict[str, int]:
+    """The forward keyword arguments (`solver_steps`, `detached_steps`) for optimiser step `step` (0-based) of
+    a run with `seed` and `total_steps` steps (None: a curriculum is at its end), from a config's
+    `step_rules()`; {} for a model without a solver (rules None)."""
     if rules is None:
         return {}
+    progress = 1.0 if not total_steps or total_steps <= 1 else step / (total_steps - 1)
     generator = step_generator(seed, step)
-    return {"solver_steps": rules[0].draw(generator), "detached_steps": rules[1].draw(generator)}
+    return {"solver_steps": rules[0].draw(generator, progress), "detached_steps": rules[1].draw(generator, progress)}

@@ -398,7 +398,7 @@ class Trainer:
         out = None
         from revdeq_cli.model.step_rule import draw_depth
 
-        depth = draw_depth(self.step_rules, tr.seed, self.step)
+        depth = draw_depth(self.step_rules, tr.seed, self.step, self.total_steps)
         try:
             for k in range(tr.grad_accum):
                 block = self.blocks[indices[k]].to(self.device, non_blocking=True)

@@ -120,6 +120,12 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "recipe-pln-0-18-penalty-0.3": ("recipe, PLN(0 -> 18):72 curriculum detached, penalty 0.3",
                                     {**_RECIPE, "solver.train_detached_steps": "poisson-lognormal:0-18:72",
                                      "solver.fixed_point_penalty": 0.3}),
+    # and the deep start at the budget by differentiating 1 step instead of 2: a differentiated reversible step
+    # costs about 8 evaluations of f (2 forward, 2 recomputed, 2 vector-Jacobian products), a detached one 2, so
+    # PLN(12) + 1 costs ~35 f-evaluations per batch against the default's ~31 (PLN(12) + 2: ~43)
+    "recipe-pln-12-1-step-penalty-0.3": ("recipe, PLN(12):48 detached + 1 differentiated, penalty 0.3",
+                                         {**_DEEP_START, "solver.train_steps": "1",
+                                          "solver.fixed_point_penalty": 0.3}),
     "explicit-1": ("transformer, 1 layer (same parameters)", {"solver.solver": "explicit",
                                                               "model.num_hidden_layers": 1}),
 }

@@ -29,18 +29,13 @@ def main() -> None:
                         + ",".join(f"{s}:{b:g}" for s, b in SETTINGS) + ")")
     args = parser.parse_args()
 
-    import torch
+    from _checkpoint import load_checkpoint_with_data
 
-    from revdeq_cli.checkpoints import load_checkpoint
-    from revdeq_cli.data import prepare_corpus
     from revdeq_cli.training.evaluate import evaluate_split
 
-    torch.set_num_threads(1)
-    model, _, settings, meta = load_checkpoint(args.checkpoint)
-    data = settings.data
-    corpus = prepare_corpus(data.dataset, tokenizer=meta["path"], offline=True, cache_dir=data.cache_dir)
-    val = corpus.splits["validation"]
-    seq_len = min(data.seq_len, model.config.max_position_embeddings)
+    loaded = load_checkpoint_with_data(args.checkpoint)
+    model, corpus, meta, seq_len = loaded.model, loaded.corpus, loaded.meta, loaded.seq_len
+    val = loaded.validation
     print(f"checkpoint {meta['path']}: trained with {model.config.solver} beta {model.config.beta}; first "
           f"{args.max_batches} validation batches; cells: perplexity / largest relative residual")
     print("| solver | beta | " + " | ".join(f"{k} steps" for k in args.steps) + " |")

@@ -30,19 +30,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from _checkpoint import load_checkpoint_with_data
 
-    from revdeq_cli.checkpoints import load_checkpoint
-    from revdeq_cli.data import prepare_corpus
     from revdeq_cli.deq.state import relative_residual
-    from revdeq_cli.model.block import AttentionMask
 
-    torch.set_num_threads(args.threads)
-    model, _, settings, meta = load_checkpoint(args.checkpoint)
-    model.eval()
-    corpus = prepare_corpus(settings.data.dataset, tokenizer=meta["path"], offline=True,
-                            cache_dir=settings.data.cache_dir)
-    length = min(settings.data.seq_len, model.config.max_position_embeddings)
-    ids = torch.tensor(corpus.splits["validation"][: args.windows * length + 1], dtype=torch.long)
+    loaded = load_checkpoint_with_data(args.checkpoint, threads=args.threads)
+    model, meta, length = loaded.model, loaded.meta, loaded.seq_len
+    ids = torch.tensor(loaded.validation[: args.windows * length + 1], dtype=torch.long)
     rows = (len(ids) - 1) // length
     inputs = ids[: rows * length].view(rows, length)
     targets = ids[1: rows * length + 1].view(rows, length)
@@ -53,20 +47,15 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     worst: list[str] = []
     with torch.no_grad():
-        x = model.wte(inputs) + model.wpe(torch.arange(length))
-        mask = AttentionMask.build(0, length, None, x.device)
         for spec in args.settings.split(","):
             solver, beta, steps = spec.split(":")
             model.config.solver, model.config.beta = solver, float(beta)
             if solver != "reversible":
                 model.config.adjoint = "unrolled"
-            z, _ = model._solve_full(x, mask, solver_steps=int(steps))
-            fz = model.blocks[0](z, x, mask)
-            hidden = z.shape[-1]
-            r = relative_residual(z.reshape(-1, hidden).double(), fz.reshape(-1, hidden).double()).view(rows, length)
-            window = relative_residual(z.flatten(1).double(), fz.flatten(1).double()).max()
-            logits = model.lm_head(model.ln_f(z))
-            ppl = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).exp()
+            probe = model.probe_equilibrium(inputs, solver_steps=int(steps))
+            r = probe.residual
+            window = relative_residual(probe.z.flatten(1), probe.fz.flatten(1)).max()
+            ppl = torch.nn.functional.cross_entropy(probe.logits.flatten(0, 1), targets.flatten()).exp()
             q = torch.quantile(r.flatten(), torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
             by_pos = " / ".join(f"{(r[:, lo:hi] > 2e-2).double().mean():.3f}" for lo, hi in BUCKETS)
             print(f"| {solver} | {beta} | {steps} | {ppl:.3f} | {q[0]:.1e} | {q[1]:.1e} | {q[2]:.1e} | {r.max():.2f} | "

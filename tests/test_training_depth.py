@@ -203,3 +203,22 @@ def test_inference_steps_default_to_the_training_depth():
     assert RevDEQConfig(**tiny, train_detached_steps="poisson-lognormal:6:24").eval_max_steps == 8
     assert RevDEQConfig(**tiny, train_steps="uniform:1-4", train_detached_steps="uniform:0-2").eval_max_steps == 4
     assert RevDEQConfig(**tiny, train_detached_steps="uniform:0-6", inference_max_steps=3).eval_max_steps == 3
+
+
+def test_probe_equilibrium_matches_the_forward_and_shows_each_position():
+    model = make_model(seed=3, block_skip="input", init_state="input").train()
+    ids = torch.randint(1, 32, (3, 20))
+    probe = model.probe_equilibrium(ids, solver_steps=5)
+    assert model.training  # the mode it was in is restored
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, solver_steps=5)
+    assert torch.allclose(probe.logits, out.logits, atol=1e-6)  # the same solve as an eval-mode forward
+    assert probe.residual.shape == (3, 20) and probe.residual.dtype == torch.float64
+    window = (probe.z - probe.fz).double().flatten(1).norm(dim=1) / (1e-5 + probe.fz.double().flatten(1).norm(dim=1))
+    assert abs(float(window.max()) - out.solver_residual) <= 1e-5 * max(1.0, out.solver_residual)
+    # a window's residual is dominated by its worst positions: never above the largest per-position one
+    assert float(window.max()) <= float(probe.residual.max()) + 1e-9
+    assert torch.equal(model.probe_equilibrium(ids, solver_steps=0).z, probe.x)  # 0 steps: z0 = x
+    with pytest.raises(ValueError, match="needs a DEQ"):
+        make_model(solver="explicit", num_hidden_layers=1).probe_equilibrium(ids)

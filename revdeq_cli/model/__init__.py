@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from revdeq_cli.model.cache import RevDEQCache
 from revdeq_cli.model.config import RevDEQConfig
-from revdeq_cli.model.modeling import RevDEQCausalLMOutput, RevDEQForCausalLM, SolverStats
+from revdeq_cli.model.modeling import EquilibriumProbe, RevDEQCausalLMOutput, RevDEQForCausalLM, SolverStats
 from revdeq_cli.model.presets import PRESETS
 
 __all__ = [
+    "EquilibriumProbe",
     "PRESETS",
     "RevDEQCache",
     "RevDEQCausalLMOutput",

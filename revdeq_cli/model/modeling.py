@@ -63,6 +63,20 @@ class SolverStats:
 
 
 @dataclass
+class EquilibriumProbe:
+    """Where a solve left each position (`RevDEQForCausalLM.probe_equilibrium`; no graph). `x` the input
+    injection, `z` the solver's output and `fz` = f(z, x), one more evaluation of the block, each [B, T, H] in the
+    model dtype; `residual` [B, T] float64, each position's ||z_t - f(z)_t|| / (1e-5 + ||f(z)_t||) (`revdeq
+    eval`'s residual is the same ratio over a whole window's positions); `logits` [B, T, V] read from z."""
+
+    x: Tensor
+    z: Tensor
+    fz: Tensor
+    residual: Tensor
+    logits: Tensor
+
+
+@dataclass
 class RevDEQCausalLMOutput(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` (loss, logits, cache) plus the solver statistics of this call.
 
@@ -242,6 +256,29 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         )
         use_dict = return_dict if return_dict is not None else config.return_dict
         return out if use_dict else out.to_tuple()
+
+    @torch.no_grad()
+    def probe_equilibrium(self, input_ids: torch.LongTensor, solver_steps: int | None = None) -> EquilibriumProbe:
+        """Solve `input_ids` [B, T] (long, no padding, no cache) as in eval mode, with `solver_steps` steps (None:
+        the config's inference steps; 0: z0), and evaluate f once more at the result: the per-position picture
+        behind a window's residual (`benchmarks/residual_positions.py`). The train/eval mode is left as it was.
+        Raises ValueError for a model without a solver."""
+        if not self.config.is_deq:
+            raise ValueError("probe_equilibrium needs a DEQ model; this one stacks explicit blocks")
+        self.config.check_solver()
+        length = input_ids.shape[1]
+        x = self.wte(input_ids) + self.wpe(self._positions(input_ids, 0, None, None))
+        mask = AttentionMask.build(0, length, None, x.device)
+        training = self.training
+        self.eval()
+        try:
+            z, _ = self._solve_full(x, mask, solver_steps=solver_steps)
+        finally:
+            self.train(training)
+        fz = self.blocks[0](z, x, mask)
+        hidden = z.shape[-1]
+        residual = relative_residual(z.reshape(-1, hidden), fz.reshape(-1, hidden)).view(z.shape[:2])
+        return EquilibriumProbe(x=x, z=z, fz=fz, residual=residual, logits=self.lm_head(self.ln_f(z)))
 
     # ------------------------------------------------------------------ pieces of forward
     def _body(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache | None,

@@ -161,7 +161,8 @@ class RevDEQConfig(PreTrainedConfig):
     @property
     def training_depth(self) -> int:
         """The solver steps a training batch takes on average, rounded up: `max_steps` (or the mean of the
-        `train_steps` rule) plus the mean of `train_detached_steps`; `max_steps` for a config without rules."""
+        `train_steps` rule) plus the mean of `train_detached_steps` (a curriculum's: the one it ends the run at);
+        `max_steps` for a config without rules."""
         steps, detached = self.step_rules()
         return max(1, math.ceil(steps.mean_value + detached.mean_value - 1e-9))
 

@@ -261,7 +261,14 @@ def train_settings(name: str, args: argparse.Namespace, vocab_size: int, out_dir
         "train.eval_every": 0, "train.save_every": 0, "train.keep_last": 1, "train.out_dir": str(out_dir),
         "log.progress": "plain", "log.tensorboard": False,
     })
-    return resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
+    settings = resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
+    config = build_config(name, args, vocab_size)
+    if config.is_deq and any(rule.ramp_from is not None for rule in config.step_rules()):
+        # a curriculum ramps over the planned steps, and a budget run has none (its step limit is out of reach)
+        raise SystemExit(f"{name}: a depth curriculum (train_steps {config.train_steps}, train_detached_steps "
+                         f"{config.train_detached_steps}) needs a planned run length; "
+                         "compare.py trains to a time budget, so give it a fixed rule")
+    return settings
 
 
 class BudgetRun:

@@ -178,7 +178,8 @@ class SolverSettings(_Section):
     phantom_steps: int | None = Field(None, gt=0)
     implicit_max_steps: int | None = Field(None, gt=0)
     implicit_tol: float | None = Field(None, gt=0.0)
-    # Training depth per optimiser step (model/step_rule.py): "2", "uniform:1-4", "poisson-lognormal:6[:MAX[:SIGMA]]".
+    # Training depth per optimiser step (model/step_rule.py): "2", "uniform:1-4",
+    # "poisson-lognormal:[START-]6[:MAX[:SIGMA]]" (START-: a curriculum).
     train_steps: str | None = None  # differentiated steps; None = max_steps
     train_detached_steps: str | None = None  # steps run first without a graph; None = the preset's ("0")
     fixed_point_penalty: float | None = Field(None, ge=0.0)  # lam * ||f(z) - z||^2 / ||f(z)||^2

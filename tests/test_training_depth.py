@@ -178,6 +178,13 @@ def test_resume_with_a_random_depth_is_bit_identical(tmp_path):
     assert resumed.final_val_loss == full.final_val_loss
 
 
+def test_the_trainer_draws_a_curriculum_by_its_place_in_the_run(tmp_path):
+    history = run(tiny_settings(tmp_path / "ramp", "solver.train_detached_steps=poisson-lognormal:0-40:160")).history
+    first, last = history[0]["solver_steps"], history[-1]["solver_steps"]
+    # step 1 of the run: mean 0, no graph-free steps; the last step: mean 40 (the loop passes its planned length)
+    assert first <= 4 and last >= first + 8, (first, last)
+
+
 def test_evaluation_scores_the_tail_window_unpadded_and_its_residual_covers_real_positions_only():
     import numpy as np
 
@@ -206,10 +213,12 @@ def test_inference_steps_default_to_the_training_depth():
 
 
 def test_probe_equilibrium_matches_the_forward_and_shows_each_position():
-    model = make_model(seed=3, block_skip="input", init_state="input").train()
+    model = make_model(seed=3, block_skip="input", init_state="input", dropout=0.3).train()
     ids = torch.randint(1, 32, (3, 20))
     probe = model.probe_equilibrium(ids, solver_steps=5)
     assert model.training  # the mode it was in is restored
+    again = model.probe_equilibrium(ids, solver_steps=5)
+    assert torch.equal(again.fz, probe.fz) and torch.equal(again.logits, probe.logits)  # eval mode: no dropout
     model.eval()
     with torch.no_grad():
         out = model(input_ids=ids, solver_steps=5)

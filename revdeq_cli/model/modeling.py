@@ -266,19 +266,22 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         if not self.config.is_deq:
             raise ValueError("probe_equilibrium needs a DEQ model; this one stacks explicit blocks")
         self.config.check_solver()
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
         length = input_ids.shape[1]
-        x = self.wte(input_ids) + self.wpe(self._positions(input_ids, 0, None, None))
-        mask = AttentionMask.build(0, length, None, x.device)
         training = self.training
-        self.eval()
+        self.eval()  # everything below in eval mode: no dropout in z, f(z) or the logits
         try:
+            x = self.wte(input_ids) + self.wpe(self._positions(input_ids, 0, None, None))
+            mask = AttentionMask.build(0, length, None, x.device)
             z, _ = self._solve_full(x, mask, solver_steps=solver_steps)
+            fz = self.blocks[0](z, x, mask)
+            logits = self.lm_head(self.ln_f(z))
         finally:
             self.train(training)
-        fz = self.blocks[0](z, x, mask)
         hidden = z.shape[-1]
         residual = relative_residual(z.reshape(-1, hidden), fz.reshape(-1, hidden)).view(z.shape[:2])
-        return EquilibriumProbe(x=x, z=z, fz=fz, residual=residual, logits=self.lm_head(self.ln_f(z)))
+        return EquilibriumProbe(x=x, z=z, fz=fz, residual=residual, logits=logits)
 
     # ------------------------------------------------------------------ pieces of forward
     def _body(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache | None,

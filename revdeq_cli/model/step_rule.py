@@ -18,7 +18,10 @@ A rule is written as text, so it fits a config file, `--set` and `config.json`:
 
 The model reads two rules (`RevDEQConfig.train_steps`, the differentiated steps, and `train_detached_steps`,
 steps run first without a graph); the trainer draws both once per optimiser step from a generator seeded by
-(seed, step), so every rank draws the same counts and a resumed run draws what the uninterrupted run drew.
+(seed, step), so every rank draws the same counts and a resumed run draws what the uninterrupted run drew. A
+curriculum also reads the run's planned length (the trainer's `total_steps`, from the settings): a run resumed
+with another length continues on the new ramp, as its learning-rate schedule does, and a run with no planned
+end (e.g. to a time budget) would sit at START, so give one.
 """
 
 from __future__ import annotations

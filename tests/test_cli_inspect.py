@@ -59,11 +59,19 @@ def test_inspect_weights_of_a_safetensors_file(run):
 def test_probe_shows_the_residual_per_solver_step(run):
     result = invoke("inspect", run, "--probe", "--probe-steps", "5", "--json")
     assert result.exit_code == 0, result.output
-    residuals = json.loads(result.stdout)["probe"]["residuals"]
+    data = json.loads(result.stdout)
+    probe, context = data["probe"], data["config"]["max_position_embeddings"]
+    residuals, positions = probe["residuals"], probe["position_residuals"]
     assert len(residuals) == 5 and all(r > 0 for r in residuals)
     assert residuals[-1] < residuals[0]  # the iteration contracts
+    # one residual per position of the probe text after the last step; the window's residual is a mean of
+    # theirs (weighted by ||f(z)_t||^2), so it lies between the smallest and the largest
+    # (the byte tokenizer: a token a byte, the text cut to the model's context)
+    assert len(positions) == min(len(probe["text"].encode()), context) and all(r >= 0 for r in positions)
+    assert min(positions) * (1 - 1e-4) <= residuals[-1] <= max(positions) * (1 + 1e-4)
     text = invoke("inspect", run, "--probe", "--probe-steps", "3").stdout
     assert "residual" in text and "#" in text
+    assert "positions after 3 steps: median" in text and "least settled: " in text
 
 
 def test_inspect_shows_how_the_model_was_trained_to_iterate_and_probes_past_it(run, tmp_path):

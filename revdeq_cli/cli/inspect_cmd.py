@@ -59,7 +59,7 @@ def inspect(
     if tol is not None and not (math.isfinite(tol) and tol > 0):
         raise UserError(f"--tol {tol}: must be a number > 0 (the relative residual at which a token stops)")
     report = describe_checkpoint(checkpoint)
-    residuals, stops = _probe(report.path, probe_text, probe_steps, device, tol) if probe else (None, None)
+    residuals, stops, positions = _probe(report.path, probe_text, probe_steps, device, tol) if probe else (None,) * 3
     if as_json:
         out = {
             "path": report.path, "config": report.config, "parameters": report.parameters,
@@ -71,7 +71,8 @@ def inspect(
             out["weights"] = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes}
                               for t in report.tensors]
         if residuals is not None:
-            out["probe"] = {"text": probe_text, "residuals": residuals}
+            out["probe"] = {"text": probe_text, "residuals": residuals,
+                            "position_residuals": [r for _, r in positions]}
             if stops is not None:
                 out["probe"].update(tol=tol, stopping_steps=stops)
         echo_json(out)
@@ -88,6 +89,7 @@ def inspect(
         rows = [(k, f"{r:.3e}", "#" * max(1, min(40, round(40 * r / max(residuals[0], 1e-30)))))
                 for k, r in enumerate(residuals, start=1)]
         typer.echo(table(("step", "residual", ""), rows, align="rrl"))
+        typer.echo(_positions_line(positions, len(residuals)))
     if stops is not None:
         typer.echo("")
         typer.echo(f"adaptive depth at tol {tol:g}: {len(stops)} tokens, mean {sum(stops) / len(stops):.2f} steps, "
@@ -98,14 +100,28 @@ def inspect(
         typer.echo(table(("step", "tokens", ""), rows, align="rrl"))
 
 
+UNSETTLED = 2e-2  # the relative residual above which --probe lists a position (issue 20's target at 32 steps)
+
+
+def _positions_line(positions: list[tuple[str, float]], steps: int) -> str:
+    """One line: how the probe's positions stand after its last step, and the least settled of them."""
+    values = sorted(r for _, r in positions)
+    above = sum(r > UNSETTLED for r in values)
+    line = (f"positions after {steps} steps: median {values[len(values) // 2]:.1e}, max {values[-1]:.1e}, "
+            f"{above} of {len(values)} above {UNSETTLED:g}")
+    worst = sorted(range(len(positions)), key=lambda i: -positions[i][1])[:5]
+    return line + "; least settled: " + ", ".join(f"{positions[i][0]!r} (position {i}) {positions[i][1]:.1e}"
+                                                  for i in worst)
+
+
 def _probe(path: Path, text: str, steps: int | None, device_spec: str,
-           tol: float | None = None) -> tuple[list[float], list[int] | None]:
+           tol: float | None = None) -> tuple[list[float], list[int] | None, list[tuple[str, float]]]:
     import torch
 
     from revdeq_cli.checkpoints import load_checkpoint
     from revdeq_cli.errors import CheckpointError, UserError
     from revdeq_cli.training.distributed import resolve_device
-    from revdeq_cli.training.evaluate import probe_residuals, probe_stopping_steps
+    from revdeq_cli.training.evaluate import probe_position_residuals, probe_residuals, probe_stopping_steps
 
     quiet_libraries()
     model, tokenizer, _, _ = load_checkpoint(path, device=resolve_device(device_spec))
@@ -118,7 +134,10 @@ def _probe(path: Path, text: str, steps: int | None, device_spec: str,
         raise UserError("--probe-text: encodes to no tokens; give some text")
     batch = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     residuals = probe_residuals(model, batch, steps)
-    return residuals, probe_stopping_steps(model, batch, tol, len(residuals)) if tol is not None else None
+    stops = probe_stopping_steps(model, batch, tol, len(residuals)) if tol is not None else None
+    tokens = [tokenizer.decode([i]) for i in ids]  # what each position reads, for the least settled ones
+    positions = list(zip(tokens, probe_position_residuals(model, batch, len(residuals)), strict=True))
+    return residuals, stops, positions
 
 
 def _depth_line(c: dict, infer: object) -> str:

@@ -4,6 +4,7 @@
                             seq_len=128, batch_size=8)
     rows = solver_steps_sweep(model, tokens, [1, 2, 4, 8], split_bytes=..., seq_len=128, batch_size=8)
     trace = probe_residuals(model, input_ids)        # residual after each solver step
+    per_position = probe_position_residuals(model, input_ids, 32)   # each position's residual after 32
 
 What is exact and what is not:
 
@@ -216,6 +217,17 @@ def probe_residuals(model: Any, input_ids: torch.Tensor, steps: int | None = Non
     finally:
         model.train(was_training)
     return residuals
+
+
+def probe_position_residuals(model: Any, input_ids: torch.Tensor, steps: int | None = None) -> list[float]:
+    """Each position's relative residual ||z_t - f(z)_t|| / (1e-5 + ||f(z)_t||) after `steps` solver steps
+    (default: the model's inference steps) on one sequence (`input_ids` [1, T]), in order. A window's residual
+    (`probe_residuals`, `revdeq eval`) is the same ratio over all its positions, so a few positions that do not
+    settle decide it while the rest have converged; this shows which."""
+    if not getattr(model.config, "is_deq", True):
+        raise ValueError("the explicit (stacked) model has no solver to probe")
+    probe = model.probe_equilibrium(input_ids, solver_steps=steps)
+    return [float(r) for r in probe.residual[0].tolist()]
 
 
 @torch.no_grad()

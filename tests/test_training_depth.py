@@ -120,9 +120,9 @@ def test_step_rules_parse_draw_and_refuse_with_the_field_named():
     early = [ramp.draw(step_generator(2, s), 0.1) for s in range(2000)]
     late = [ramp.draw(step_generator(2, s), 1.0) for s in range(2000)]
     assert 1.0 < sum(early) / 2000 < 2.6 and 16.5 < sum(late) / 2000 < 19.5 and max(late) <= 72
-    run = [draw_depth((uniform, ramp), 3, s, 100)["detached_steps"] for s in range(100)]
-    assert run == [draw_depth((uniform, ramp), 3, s, 100)["detached_steps"] for s in range(100)]  # (seed, step)
-    assert sum(run[:20]) < sum(run[-20:])  # the curriculum rises over the run
+    over_run = [draw_depth((uniform, ramp), 3, s, 100)["detached_steps"] for s in range(100)]
+    assert over_run == [draw_depth((uniform, ramp), 3, s, 100)["detached_steps"] for s in range(100)]  # (seed, step)
+    assert sum(over_run[:20]) < sum(over_run[-20:])  # the curriculum rises over the run
     for bad, words in (("uniform:4-1", "wrong way round"), ("zero", "not a step rule"), ("0", "at least 1"),
                        ("poisson-lognormal:6:24:0", "sigma must be in"), ("poisson-lognormal:9-3", "falls")):
         with pytest.raises(ConfigError, match=f"^f: .*{words}"):

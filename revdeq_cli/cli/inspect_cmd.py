@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from revdeq_cli.cli.app import app
 from revdeq_cli.cli.output import echo_json, quiet_libraries, table
+
+if TYPE_CHECKING:  # evaluate imports torch: only for the type, not at CLI start-up
+    from revdeq_cli.training.evaluate import PositionResiduals
 
 PROBE_TEXT = (
     "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. "
@@ -72,7 +76,7 @@ def inspect(
                               for t in report.tensors]
         if residuals is not None:
             out["probe"] = {"text": probe_text, "residuals": residuals,
-                            "position_residuals": [r for _, r in positions]}
+                            "position_residuals": positions[0].residuals}
             if stops is not None:
                 out["probe"].update(tol=tol, stopping_steps=stops)
         echo_json(out)
@@ -89,7 +93,7 @@ def inspect(
         rows = [(k, f"{r:.3e}", "#" * max(1, min(40, round(40 * r / max(residuals[0], 1e-30)))))
                 for k, r in enumerate(residuals, start=1)]
         typer.echo(table(("step", "residual", ""), rows, align="rrl"))
-        typer.echo(_positions_line(positions, len(residuals)))
+        typer.echo(_positions_line(*positions))
     if stops is not None:
         typer.echo("")
         typer.echo(f"adaptive depth at tol {tol:g}: {len(stops)} tokens, mean {sum(stops) / len(stops):.2f} steps, "
@@ -100,22 +104,20 @@ def inspect(
         typer.echo(table(("step", "tokens", ""), rows, align="rrl"))
 
 
-UNSETTLED = 2e-2  # the relative residual above which --probe lists a position (issue 20's target at 32 steps)
+def _positions_line(positions: PositionResiduals, tokens: list[str]) -> str:
+    """One line: how the probe's positions (`PositionResiduals`) stand after its last step, the least settled
+    named by the token each reads."""
+    from revdeq_cli.training.evaluate import UNSETTLED
 
-
-def _positions_line(positions: list[tuple[str, float]], steps: int) -> str:
-    """One line: how the probe's positions stand after its last step, and the least settled of them."""
-    values = sorted(r for _, r in positions)
-    above = sum(r > UNSETTLED for r in values)
-    line = (f"positions after {steps} steps: median {values[len(values) // 2]:.1e}, max {values[-1]:.1e}, "
-            f"{above} of {len(values)} above {UNSETTLED:g}")
-    worst = sorted(range(len(positions)), key=lambda i: -positions[i][1])[:5]
-    return line + "; least settled: " + ", ".join(f"{positions[i][0]!r} (position {i}) {positions[i][1]:.1e}"
-                                                  for i in worst)
+    r = positions.residuals
+    line = (f"positions after {positions.steps} steps: median {positions.median:.1e}, max {max(r):.1e}, "
+            f"{positions.unsettled} of {len(r)} above {UNSETTLED:g}")
+    return line + "; least settled: " + ", ".join(f"{tokens[i]!r} (position {i}) {r[i]:.1e}"
+                                                  for i in positions.least_settled())
 
 
 def _probe(path: Path, text: str, steps: int | None, device_spec: str,
-           tol: float | None = None) -> tuple[list[float], list[int] | None, list[tuple[str, float]]]:
+           tol: float | None = None) -> tuple[list[float], list[int] | None, tuple[PositionResiduals, list[str]]]:
     import torch
 
     from revdeq_cli.checkpoints import load_checkpoint
@@ -136,8 +138,7 @@ def _probe(path: Path, text: str, steps: int | None, device_spec: str,
     residuals = probe_residuals(model, batch, steps)
     stops = probe_stopping_steps(model, batch, tol, len(residuals)) if tol is not None else None
     tokens = [tokenizer.decode([i]) for i in ids]  # what each position reads, for the least settled ones
-    positions = list(zip(tokens, probe_position_residuals(model, batch, len(residuals)), strict=True))
-    return residuals, stops, positions
+    return residuals, stops, (probe_position_residuals(model, batch, len(residuals)), tokens)
 
 
 def _depth_line(c: dict, infer: object) -> str:

@@ -219,15 +219,39 @@ def probe_residuals(model: Any, input_ids: torch.Tensor, steps: int | None = Non
     return residuals
 
 
-def probe_position_residuals(model: Any, input_ids: torch.Tensor, steps: int | None = None) -> list[float]:
-    """Each position's relative residual ||z_t - f(z)_t|| / (1e-5 + ||f(z)_t||) after `steps` solver steps
-    (default: the model's inference steps) on one sequence (`input_ids` [1, T]), in order. A window's residual
-    (`probe_residuals`, `revdeq eval`) is the same ratio over all its positions, so a few positions that do not
-    settle decide it while the rest have converged; this shows which."""
-    if not getattr(model.config, "is_deq", True):
-        raise ValueError("the explicit (stacked) model has no solver to probe")
+UNSETTLED = 2e-2  # a position's relative residual above which it counts as not settled (issue 20's target at 32)
+
+
+@dataclass(frozen=True)
+class PositionResiduals:
+    """Each position's relative residual ||z_t - f(z)_t|| / (1e-5 + ||f(z)_t||) after `steps` solver steps on
+    one sequence, in order, with the figures `revdeq inspect --probe` prints. A window's residual
+    (`probe_residuals`, `revdeq eval`) is the same ratio over all its positions, so a few positions that do
+    not settle decide it while the rest have converged; this shows which."""
+
+    steps: int
+    residuals: list[float]
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.residuals))
+
+    @property
+    def unsettled(self) -> int:
+        """How many positions are above `UNSETTLED`."""
+        return sum(r > UNSETTLED for r in self.residuals)
+
+    def least_settled(self, n: int = 5) -> list[int]:
+        """The positions of the `n` largest residuals, largest first."""
+        return sorted(range(len(self.residuals)), key=lambda i: -self.residuals[i])[:n]
+
+
+def probe_position_residuals(model: Any, input_ids: torch.Tensor, steps: int | None = None) -> PositionResiduals:
+    """`PositionResiduals` of one sequence (`input_ids` [1, T]) after `steps` solver steps (default: the model's
+    inference steps); ValueError for a model without a solver (`probe_equilibrium`)."""
     probe = model.probe_equilibrium(input_ids, solver_steps=steps)
-    return [float(r) for r in probe.residual[0].tolist()]
+    total = int(steps if steps is not None else model.config.eval_max_steps)
+    return PositionResiduals(total, [float(r) for r in probe.residual[0].tolist()])
 
 
 @torch.no_grad()

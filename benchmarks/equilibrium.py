@@ -126,6 +126,13 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "recipe-pln-12-1-step-penalty-0.3": ("recipe, PLN(12):48 detached + 1 differentiated, penalty 0.3",
                                          {**_DEEP_START, "solver.train_steps": "1",
                                           "solver.fixed_point_penalty": 0.3}),
+    # round 6: path independence (Anil et al. 2022; the random initialisation of Equilibrium Reasoners, 2026):
+    # each training solve starts from z0 + sigma * rms(x) * N(0, I), so the model is trained to reach its fixed
+    # point from many starts; the positions that orbit from z0 = x (round 3) are what it should remove
+    "recipe-noise-1": ("recipe + random start, sigma 1", {**_RECIPE, "solver.train_init_noise": 1.0}),
+    "recipe-pln-12-penalty-0.3-noise-1": ("recipe, PLN(12):48 detached, penalty 0.3 + random start, sigma 1",
+                                          {**_DEEP_START, "solver.fixed_point_penalty": 0.3,
+                                           "solver.train_init_noise": 1.0}),
     "explicit-1": ("transformer, 1 layer (same parameters)", {"solver.solver": "explicit",
                                                               "model.num_hidden_layers": 1}),
 }

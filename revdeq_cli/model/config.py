@@ -81,6 +81,10 @@ class RevDEQConfig(PreTrainedConfig):
     state they start at). `fixed_point_penalty` (lam >= 0) adds lam * mean over positions of
     ||f(z_N) - z_N||^2 / ||f(z_N)||^2 to the training loss (one more evaluation of f); `jacobian_penalty` (lam)
     adds lam * ||v^T df/dz||^2 / ||v||^2 at the detached z_N, v ~ N(0, I) (Hutchinson; a double backward).
+    `train_init_noise` (sigma >= 0) starts each training solve from z0 + sigma * rms(x) * eps instead of z0
+    (eps ~ N(0, I) from torch's global RNG, which the trainer's checkpoints restore; rms(x) per position over
+    the hidden size): the random initialisation of path-independent equilibrium models (Anil et al. 2022), so
+    training sees the iteration converge from many starts, not only from z0. Inference always starts at z0.
     The rules are drawn by the trainer per optimiser step; a plain `model(...)` call in training mode runs
     `max_steps` unless `solver_steps=` / `detached_steps=` are passed.
 
@@ -122,6 +126,7 @@ class RevDEQConfig(PreTrainedConfig):
     train_detached_steps: str = "0"
     fixed_point_penalty: float = 0.0
     jacobian_penalty: float = 0.0
+    train_init_noise: float = 0.0
 
     cache_mode: str = "exact"
     use_cache: bool = True
@@ -240,7 +245,7 @@ class RevDEQConfig(PreTrainedConfig):
         if self.inference_max_steps is not None:
             _nonnegative_int("inference_max_steps", self.inference_max_steps)
         self.step_rules()
-        for name in ("fixed_point_penalty", "jacobian_penalty"):
+        for name in ("fixed_point_penalty", "jacobian_penalty", "train_init_noise"):
             value = getattr(self, name)
             if not _is_real(value) or value < 0:
                 raise ConfigError(f"{name}: must be a number >= 0 (0 = off), got {value!r}")
@@ -259,6 +264,7 @@ _SOLVER_FIELDS = (
     "solver", "init_state", "cache_mode", "num_hidden_layers", "adjoint", "beta", "tol", "inference_tol", "max_steps",
     "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
     "implicit_tol", "block_skip", "train_steps", "train_detached_steps", "fixed_point_penalty", "jacobian_penalty",
+    "train_init_noise",
 )
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 

@@ -355,9 +355,14 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         adjoint = self._adjoint() if grad and not per_position else deq.UnrolledAdjoint()
         if steps == 0:  # only detached steps were asked for: they are the whole (graph-free) solve
             steps, detached = detached, 0
+        z0 = self._z0(x)
+        if self.training and config.train_init_noise:
+            # a random start (path independence): the noise is a constant, so the gradient stays exact
+            rms = x.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(x.dtype)
+            z0 = z0 + config.train_init_noise * rms * torch.randn_like(x)
         # training stops the batch together at `tol` (if any); inference gives each position its own stop
         z, stats = self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=adjoint, detached_steps=detached,
-                               per_position=per_position, real=real)
+                               per_position=per_position, real=real, z0=z0)
         if self.training and grad and (config.fixed_point_penalty or config.jacobian_penalty):
             stats.regularization = self._penalties(z, x, mask)
         return z, stats
@@ -451,9 +456,10 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
 
     def _solve(self, x: Tensor, mask: AttentionMask, hook: Any, *, tol: float | None, max_steps: int,
                adjoint: deq.Adjoint, detached_steps: int = 0, per_position: bool = False,
-               real: Tensor | None = None) -> tuple[Tensor, SolverStats]:
-        """The equilibrium solve of f = the block over x [B, T, H]. `per_position` (needs tol): each position
-        freezes at its own residual (deq.solve's groups; `real` [B, T] bool: the positions that iterate at all)."""
+               real: Tensor | None = None, z0: Tensor | None = None) -> tuple[Tensor, SolverStats]:
+        """The equilibrium solve of f = the block over x [B, T, H] from z0 [B, T, H] (None: `_z0(x)`).
+        `per_position` (needs tol): each position freezes at its own residual (deq.solve's groups; `real` [B, T]
+        bool: the positions that iterate at all)."""
         block = self.blocks[0]
         shape = x.shape
         batch, length = shape[0], shape[1]
@@ -466,15 +472,15 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             def f(z: Tensor, x: Tensor) -> Tensor:
                 return block(z.view(shape), x, mask, hook).reshape(-1, shape[-1])
 
-            z0 = x.reshape(-1, shape[-1]) if self.config.init_state == "input" else x.new_zeros(
-                shape[0] * shape[1], shape[-1])
+            z0 = (self._z0(x) if z0 is None else z0).reshape(-1, shape[-1])
             if per_position:  # a sample is a position already
                 groups, active = 1, real.reshape(-1, 1) if real is not None else None
         else:
             def f(z: Tensor, x: Tensor) -> Tensor:
                 return block(z, x, mask, hook)
 
-            z0 = self._z0(x)  # z0 = x is elementwise in the position, so the exact cache stays exact
+            # z0 = x is elementwise in the position, so the exact cache stays exact
+            z0 = self._z0(x) if z0 is None else z0
             if per_position:
                 groups, active = length, real
         # trace=False: only the final residual is reported, and per-step reductions add up when decoding

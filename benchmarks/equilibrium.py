@@ -133,6 +133,12 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "recipe-pln-12-penalty-0.3-noise-1": ("recipe, PLN(12):48 detached, penalty 0.3 + random start, sigma 1",
                                           {**_DEEP_START, "solver.fixed_point_penalty": 0.3,
                                            "solver.train_init_noise": 1.0}),
+    # and the noise where the differentiated steps start (the end of the graph-free steps; Equilibrium Reasoners'
+    # path noise at one point of the path): the two exact steps must bring a perturbed state back to the fixed point
+    "recipe-state-noise-0.5": ("recipe + perturbed restart, sigma 0.5", {**_RECIPE, "solver.train_state_noise": 0.5}),
+    "recipe-pln-12-penalty-0.3-state-noise-0.5": ("recipe, PLN(12):48 detached, penalty 0.3 + perturbed restart, "
+                                                  "sigma 0.5", {**_DEEP_START, "solver.fixed_point_penalty": 0.3,
+                                                                "solver.train_state_noise": 0.5}),
     "explicit-1": ("transformer, 1 layer (same parameters)", {"solver.solver": "explicit",
                                                               "model.num_hidden_layers": 1}),
 }

@@ -185,6 +185,7 @@ class SolverSettings(_Section):
     fixed_point_penalty: float | None = Field(None, ge=0.0)  # lam * ||f(z) - z||^2 / ||f(z)||^2
     jacobian_penalty: float | None = Field(None, ge=0.0)  # lam * Hutchinson ||v^T df/dz||^2 / ||v||^2
     train_init_noise: float | None = Field(None, ge=0.0)  # training solves start at z0 + sigma * rms(x) * N(0, I)
+    train_state_noise: float | None = Field(None, ge=0.0)  # ... and the differentiated steps off the detached end
 
     @field_validator("train_steps", "train_detached_steps", mode="before")
     @classmethod

@@ -97,11 +97,13 @@ def test_model_gradient_with_drawn_depth_equals_the_unrolled_one(skip):
         assert _rel(grads["reversible"][name], g) <= 1e-9, name
 
 
-def test_random_start_is_training_only_and_keeps_the_gradient_exact():
-    """train_init_noise starts each training solve at z0 + sigma * rms(x) * eps: with no detached steps the
-    noisy start is differentiated through, and the reversible gradient still equals autograd's unrolled one."""
+@pytest.mark.parametrize(("noise", "detached"), [("train_init_noise", 0), ("train_state_noise", 4)])
+def test_random_start_is_training_only_and_keeps_the_gradient_exact(noise, detached):
+    """train_init_noise starts each training solve at z0 + sigma * rms(x) * eps (with no detached steps the
+    noisy start is differentiated through); train_state_noise moves the end of the detached steps so. Either
+    way the reversible gradient equals autograd's through the differentiated steps unrolled from that start."""
     config = RevDEQConfig(vocab_size=40, hidden_size=16, num_attention_heads=2, max_position_embeddings=16,
-                          init_state="input", block_skip="input", max_steps=3, tol=None, train_init_noise=0.5)
+                          init_state="input", block_skip="input", max_steps=3, tol=None, **{noise: 0.5})
     torch.manual_seed(0)
     ids = torch.randint(0, 40, (2, 12))
     grads, losses = {}, {}
@@ -109,24 +111,25 @@ def test_random_start_is_training_only_and_keeps_the_gradient_exact():
         torch.manual_seed(1)
         model = RevDEQForCausalLM(RevDEQConfig(**{**config.to_dict(), "adjoint": adjoint})).double().train()
         torch.manual_seed(2)  # the same noise for both
-        out = model(ids, labels=ids)
+        out = model(ids, labels=ids, detached_steps=detached)
+        assert out.solver_steps == 3 + detached
         out.loss.backward()
         losses[adjoint] = float(out.loss.detach())
         grads[adjoint] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     assert losses["reversible"] == pytest.approx(losses["unrolled"], rel=1e-12)
     for name, g in grads["unrolled"].items():
         assert _rel(grads["reversible"][name], g) <= 1e-10, name
-    quiet = RevDEQForCausalLM(RevDEQConfig(**{**config.to_dict(), "train_init_noise": 0.0})).double()
+    quiet = RevDEQForCausalLM(RevDEQConfig(**{**config.to_dict(), noise: 0.0})).double()
     quiet.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.manual_seed(3)
-        noisy_train = model(ids).logits
+        noisy_train = model(ids, detached_steps=detached).logits
         torch.manual_seed(4)
-        assert not torch.equal(noisy_train, model(ids).logits)  # a new start per call
-        assert not torch.allclose(noisy_train, quiet.train()(ids).logits, atol=1e-6)
+        assert not torch.equal(noisy_train, model(ids, detached_steps=detached).logits)  # a new start per call
+        assert not torch.allclose(noisy_train, quiet.train()(ids, detached_steps=detached).logits, atol=1e-6)
         assert torch.equal(model.eval()(ids).logits, quiet.eval()(ids).logits)  # inference starts at z0
-    with pytest.raises(ConfigError, match="^train_init_noise: "):
-        RevDEQConfig(train_init_noise=-1.0)
+    with pytest.raises(ConfigError, match=f"^{noise}: "):
+        RevDEQConfig(**{noise: -1.0})
 
 
 def test_step_rules_parse_draw_and_refuse_with_the_field_named():
@@ -198,7 +201,7 @@ def test_input_skip_block_cached_decoding_equals_full_recomputation(solver):
 
 def test_resume_with_a_random_depth_is_bit_identical(tmp_path):
     sets = ("solver.train_steps=uniform:1-3", "solver.train_detached_steps=uniform:0-2",
-            "solver.fixed_point_penalty=0.5", "solver.train_init_noise=0.5")
+            "solver.fixed_point_penalty=0.5", "solver.train_init_noise=0.5", "solver.train_state_noise=0.2")
     full = run(tiny_settings(tmp_path / "full", *sets))
     assert len({h["solver_steps"] for h in full.history}) > 1  # the depth really varies
     with pytest.raises(KeyboardInterrupt):

@@ -146,7 +146,7 @@ def _depth_line(c: dict, infer: object) -> str:
     steps = c.get("train_steps") or c.get("max_steps")
     detached = c.get("train_detached_steps") or "0"
     rule = f"{steps} differentiated" + (f" after {detached} detached" if str(detached) != "0" else "")
-    trained_with = ("fixed_point_penalty", "jacobian_penalty", "train_init_noise")
+    trained_with = ("fixed_point_penalty", "jacobian_penalty", "train_init_noise", "train_state_noise")
     extras = [f"{name.replace('_', ' ')} {c[name]:g}" for name in trained_with
               if isinstance(c.get(name), (int, float)) and c.get(name)]
     return (f"depth        trained with {rule} solver steps per batch" + "".join(f", {e}" for e in extras)

@@ -84,7 +84,9 @@ class RevDEQConfig(PreTrainedConfig):
     `train_init_noise` (sigma >= 0) starts each training solve from z0 + sigma * rms(x) * eps instead of z0
     (eps ~ N(0, I) from torch's global RNG, which the trainer's checkpoints restore; rms(x) per position over
     the hidden size): the random initialisation of path-independent equilibrium models (Anil et al. 2022), so
-    training sees the iteration converge from many starts, not only from z0. Inference always starts at z0.
+    training sees the iteration converge from many starts, not only from z0. `train_state_noise` (sigma) moves
+    the state the differentiated steps start from (the end of the detached steps) the same way, so they learn to
+    return to the fixed point from near it. Inference always starts at z0, without noise.
     The rules are drawn by the trainer per optimiser step; a plain `model(...)` call in training mode runs
     `max_steps` unless `solver_steps=` / `detached_steps=` are passed.
 
@@ -127,6 +129,7 @@ class RevDEQConfig(PreTrainedConfig):
     fixed_point_penalty: float = 0.0
     jacobian_penalty: float = 0.0
     train_init_noise: float = 0.0
+    train_state_noise: float = 0.0
 
     cache_mode: str = "exact"
     use_cache: bool = True
@@ -245,7 +248,7 @@ class RevDEQConfig(PreTrainedConfig):
         if self.inference_max_steps is not None:
             _nonnegative_int("inference_max_steps", self.inference_max_steps)
         self.step_rules()
-        for name in ("fixed_point_penalty", "jacobian_penalty", "train_init_noise"):
+        for name in ("fixed_point_penalty", "jacobian_penalty", "train_init_noise", "train_state_noise"):
             value = getattr(self, name)
             if not _is_real(value) or value < 0:
                 raise ConfigError(f"{name}: must be a number >= 0 (0 = off), got {value!r}")
@@ -264,7 +267,7 @@ _SOLVER_FIELDS = (
     "solver", "init_state", "cache_mode", "num_hidden_layers", "adjoint", "beta", "tol", "inference_tol", "max_steps",
     "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
     "implicit_tol", "block_skip", "train_steps", "train_detached_steps", "fixed_point_penalty", "jacobian_penalty",
-    "train_init_noise",
+    "train_init_noise", "train_state_noise",
 )
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 

@@ -355,17 +355,39 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         adjoint = self._adjoint() if grad and not per_position else deq.UnrolledAdjoint()
         if steps == 0:  # only detached steps were asked for: they are the whole (graph-free) solve
             steps, detached = detached, 0
-        z0 = self._z0(x)
-        if self.training and config.train_init_noise:
-            # a random start (path independence): the noise is a constant, so the gradient stays exact
-            rms = x.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(x.dtype)
-            z0 = z0 + config.train_init_noise * rms * torch.randn_like(x)
+        z0, prefix = self._z0(x), None
+        if self.training and (config.train_init_noise or config.train_state_noise):
+            z0, prefix, detached = self._noisy_start(x, mask, z0, detached)
         # training stops the batch together at `tol` (if any); inference gives each position its own stop
         z, stats = self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=adjoint, detached_steps=detached,
                                per_position=per_position, real=real, z0=z0)
+        if prefix is not None:  # the detached steps ran apart (train_state_noise): count them in
+            stats.steps, stats.nfe = stats.steps + prefix.steps, stats.nfe + prefix.nfe
+            stats.position_steps = stats.position_steps + prefix.position_steps
         if self.training and grad and (config.fixed_point_penalty or config.jacobian_penalty):
             stats.regularization = self._penalties(z, x, mask)
         return z, stats
+
+    def _noisy_start(self, x: Tensor, mask: AttentionMask, z0: Tensor,
+                     detached: int) -> tuple[Tensor, SolverStats | None, int]:
+        """Training only: the random starts (path independence). `train_init_noise` moves z0 [B, T, H] to
+        z0 + sigma * rms(x) * eps; `train_state_noise` runs the `detached` graph-free steps here and moves their
+        end state the same way, so the differentiated steps start off the detached trajectory. eps ~ N(0, I) from
+        torch's global RNG; rms(x) per position. The noise is a constant: the gradient of the differentiated
+        steps stays exact. Returns (the start, the detached steps' stats or None, detached steps left to run)."""
+        config = self.config
+        rms = x.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(x.dtype)
+        if config.train_init_noise:
+            z0 = z0 + config.train_init_noise * rms * torch.randn_like(x)
+        if not config.train_state_noise:
+            return z0, None, detached
+        prefix = None
+        if detached:
+            with torch.no_grad():
+                # the restart keeps z_k and sets y = z_k (Reversible): the state is perturbed next anyway
+                z0, prefix = self._solve(x, mask, None, tol=None, max_steps=detached, adjoint=deq.UnrolledAdjoint(),
+                                         z0=z0)
+        return z0 + config.train_state_noise * rms * torch.randn_like(x), prefix, 0
 
     def _z0(self, x: Tensor) -> Tensor:
         """The solver's start [B, T, H]: the input injection (init_state "input") or zeros."""

@@ -130,6 +130,7 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     # each training solve starts from z0 + sigma * rms(x) * N(0, I), so the model is trained to reach its fixed
     # point from many starts; the positions that orbit from z0 = x (round 3) are what it should remove
     "recipe-noise-1": ("recipe + random start, sigma 1", {**_RECIPE, "solver.train_init_noise": 1.0}),
+    "recipe-noise-2": ("recipe + random start, sigma 2", {**_RECIPE, "solver.train_init_noise": 2.0}),
     "recipe-pln-12-penalty-0.3-noise-1": ("recipe, PLN(12):48 detached, penalty 0.3 + random start, sigma 1",
                                           {**_DEEP_START, "solver.fixed_point_penalty": 0.3,
                                            "solver.train_init_noise": 1.0}),

@@ -44,7 +44,8 @@ RUNS_FILE = RESULTS_DIR / "equilibrium-runs.jsonl"
 INFERENCE_STEPS = (0, 1, 2, 4, 8, 16, 32)
 
 _BASE = {"solver.solver": "reversible", "solver.adjoint": "reversible", "solver.tol": 0.0,
-         "solver.state_dtype": "float64", "model.init_state": "input", "solver.beta": 0.5, "solver.max_steps": 2}
+         "solver.state_dtype": "float64", "model.init_state": "input", "solver.beta": 0.5, "solver.max_steps": 2,
+         "solver.train_init_noise": 0.0}  # pinned: the runs before round 6 started at z0
 _INPUT_SKIP = {**_BASE, "model.block_skip": "input"}
 
 _RECIPE = {**_INPUT_SKIP, "solver.train_detached_steps": "poisson-lognormal:6:24", "solver.fixed_point_penalty": 0.1}
@@ -193,6 +194,7 @@ def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curv
     record: dict[str, Any] = {
         "model": model, "lr": lr, "steps": steps, "seed": seed, "train_seconds": summary.seconds,
         "wall_seconds": wall, "curve": recorder.curve, "final_val_ppl_trainer": math.exp(summary.final_val_loss),
+        "machine": machine(),  # one seed trains differently on another CPU (its kernels round differently)
     }
     if net.config.is_deq:
         # the training depth (the rules' means, rounded up): what an unset inference_max_steps runs
@@ -239,22 +241,32 @@ def run_many(jobs_list: list[tuple[str, float, int, int]], args: argparse.Namesp
                        keep_env=("REVDEQ_EQUILIBRIUM_KEEP",))
 
 
-def best_per_model(runs: list[dict[str, Any]], steps: int) -> dict[str, dict[str, Any]]:
-    """For each model at `steps`: the rate with the lowest mean val ppl (at each run's own steps) over its seeds."""
-    out: dict[str, dict[str, Any]] = {}
+def _cpu(run: dict[str, Any]) -> str:
+    """The CPU a run trained on ("" for runs recorded before the runs file kept it)."""
+    return run.get("machine", "").split(", torch")[0]
+
+
+def best_per_model(runs: list[dict[str, Any]], steps: int) -> dict[tuple[str, str], dict[str, Any]]:
+    """For each (model, CPU) at `steps`: the rate with the lowest mean val ppl (at each run's own steps) over its
+    seeds. Runs of one model on different CPUs stay apart: the same seed trains to different figures on each."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
     for model in MODELS:
-        by_lr: dict[float, list[dict[str, Any]]] = {}
-        for r in runs:
-            if r["model"] == model and int(r["steps"]) == steps:
-                by_lr.setdefault(float(r["lr"]), []).append(r)
-        if not by_lr:
-            continue
-        lr = min(by_lr, key=lambda g: statistics.mean(r["val_ppl"] for r in by_lr[g]))
-        vals = [r["val_ppl"] for r in by_lr[lr]]
-        out[model] = {"lr": lr, "runs": by_lr[lr], "mean": statistics.mean(vals),
-                      "spread": (max(vals) - min(vals)) / 2 if len(vals) > 1 else None,
-                      "grid": {g: statistics.mean(r["val_ppl"] for r in rs) for g, rs in sorted(by_lr.items())}}
+        for cpu in sorted({_cpu(r) for r in runs if r["model"] == model}):
+            by_lr: dict[float, list[dict[str, Any]]] = {}
+            for r in runs:
+                if r["model"] == model and int(r["steps"]) == steps and _cpu(r) == cpu:
+                    by_lr.setdefault(float(r["lr"]), []).append(r)
+            if by_lr:
+                out[(model, cpu)] = _best_rate(by_lr)
     return out
+
+
+def _best_rate(by_lr: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
+    lr = min(by_lr, key=lambda g: statistics.mean(r["val_ppl"] for r in by_lr[g]))
+    vals = [r["val_ppl"] for r in by_lr[lr]]
+    return {"lr": lr, "runs": by_lr[lr], "mean": statistics.mean(vals),
+            "spread": (max(vals) - min(vals)) / 2 if len(vals) > 1 else None,
+            "grid": {g: statistics.mean(r["val_ppl"] for r in rs) for g, rs in sorted(by_lr.items())}}
 
 
 def _mean_at(runs: list[dict[str, Any]], field: str, k: int) -> float:
@@ -275,7 +287,8 @@ def criteria(run: dict[str, Any]) -> tuple[float, bool, bool]:
 def report(args: argparse.Namespace) -> str:
     runs = [r for r in load_runs() if "failed" not in r and math.isfinite(r.get("val_ppl", math.inf))]
     head = " | ".join(f"{k}" for k in INFERENCE_STEPS)
-    lines = ["# Equilibrium study", "", f"Machine: {machine()}.", "",
+    lines = ["# Equilibrium study", "", f"Report made on: {machine()}. Each row trained on the CPU it names (runs "
+             "recorded before the runs file kept the CPU: 2-core Intel Xeon or AMD EPYC VMs, torch 2.13.0+cpu).", "",
              "`python benchmarks/equilibrium.py screen` / `confirm` / `run` / `report`. pydoc, byte tokenizer, tiny "
              "width (128, 4 heads, MLP 512, 128-token context), batch 16, AdamW (weight decay 0.1), cosine schedule "
              f"with {WARMUP_FRACTION:.0%} warmup, clipping 1.0, fp32, one torch thread per run, RevDEQ beta 0.5, "
@@ -292,7 +305,7 @@ def report(args: argparse.Namespace) -> str:
                   f"| model | lr | ppl @ {head} | res@32 | own | ppl @ own | worst/own | train ppl | seeds | "
                   "ppl per lr | s/run |",
                   "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
-        for model, b in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
+        for (model, cpu), b in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
             rs = b["runs"]
             spread = f" ± {b['spread']:.2f}" if b["spread"] is not None else ""
             grid = ", ".join(f"{g:g}: {v:.2f}" for g, v in b["grid"].items())
@@ -307,7 +320,8 @@ def report(args: argparse.Namespace) -> str:
                 worst = f"{max(criteria(r)[0] for r in rs):.3f}"
             else:
                 curve, res, own, worst = "(explicit)", "-", "-", "-"
-            lines.append(f"| {MODELS[model][0]} | {b['lr']:g} | {curve} | {res} | {own} | {b['mean']:.2f}{spread} | "
+            label = MODELS[model][0] + (f" [{cpu}]" if cpu else "")
+            lines.append(f"| {label} | {b['lr']:g} | {curve} | {res} | {own} | {b['mean']:.2f}{spread} | "
                          f"{worst} | {train:.2f} | {len(rs)} | {grid} | {secs:.0f} |")
         lines.append("")
     lines += ["`*`: res@32 measured with the split's padded tail window in the solve, so padding positions (the pad "
@@ -333,9 +347,9 @@ def _plot(runs: list[dict[str, Any]]) -> None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     xs = [k for k in INFERENCE_STEPS if k >= 1]
-    for model, b in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
+    for (model, cpu), b in sorted(best.items(), key=lambda kv: kv[1]["mean"]):
         ax.plot(xs, [_mean_at(b["runs"], "val_ppl_at", k) for k in xs], marker="o",
-                label=f"{MODELS[model][0]} (lr {b['lr']:g})")
+                label=f"{MODELS[model][0]}{f' [{cpu}]' if cpu else ''} (lr {b['lr']:g})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("inference solver steps")
@@ -373,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "confirm":
         steps = args.steps or 1200
         run_many([(m, lr, steps, 0) for m in models for lr in lrs], args)
-        best = best_per_model(load_runs(), steps)
+        here = _cpu({"machine": machine()})
+        best = {m: b for (m, cpu), b in best_per_model(load_runs(), steps).items() if cpu in ("", here)}
         run_many([(m, best[m]["lr"], steps, s) for m in models if m in best for s in (seeds if seeds != [0] else [1])],
                  args)
     elif args.action == "run":

@@ -15,9 +15,7 @@ otherwise, and then the saved model declares the shorter context (see `revdeq_cl
 Every preset trains an equilibrium model (`EQUILIBRIUM`, from `benchmarks/equilibrium.py`, README "An
 equilibrium model"): the block's skip carries the input injection (`block_skip="input"`), each training batch
 first runs a Poisson-lognormal number of solver steps without a graph (mean 6, at most 24) and then its
-differentiated steps, and a fixed-point penalty of 0.1 on the final state; each training solve starts from
-z0 + rms(x) * N(0, I) rather than z0 (`train_init_noise=1`, the random start of path-independent equilibrium
-models; inference starts at z0). Unset `inference_max_steps` is then the
+differentiated steps, and a fixed-point penalty of 0.1 on the final state. Unset `inference_max_steps` is then the
 training depth: 2 + 6 = 8 steps for tiny (the study's smallest step count within 1% of its best), 10 for the others
 (not measured at their sizes).
 
@@ -34,14 +32,12 @@ from __future__ import annotations
 from typing import Any
 
 FIXED_POINT_PENALTY = 0.1
-TRAIN_INIT_NOISE = 1.0  # a random start per training solve (round 6: flat to 32 steps on four seeds of four)
 
 # The equilibrium recipe (benchmarks/equilibrium.py, README "An equilibrium model"): the block's skip carries the
 # input injection (f = x + a + m, a contraction at initialisation), and every training batch first runs a
-# Poisson-lognormal number of solver steps (mean 6, at most 24) without a graph, then the differentiated steps,
-# starting from z0 + rms(x) * N(0, I) (the random start: the model learns to reach its fixed point from anywhere).
+# Poisson-lognormal number of solver steps (mean 6, at most 24) without a graph, then the differentiated steps.
 EQUILIBRIUM: dict[str, Any] = {"block_skip": "input", "train_detached_steps": "poisson-lognormal:6:24",
-                               "fixed_point_penalty": FIXED_POINT_PENALTY, "train_init_noise": TRAIN_INIT_NOISE}
+                               "fixed_point_penalty": FIXED_POINT_PENALTY}
 _SOLVER: dict[str, Any] = {"solver": "reversible", "adjoint": "reversible", "beta": 0.5, "tol": 1e-3, "max_steps": 4,
                            "init_state": "input", **EQUILIBRIUM}
 

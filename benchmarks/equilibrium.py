@@ -45,7 +45,8 @@ INFERENCE_STEPS = (0, 1, 2, 4, 8, 16, 32)
 
 _BASE = {"solver.solver": "reversible", "solver.adjoint": "reversible", "solver.tol": 0.0,
          "solver.state_dtype": "float64", "model.init_state": "input", "solver.beta": 0.5, "solver.max_steps": 2,
-         "solver.train_init_noise": 0.0}  # pinned: the runs before round 6 started at z0
+         "solver.train_init_noise": 0.0,  # pinned: the runs before round 6 started at z0
+         "model.block_output_norm": False}
 _INPUT_SKIP = {**_BASE, "model.block_skip": "input"}
 
 _RECIPE = {**_INPUT_SKIP, "solver.train_detached_steps": "poisson-lognormal:6:24", "solver.fixed_point_penalty": 0.1}
@@ -137,6 +138,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                            "solver.train_init_noise": 1.0}),
     # and the noise where the differentiated steps start (the end of the graph-free steps; Equilibrium Reasoners'
     # path noise at one point of the path): the two exact steps must bring a perturbed state back to the fixed point
+    # round 7: where normalisation sits (the issue's "form of the block"): a LayerNorm on f's output
+    "recipe-output-norm": ("recipe + output LayerNorm, f = LN_out(x + a + m)",
+                           {**_RECIPE, "model.block_output_norm": True}),
     "recipe-state-noise-0.5": ("recipe + perturbed restart, sigma 0.5", {**_RECIPE, "solver.train_state_noise": 0.5}),
     "recipe-pln-12-penalty-0.3-state-noise-0.5": ("recipe, PLN(12):48 detached, penalty 0.3 + perturbed restart, "
                                                   "sigma 0.5", {**_DEEP_START, "solver.fixed_point_penalty": 0.3,

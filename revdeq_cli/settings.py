@@ -153,6 +153,7 @@ class ModelSettings(_Section):
     init_state: Literal["zeros", "input"] | None = None  # z0 = 0 (the paper's) or z0 = x (the input injection)
     output_init_scale: float | None = Field(None, gt=0.0)  # x the blocks' output projections' initial std
     block_skip: Literal["state", "input"] | None = None  # f = z + a + m (the GPT block) or f = x + a + m
+    block_output_norm: bool | None = None  # f = LN_out(s + a + m): a LayerNorm on the block's output
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelSettings:

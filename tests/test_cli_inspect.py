@@ -176,3 +176,11 @@ def test_subprocess(run, checkpoint_copy, tmp_path):
     assert bad.returncode == 2
     one_error_line(bad.stderr, "training_state.pt")
     assert not marker.exists()
+
+
+def test_depth_line_names_the_output_norm_only_when_the_block_has_one():
+    from revdeq_cli.cli.inspect_cmd import _depth_line
+
+    config = {"max_steps": 2, "train_detached_steps": "0", "block_skip": "input"}
+    assert "output norm" not in _depth_line(config, 2)
+    assert "; block skip input; output norm; inference 2 steps" in _depth_line({**config, "block_output_norm": True}, 2)

@@ -78,11 +78,11 @@ def test_detached_steps_give_no_gradient_to_z0_and_are_refused_when_negative():
         deq.solve(f, z0, None, solver=deq.Picard(), detached_steps=-1)
 
 
-@pytest.mark.parametrize("skip", ["state", "input"])
-def test_model_gradient_with_drawn_depth_equals_the_unrolled_one(skip):
+@pytest.mark.parametrize(("skip", "output_norm"), [("state", False), ("input", False), ("input", True)])
+def test_model_gradient_with_drawn_depth_equals_the_unrolled_one(skip, output_norm):
     torch.manual_seed(0)
     config = RevDEQConfig(vocab_size=40, hidden_size=16, num_attention_heads=2, max_position_embeddings=16,
-                          init_state="input", block_skip=skip, max_steps=2, tol=None)
+                          init_state="input", block_skip=skip, block_output_norm=output_norm, max_steps=2, tol=None)
     grads = {}
     for adjoint in ("reversible", "unrolled"):
         torch.manual_seed(1)
@@ -93,8 +93,22 @@ def test_model_gradient_with_drawn_depth_equals_the_unrolled_one(skip):
         out.loss.backward()
         grads[adjoint] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     assert grads["reversible"].keys() == grads["unrolled"].keys()
+    assert ("blocks.0.ln_out.weight" in grads["reversible"]) == output_norm
     for name, g in grads["unrolled"].items():
         assert _rel(grads["reversible"][name], g) <= 1e-9, name
+
+
+def test_block_output_norm_normalises_f_per_position_and_is_refused_when_not_a_bool():
+    model = make_model(block_skip="input", init_state="input", block_output_norm=True)
+    block = model.blocks[0]
+    with torch.no_grad():
+        out = block(torch.randn(2, 6, model.config.hidden_size), torch.randn(2, 6, model.config.hidden_size))
+    # at initialisation LN_out is the plain standardisation: every position has mean 0 and variance 1
+    assert torch.allclose(out.mean(-1), torch.zeros(2, 6), atol=1e-5)
+    assert torch.allclose(out.var(-1, unbiased=False), torch.ones(2, 6), atol=1e-3)
+    assert make_model(block_skip="input").blocks[0].ln_out is None
+    with pytest.raises(ConfigError, match="block_output_norm"):
+        RevDEQConfig(block_output_norm="yes")
 
 
 @pytest.mark.parametrize(("noise", "detached"), [("train_init_noise", 0), ("train_state_noise", 4)])
@@ -190,10 +204,11 @@ def test_zero_inference_steps_read_z0():
     assert out.solver_steps == 0 and torch.allclose(out.logits, direct, atol=1e-6)
 
 
-@pytest.mark.parametrize("solver", ["reversible", "picard"])
-def test_input_skip_block_cached_decoding_equals_full_recomputation(solver):
+@pytest.mark.parametrize(("solver", "output_norm"), [("reversible", False), ("picard", False), ("reversible", True)])
+def test_input_skip_block_cached_decoding_equals_full_recomputation(solver, output_norm):
     adjoint = "reversible" if solver == "reversible" else "unrolled"
-    model = make_model(block_skip="input", init_state="input", solver=solver, adjoint=adjoint, max_steps=3)
+    model = make_model(block_skip="input", init_state="input", solver=solver, adjoint=adjoint, max_steps=3,
+                       block_output_norm=output_norm)
     prompt = torch.tensor([[3, 7, 11, 19, 23], [5, 31, 2, 41, 13]])
     diff, scale = greedy_scores_vs_full_forward(model, prompt, new=12)
     assert diff <= 1e-4 * scale, (diff, scale)

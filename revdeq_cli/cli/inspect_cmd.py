@@ -150,7 +150,8 @@ def _depth_line(c: dict, infer: object) -> str:
     extras = [f"{name.replace('_', ' ')} {c[name]:g}" for name in trained_with
               if isinstance(c.get(name), (int, float)) and c.get(name)]
     return (f"depth        trained with {rule} solver steps per batch" + "".join(f", {e}" for e in extras)
-            + f"; block skip {c.get('block_skip', 'state')}; inference {infer} steps")
+            + f"; block skip {c.get('block_skip', 'state')}" + ("; output norm" if c.get("block_output_norm") else "")
+            + f"; inference {infer} steps")
 
 
 def _summary_lines(report) -> list[str]:

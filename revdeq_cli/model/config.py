@@ -72,7 +72,9 @@ class RevDEQConfig(PreTrainedConfig):
     skip of the state; f's Jacobian is I + ..., so the iteration moves z by small increments and its fixed
     point is where the branches cancel) or "input" (f(z, x) = x + a + m: the skip carries the input injection
     instead of the state, so f's Jacobian is that of the branches alone, near 0 at initialisation, and the
-    iteration contracts; a = Attn(LN1(z + x)), m = MLP(LN2(z + a)) in both).
+    iteration contracts; a = Attn(LN1(z + x)), m = MLP(LN2(z + a)) in both). `block_output_norm` (False) puts a
+    LayerNorm LN_out on f's output, f = LN_out(s + a + m) (the output normalisation of the DEQ transformer): the
+    iterates are then bounded per position.
 
     Training depth (DEQs only; training mode only): `train_steps` (None = `max_steps`; else a rule of
     `revdeq_cli.model.step_rule`: "2", "uniform:1-4", "poisson-lognormal:6") is the number of differentiated
@@ -110,6 +112,7 @@ class RevDEQConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     init_state: str = "zeros"
     block_skip: str = "state"
+    block_output_norm: bool = False
 
     solver: str = "reversible"
     adjoint: str = "reversible"
@@ -220,6 +223,8 @@ class RevDEQConfig(PreTrainedConfig):
             raise ConfigError(f"init_state: must be one of {', '.join(INIT_STATES)}, got {self.init_state!r}")
         if self.block_skip not in BLOCK_SKIPS:
             raise ConfigError(f"block_skip: must be one of {', '.join(BLOCK_SKIPS)}, got {self.block_skip!r}")
+        if not isinstance(self.block_output_norm, bool):
+            raise ConfigError(f"block_output_norm: must be true or false, got {self.block_output_norm!r}")
         if self.cache_mode not in CACHE_MODES:
             raise ConfigError(f"cache_mode: must be one of {', '.join(CACHE_MODES)}, got {self.cache_mode!r}")
         if self.solver == "explicit":
@@ -266,8 +271,8 @@ class RevDEQConfig(PreTrainedConfig):
 _SOLVER_FIELDS = (
     "solver", "init_state", "cache_mode", "num_hidden_layers", "adjoint", "beta", "tol", "inference_tol", "max_steps",
     "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
-    "implicit_tol", "block_skip", "train_steps", "train_detached_steps", "fixed_point_penalty", "jacobian_penalty",
-    "train_init_noise", "train_state_noise",
+    "implicit_tol", "block_skip", "block_output_norm", "train_steps", "train_detached_steps", "fixed_point_penalty",
+    "jacobian_penalty", "train_init_noise", "train_state_noise",
 )
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 

@@ -136,7 +136,8 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(hidden, config.num_attention_heads, config.intermediate_size, dropout=config.dropout,
-                  bias=config.bias, eps=config.layer_norm_eps, skip=config.block_skip if config.is_deq else "state")
+                  bias=config.bias, eps=config.layer_norm_eps, skip=config.block_skip if config.is_deq else "state",
+                  output_norm=bool(config.block_output_norm) and config.is_deq)
             for _ in range(config.num_hidden_layers)
         )
         for module in self.blocks.modules():

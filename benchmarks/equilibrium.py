@@ -151,6 +151,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                        {**_RECIPE, "model.block_output_norm": True, "solver.fixed_point_penalty": 0.3}),
     "recipe-output-norm-penalty-1": ("recipe + output LayerNorm, penalty 1",
                                      {**_RECIPE, "model.block_output_norm": True, "solver.fixed_point_penalty": 1.0}),
+    # and on the deep start, whose curve is flat (round 3): does the output norm's smaller residual hold there?
+    "recipe-pln-12-penalty-0.3-output-norm": ("recipe, PLN(12):48 detached, penalty 0.3 + output LayerNorm",
+                                              {**_DEEP_START, "solver.fixed_point_penalty": 0.3,
+                                               "model.block_output_norm": True}),
     "explicit-1": ("transformer, 1 layer (same parameters)", {"solver.solver": "explicit",
                                                               "model.num_hidden_layers": 1}),
 }

@@ -51,6 +51,7 @@ _INPUT_SKIP = {**_BASE, "model.block_skip": "input"}
 
 _RECIPE = {**_INPUT_SKIP, "solver.train_detached_steps": "poisson-lognormal:6:24", "solver.fixed_point_penalty": 0.1}
 _DEEP_START = {**_RECIPE, "solver.train_detached_steps": "poisson-lognormal:12:48"}
+_OUTPUT_NORM = {**_RECIPE, "model.block_output_norm": True}
 
 # name -> (label, settings overrides). Without tol (0 = never stop early) every step count is the drawn one.
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -144,13 +145,13 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                                                 "solver.train_state_noise": 0.5}),
     # round 7: where normalisation sits (the "form of the block"): a LayerNorm on f's output
     "recipe-output-norm": ("recipe + output LayerNorm, f = LN_out(x + a + m)",
-                           {**_RECIPE, "model.block_output_norm": True}),
+                           _OUTPUT_NORM),
     # and with a stronger penalty: with the output norm the 32-step state is closer to a fixed point (res@32
     # 0.025 on both seeds) but reads worse than the 8-step one (1.046), so pull the trained state onto it
     "recipe-output-norm-penalty-0.3": ("recipe + output LayerNorm, penalty 0.3",
-                                       {**_RECIPE, "model.block_output_norm": True, "solver.fixed_point_penalty": 0.3}),
+                                       {**_OUTPUT_NORM, "solver.fixed_point_penalty": 0.3}),
     "recipe-output-norm-penalty-1": ("recipe + output LayerNorm, penalty 1",
-                                     {**_RECIPE, "model.block_output_norm": True, "solver.fixed_point_penalty": 1.0}),
+                                     {**_OUTPUT_NORM, "solver.fixed_point_penalty": 1.0}),
     # and on the deep start, whose curve is flat (round 3): does the output norm's smaller residual hold there?
     "recipe-pln-12-penalty-0.3-output-norm": ("recipe, PLN(12):48 detached, penalty 0.3 + output LayerNorm",
                                               {**_DEEP_START, "solver.fixed_point_penalty": 0.3,

@@ -7,6 +7,8 @@ input-skip block."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_deq_gradients import MLPBlock, _rel
@@ -193,6 +195,42 @@ def test_fixed_point_penalty_is_in_the_loss_and_lm_loss_is_the_cross_entropy():
     model.eval()
     with torch.no_grad():
         assert model(ids, labels=ids).regularization is None  # training only
+
+
+@pytest.mark.parametrize("tail", [1.0, 0.25, 1e-6])
+def test_fixed_point_penalty_tail_is_the_mean_over_the_largest_residuals(tail):
+    """q = 1 is the mean over every position; q < 1 the mean over the ceil(q * B * T) largest ratios (1e-6:
+    the single worst position), computed here by hand from f at the model's own solver output."""
+    torch.manual_seed(0)
+    model = make_model(fixed_point_penalty=2.0, fixed_point_penalty_tail=tail, init_state="input",
+                       block_skip="input").train()
+    ids = torch.randint(0, 48, (2, 10))
+    captured = {}
+    original = model._penalties
+
+    def spy(z, x, mask):
+        captured.update(z=z.detach(), x=x.detach(), mask=mask)
+        return original(z, x, mask)
+
+    model._penalties = spy
+    out = model(ids, labels=ids)
+    z, x = captured["z"], captured["x"]
+    with torch.no_grad():
+        fz = model.blocks[0](z, x, captured["mask"])
+        ratios = ((fz - z).pow(2).sum(-1) / fz.pow(2).sum(-1)).flatten().sort(descending=True).values
+    k = max(1, math.ceil(tail * ratios.numel()))
+    assert k == (20 if tail == 1.0 else 5 if tail == 0.25 else 1)
+    expected = 2.0 * ratios[:k].mean()
+    assert torch.allclose(out.regularization.detach(), expected.float(), rtol=1e-5), (out.regularization, expected)
+    if tail < 1:  # the tail is larger than the mean, so at equal lam the penalty is stronger
+        assert float(expected) > 2.0 * float(ratios.mean())
+
+
+def test_fixed_point_penalty_tail_is_validated():
+    with pytest.raises(ConfigError, match="^fixed_point_penalty_tail: must be in \\(0, 1\\]"):
+        RevDEQConfig(fixed_point_penalty_tail=0.0)
+    with pytest.raises(ConfigError, match="^fixed_point_penalty_tail: "):
+        RevDEQConfig(fixed_point_penalty_tail=1.5)
 
 
 def test_zero_inference_steps_read_z0():

@@ -81,7 +81,10 @@ class RevDEQConfig(PreTrainedConfig):
     solver steps per optimiser step, `train_detached_steps` (a rule, "0" = none) the steps run first without
     a graph (the recurrent-depth start: the gradient is exact for the differentiated steps from the detached
     state they start at). `fixed_point_penalty` (lam >= 0) adds lam * mean over positions of
-    ||f(z_N) - z_N||^2 / ||f(z_N)||^2 to the training loss (one more evaluation of f); `jacobian_penalty` (lam)
+    ||f(z_N) - z_N||^2 / ||f(z_N)||^2 to the training loss (one more evaluation of f); `fixed_point_penalty_tail`
+    (q in (0, 1], 1 = all) averages it over only the fraction q of the batch's positions with the largest residual
+    (a CVaR: the few positions that orbit instead of converging decide the max residual, and a mean dilutes them
+    by the rest); `jacobian_penalty` (lam)
     adds lam * ||v^T df/dz||^2 / ||v||^2 at the detached z_N, v ~ N(0, I) (Hutchinson; a double backward).
     `train_init_noise` (sigma >= 0) starts each training solve from z0 + sigma * rms(x) * eps instead of z0
     (eps ~ N(0, I) from torch's global RNG, which the trainer's checkpoints restore; rms(x) per position over
@@ -130,6 +133,7 @@ class RevDEQConfig(PreTrainedConfig):
     train_steps: str | None = None
     train_detached_steps: str = "0"
     fixed_point_penalty: float = 0.0
+    fixed_point_penalty_tail: float = 1.0
     jacobian_penalty: float = 0.0
     train_init_noise: float = 0.0
     train_state_noise: float = 0.0
@@ -257,6 +261,9 @@ class RevDEQConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not _is_real(value) or value < 0:
                 raise ConfigError(f"{name}: must be a number >= 0 (0 = off), got {value!r}")
+        tail = self.fixed_point_penalty_tail
+        if not _is_real(tail) or not 0.0 < tail <= 1.0:
+            raise ConfigError(f"fixed_point_penalty_tail: must be in (0, 1] (1 = every position), got {tail!r}")
         if self.state_dtype not in STATE_DTYPES:
             raise ConfigError(f"state_dtype: must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}")
         _positive_int("anderson_m", self.anderson_m)
@@ -272,7 +279,7 @@ _SOLVER_FIELDS = (
     "solver", "init_state", "cache_mode", "num_hidden_layers", "adjoint", "beta", "tol", "inference_tol", "max_steps",
     "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
     "implicit_tol", "block_skip", "block_output_norm", "train_steps", "train_detached_steps", "fixed_point_penalty",
-    "jacobian_penalty", "train_init_noise", "train_state_noise",
+    "fixed_point_penalty_tail", "jacobian_penalty", "train_init_noise", "train_state_noise",
 )
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 

@@ -408,7 +408,9 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         """The training penalties at the solver's output z [B, T, H] (scalar, float32):
 
         fixed point  lam * mean over positions of ||f(z) - z||^2 / ||f(z)||^2 (z with its graph, so the
-                     gradient also flows back through the solve);
+                     gradient also flows back through the solve); with `fixed_point_penalty_tail` q < 1 the mean
+                     over only the ceil(q * B * T) positions of the batch with the largest of these ratios (a
+                     CVaR; the top-k picks positions without a gradient, the ratios keep theirs);
         Jacobian     lam * ||v^T J||^2 / ||v||^2, J = df/dz at the detached z, v ~ N(0, I) (torch's global RNG,
                      which the trainer's checkpoints restore): a one-sample Hutchinson estimate of
                      ||J||_F^2 / (T * H) per sequence, differentiated by double backward."""
@@ -417,7 +419,11 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         if config.fixed_point_penalty:
             fz = block(z, x, mask)
             diff = (fz - z).float().pow(2).sum(-1)
-            total = total + config.fixed_point_penalty * (diff / fz.float().pow(2).sum(-1).clamp(min=1e-10)).mean()
+            ratios = (diff / fz.float().pow(2).sum(-1).clamp(min=1e-10)).flatten()
+            if config.fixed_point_penalty_tail < 1.0:
+                k = max(1, math.ceil(config.fixed_point_penalty_tail * ratios.numel()))
+                ratios = ratios.topk(k, sorted=False).values
+            total = total + config.fixed_point_penalty * ratios.mean()
         if config.jacobian_penalty:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 

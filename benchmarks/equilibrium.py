@@ -162,6 +162,13 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                          {**_RECIPE, "solver.fixed_point_penalty_tail": 0.02}),
     "recipe-tail-0.1": ("recipe, penalty 0.1 over the worst 10% of positions",
                         {**_RECIPE, "solver.fixed_point_penalty_tail": 0.1}),
+    # the tail penalty's value is the worst positions' mean, which the weight has to balance against the loss anew
+    "recipe-tail-0.1-penalty-0.3": ("recipe, penalty 0.3 over the worst 10% of positions",
+                                    {**_RECIPE, "solver.fixed_point_penalty": 0.3,
+                                     "solver.fixed_point_penalty_tail": 0.1}),
+    "recipe-tail-0.1-penalty-1": ("recipe, penalty 1 over the worst 10% of positions",
+                                  {**_RECIPE, "solver.fixed_point_penalty": 1.0,
+                                   "solver.fixed_point_penalty_tail": 0.1}),
     "explicit-1": ("transformer, 1 layer (same parameters)", {"solver.solver": "explicit",
                                                               "model.num_hidden_layers": 1}),
 }

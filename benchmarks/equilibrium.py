@@ -169,6 +169,13 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "recipe-tail-0.1-penalty-1": ("recipe, penalty 1 over the worst 10% of positions",
                                   {**_RECIPE, "solver.fixed_point_penalty": 1.0,
                                    "solver.fixed_point_penalty_tail": 0.1}),
+    "recipe-tail-0.1-penalty-0.2": ("recipe, penalty 0.2 over the worst 10% of positions",
+                                    {**_RECIPE, "solver.fixed_point_penalty": 0.2,
+                                     "solver.fixed_point_penalty_tail": 0.1}),
+    # the tail penalty's residual (0.005) with the deep start's flat curve (1.33x the default's cost)?
+    "recipe-pln-12-tail-0.1-penalty-0.3": ("recipe, PLN(12):48 detached, penalty 0.3 over the worst 10%",
+                                           {**_DEEP_START, "solver.fixed_point_penalty": 0.3,
+                                            "solver.fixed_point_penalty_tail": 0.1}),
     "explicit-1": ("transformer, 1 layer (same parameters)", {"solver.solver": "explicit",
                                                               "model.num_hidden_layers": 1}),
 }

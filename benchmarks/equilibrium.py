@@ -163,15 +163,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "recipe-tail-0.1": ("recipe, penalty 0.1 over the worst 10% of positions",
                         {**_RECIPE, "solver.fixed_point_penalty_tail": 0.1}),
     # the tail penalty's value is the worst positions' mean, which the weight has to balance against the loss anew
-    "recipe-tail-0.1-penalty-0.3": ("recipe, penalty 0.3 over the worst 10% of positions",
-                                    {**_RECIPE, "solver.fixed_point_penalty": 0.3,
-                                     "solver.fixed_point_penalty_tail": 0.1}),
-    "recipe-tail-0.1-penalty-1": ("recipe, penalty 1 over the worst 10% of positions",
-                                  {**_RECIPE, "solver.fixed_point_penalty": 1.0,
-                                   "solver.fixed_point_penalty_tail": 0.1}),
-    "recipe-tail-0.1-penalty-0.2": ("recipe, penalty 0.2 over the worst 10% of positions",
-                                    {**_RECIPE, "solver.fixed_point_penalty": 0.2,
-                                     "solver.fixed_point_penalty_tail": 0.1}),
+    **{f"recipe-tail-0.1-penalty-{lam:g}": (f"recipe, penalty {lam:g} over the worst 10% of positions",
+                                             {**_RECIPE, "solver.fixed_point_penalty": lam,
+                                              "solver.fixed_point_penalty_tail": 0.1})
+       for lam in (0.3, 1.0, 0.2)},
     # the tail penalty's residual (0.005) with the deep start's flat curve (1.33x the default's cost)?
     "recipe-pln-12-tail-0.1-penalty-0.3": ("recipe, PLN(12):48 detached, penalty 0.3 over the worst 10%",
                                            {**_DEEP_START, "solver.fixed_point_penalty": 0.3,

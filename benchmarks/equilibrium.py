@@ -171,6 +171,11 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "recipe-pln-12-tail-0.1-penalty-0.3": ("recipe, PLN(12):48 detached, penalty 0.3 over the worst 10%",
                                            {**_DEEP_START, "solver.fixed_point_penalty": 0.3,
                                             "solver.fixed_point_penalty_tail": 0.1}),
+    # round 9: the same within the budget: PLN(10) costs ~39 evaluations of f per batch against PLN(12)'s ~43
+    "recipe-pln-10-tail-0.1-penalty-0.3": ("recipe, PLN(10):48 detached, penalty 0.3 over the worst 10%",
+                                           {**_RECIPE, "solver.train_detached_steps": "poisson-lognormal:10:48",
+                                            "solver.fixed_point_penalty": 0.3,
+                                            "solver.fixed_point_penalty_tail": 0.1}),
     "explicit-1": ("transformer, 1 layer (same parameters)", {"solver.solver": "explicit",
                                                               "model.num_hidden_layers": 1}),
 }

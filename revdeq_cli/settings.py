@@ -184,7 +184,7 @@ class SolverSettings(_Section):
     train_steps: str | None = None  # differentiated steps; None = max_steps
     train_detached_steps: str | None = None  # steps run first without a graph; None = the preset's ("0")
     fixed_point_penalty: float | None = Field(None, ge=0.0)  # lam * ||f(z) - z||^2 / ||f(z)||^2
-    fixed_point_penalty_tail: float | None = Field(None, gt=0.0, le=1.0)  # ... over the top fraction q of positions
+    fixed_point_penalty_tail: float | None = Field(None, gt=0.0, le=1.0)  # ... over the worst fraction q of positions
     jacobian_penalty: float | None = Field(None, ge=0.0)  # lam * Hutchinson ||v^T df/dz||^2 / ||v||^2
     train_init_noise: float | None = Field(None, ge=0.0)  # training solves start at z0 + sigma * rms(x) * N(0, I)
     train_state_noise: float | None = Field(None, ge=0.0)  # ... and the differentiated steps off the detached end

@@ -151,7 +151,7 @@ def _depth_line(c: dict, infer: object) -> str:
               if isinstance(c.get(name), (int, float)) and c.get(name)]
     tail = c.get("fixed_point_penalty_tail")
     if c.get("fixed_point_penalty") and isinstance(tail, (int, float)) and tail < 1:
-        extras[0] += f" over the top {tail:.0%} of positions"
+        extras[0] += f" over the worst {tail:.0%} of positions (by residual)"
     return (f"depth        trained with {rule} solver steps per batch" + "".join(f", {e}" for e in extras)
             + f"; block skip {c.get('block_skip', 'state')}" + ("; output norm" if c.get("block_output_norm") else "")
             + f"; inference {infer} steps")

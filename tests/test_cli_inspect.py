@@ -86,6 +86,10 @@ def test_inspect_shows_how_the_model_was_trained_to_iterate_and_probes_past_it(r
     model.save_pretrained(tmp_path / "m")
     out = invoke("inspect", tmp_path / "m").stdout
     assert "trained with 2 differentiated solver steps per batch; block skip state; inference 2 steps" in out
+    model.config.update({"fixed_point_penalty": 0.3, "fixed_point_penalty_tail": 0.05})  # the penalty's CVaR
+    model.save_pretrained(tmp_path / "tail")
+    out = invoke("inspect", tmp_path / "tail").stdout
+    assert "fixed point penalty 0.3 over the worst 5% of positions (by residual); block skip state" in out
     result = invoke("inspect", run, "--probe", "--steps", "32", "--json")  # past the 2 steps it trained with
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["probe"]["residuals"]) == 32

@@ -183,6 +183,7 @@ class SolverSettings(_Section):
     # "poisson-lognormal:[START-]6[:MAX[:SIGMA]]" (START-: a curriculum).
     train_steps: str | None = None  # differentiated steps; None = max_steps
     train_detached_steps: str | None = None  # steps run first without a graph; None = the preset's ("0")
+    train_detached_precision: Literal["same", "bf16", "auto"] | None = None  # ... in: auto = bf16 on bf16 hardware
     fixed_point_penalty: float | None = Field(None, ge=0.0)  # lam * ||f(z) - z||^2 / ||f(z)||^2
     fixed_point_penalty_tail: float | None = Field(None, gt=0.0, le=1.0)  # ... over the worst fraction q of positions
     jacobian_penalty: float | None = Field(None, ge=0.0)  # lam * Hutchinson ||v^T df/dz||^2 / ||v||^2

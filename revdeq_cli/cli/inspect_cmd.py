@@ -145,7 +145,8 @@ def _depth_line(c: dict, infer: object) -> str:
     """How the model was trained to iterate, and how many steps it runs at inference."""
     steps = c.get("train_steps") or c.get("max_steps")
     detached = c.get("train_detached_steps") or "0"
-    rule = f"{steps} differentiated" + (f" after {detached} detached" if str(detached) != "0" else "")
+    precision = {"bf16": " (in bf16)", "auto": " (in bf16 on bf16 hardware)"}.get(c.get("train_detached_precision"), "")
+    rule = f"{steps} differentiated" + (f" after {detached} detached{precision}" if str(detached) != "0" else "")
     trained_with = ("fixed_point_penalty", "jacobian_penalty", "train_init_noise", "train_state_noise")
     extras = [f"{name.replace('_', ' ')} {c[name]:g}" for name in trained_with
               if isinstance(c.get(name), (int, float)) and c.get(name)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -19,9 +19,10 @@ from revdeq_cli.deq.adjoints import (
     UnrolledAdjoint,
     iterate,
 )
+from revdeq_cli.deq.iteration import Iteration
 from revdeq_cli.deq.problem import AutocastState, Problem
-from revdeq_cli.deq.solvers import Reversible, Solver
-from revdeq_cli.deq.state import State, StateSpec
+from revdeq_cli.deq.solvers import IterateState, Reversible, Solver, with_state_dtype
+from revdeq_cli.deq.state import State, StateSpec, tree_leaves
 from revdeq_cli.solver_facts import SOLVER_FACTS
 
 Adjoint = GradientMethod  # UnrolledAdjoint, ReversibleAdjoint, ImplicitAdjoint or PhantomAdjoint
@@ -83,6 +84,7 @@ def solve(
     trace: bool = True,
     keep_best: bool = False,
     detached_steps: int = 0,
+    detached_dtype: torch.dtype | None = None,
     groups: int | None = None,
     active: Tensor | None = None,
 ) -> Solution:
@@ -114,6 +116,14 @@ def solve(
                per step): each sample's gradient is exactly that of the iterate it returns, and the graph
                keeps one more [B, D] tensor per step.
 
+    detached_steps: run this many steps first without a graph (their end is where the differentiated
+               `max_steps` steps start; no gradient flows through them; `Solution.steps` counts both).
+    detached_dtype: the dtype f computes in during the detached steps (torch.bfloat16 / float16: under
+               autocast, iterates in f's own dtype instead of the solver's state dtype), None: as the rest of
+               the solve. Nothing reverses those steps, so their precision only moves where the differentiated
+               steps start: f at that start is evaluated again in full precision, and the differentiated steps
+               and their gradient are exactly what they would be from that start (one more evaluation of f).
+
     groups:    per-group stopping (adaptive depth; docs/DESIGN.md §7): each sample's D state elements are
                `groups` equal parts (a sequence model: its positions) with their own relative residual; a group
                whose residual falls below `tol` (required) is frozen: every tensor of the solver state keeps
@@ -137,6 +147,8 @@ def solve(
         raise ValueError(f"detached_steps must be an integer >= 0, got {detached_steps!r}")
     if keep_best and isinstance(solver, Reversible):
         raise ValueError(KEEP_BEST_REVERSIBLE)
+    if detached_dtype is not None and detached_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"detached_dtype must be torch.bfloat16, torch.float16 or None, got {detached_dtype!r}")
     if groups is not None and (keep_best or detached_steps):
         raise ValueError("groups (per-group stopping) cannot be combined with keep_best or detached_steps")
     if groups is None and active is not None:
@@ -163,11 +175,19 @@ def solve(
     start, prefix_trace = None, []
     if detached_steps:
         with torch.no_grad():
-            prefix = iterate(solver, problem, z0_flat, None, detached_steps)
-        start, prefix_trace = prefix.state, prefix.trace
-        z0_flat = prefix.state.z
+            if detached_dtype is None:
+                prefix = iterate(solver, problem, z0_flat, None, detached_steps)
+                start = prefix.state
+            else:
+                prefix, start = _low_precision_prefix(solver, problem, z0_flat, detached_steps, detached_dtype)
+        prefix_trace = prefix.trace
+        z0_flat = start.z
         if isinstance(adjoint, UnrolledAdjoint) and torch.is_grad_enabled():
             # f(z_k) is the first differentiated evaluation (ReversibleAdjoint re-evaluates it in its backward)
+            start = replace(start, fz=problem.evaluate(z0_flat))
+        elif detached_dtype is not None:
+            # the differentiated steps start from (y_k, z_k) in full precision: f(z_k) too, or the first step's
+            # y would carry the prefix's rounding, which the reversal (in full precision) would not undo
             start = replace(start, fz=problem.evaluate(z0_flat))
     out = adjoint.run(problem, solver, z0_flat, grad_params, tol, max_steps, keep_best=keep_best, start=start,
                       groups=groups, active=active)
@@ -176,6 +196,27 @@ def solve(
     it = out.iteration
     return Solution(z=z, steps=detached_steps + it.steps, residual=it.residual, nfe=problem.nfe,
                     trace=prefix_trace + it.trace, backward=out.backward, group_steps=it.group_steps)
+
+
+def _low_precision_prefix(solver: Solver, problem: Problem, z0: Tensor, steps: int,
+                          dtype: torch.dtype) -> tuple[Iteration, IterateState]:
+    """`steps` graph-free steps in `dtype`: iterates, f's input x (its floating leaves) and f's compute dtypes in
+    `dtype`, f under `dtype` autocast (so parameters are cast once for the whole prefix, autocast's weight cache)
+    -> (the iteration, its final state with every [B, D] tensor in the solver's state dtype). Counts its
+    evaluations in `problem.nfe`."""
+    leaves = [leaf.to(dtype) if leaf.is_floating_point() else leaf for leaf in tree_leaves(problem.x)]
+    low = replace(problem, x=problem.with_x(leaves) if leaves else problem.x, state_dtype=dtype, nfe=0,
+                  spec=replace(problem.spec, dtypes=tuple(dtype for _ in problem.spec.dtypes)),
+                  autocast=AutocastState(problem.autocast.device_type, True, dtype))
+    with low.autocast.f_context():  # one autocast region: the weight casts are cached across evaluations
+        prefix = iterate(with_state_dtype(solver, dtype), low, z0.to(dtype), None, steps)
+    problem.nfe += low.nfe
+    state = prefix.state
+    values = {f.name: getattr(state, f.name) for f in fields(state)}
+    for name, value in values.items():
+        if isinstance(value, Tensor) and value.shape == z0.shape:
+            values[name] = value.to(problem.state_dtype)
+    return prefix, type(state)(**values)
 
 
 def _promote(dtypes: tuple[torch.dtype, ...]) -> torch.dtype:

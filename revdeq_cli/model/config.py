@@ -31,6 +31,7 @@ from revdeq_cli.solver_facts import BETA_HIGH, BETA_LOW, EXPLICIT, SOLVER_FACTS
 SOLVERS = (*deq.SOLVERS, EXPLICIT)  # the names and each solver's beta rule: revdeq_cli.solver_facts
 ADJOINTS = deq.ADJOINTS
 STATE_DTYPES = ("float64", "float32")
+DETACHED_PRECISIONS = ("same", "bf16", "auto")  # train_detached_precision
 INIT_STATES = ("zeros", "input")
 CACHE_MODES = ("exact", "fixed_point")
 BLOCK_SKIPS = ("state", "input")
@@ -80,7 +81,10 @@ class RevDEQConfig(PreTrainedConfig):
     `revdeq_cli.model.step_rule`: "2", "uniform:1-4", "poisson-lognormal:6") is the number of differentiated
     solver steps per optimiser step, `train_detached_steps` (a rule, "0" = none) the steps run first without
     a graph (the recurrent-depth start: the gradient is exact for the differentiated steps from the detached
-    state they start at). `fixed_point_penalty` (lam >= 0) adds lam * mean over positions of
+    state they start at), in the precision `train_detached_precision` says: "same" (as the differentiated
+    steps), "bf16" (f under bfloat16 autocast, float32 iterates: nothing reverses those steps, so their rounding
+    only moves the start) or "auto" (bf16 where the device multiplies bfloat16 natively, `deq.precision`: CUDA
+    Ampere or later, CPUs with AMX; else "same"). `fixed_point_penalty` (lam >= 0) adds lam * mean over positions of
     ||f(z_N) - z_N||^2 / ||f(z_N)||^2 to the training loss (one more evaluation of f); `fixed_point_penalty_tail`
     (q in (0, 1], 1 = all) averages it over only the fraction q of the batch's positions with the largest residual
     (a CVaR: the few positions that orbit instead of converging decide the max residual, and a mean dilutes them
@@ -132,6 +136,7 @@ class RevDEQConfig(PreTrainedConfig):
     phantom_beta: float = 1.0
     train_steps: str | None = None
     train_detached_steps: str = "0"
+    train_detached_precision: str = "same"
     fixed_point_penalty: float = 0.0
     fixed_point_penalty_tail: float = 1.0
     jacobian_penalty: float = 0.0
@@ -261,6 +266,9 @@ class RevDEQConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not _is_real(value) or value < 0:
                 raise ConfigError(f"{name}: must be a number >= 0 (0 = off), got {value!r}")
+        if self.train_detached_precision not in DETACHED_PRECISIONS:
+            raise ConfigError(f"train_detached_precision: must be one of {', '.join(DETACHED_PRECISIONS)}, "
+                              f"got {self.train_detached_precision!r}")
         tail = self.fixed_point_penalty_tail
         if not _is_real(tail) or not 0.0 < tail <= 1.0:
             raise ConfigError(f"fixed_point_penalty_tail: must be in (0, 1] (1 = every position), got {tail!r}")
@@ -279,7 +287,7 @@ _SOLVER_FIELDS = (
     "solver", "init_state", "cache_mode", "num_hidden_layers", "adjoint", "beta", "tol", "inference_tol", "max_steps",
     "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
     "implicit_tol", "block_skip", "block_output_norm", "train_steps", "train_detached_steps", "fixed_point_penalty",
-    "fixed_point_penalty_tail", "jacobian_penalty", "train_init_noise", "train_state_noise",
+    "train_detached_precision", "fixed_point_penalty_tail", "jacobian_penalty", "train_init_noise", "train_state_noise",
 )
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 

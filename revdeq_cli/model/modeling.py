@@ -42,6 +42,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from revdeq_cli import deq
+from revdeq_cli.deq.precision import native_low_precision
 from revdeq_cli.deq.state import relative_residual
 from revdeq_cli.errors import UserError
 from revdeq_cli.model.block import MLP, AttentionMask, Block, CausalSelfAttention
@@ -515,7 +516,9 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         # trace=False: only the final residual is reported, and per-step reductions add up when decoding
         params = list(block.parameters()) if torch.is_grad_enabled() else []
         sol = deq.solve(f, z0, x, solver=self._solver(), adjoint=adjoint, tol=tol, max_steps=max_steps,
-                        params=params, trace=False, detached_steps=detached_steps, groups=groups, active=active)
+                        params=params, trace=False, detached_steps=detached_steps,
+                        detached_dtype=self._detached_dtype(x.device) if detached_steps else None,
+                        groups=groups, active=active)
         if sol.group_steps is not None:
             position_steps = sol.group_steps.view(batch, length)
         else:
@@ -523,6 +526,16 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         stats = SolverStats(steps=sol.steps, residual=sol.max_residual, nfe=sol.nfe, position_steps=position_steps,
                             backward=sol.backward)
         return sol.z.view(shape), stats
+
+    def _detached_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype f computes in during the detached training steps (`train_detached_precision`). A float64
+        model (gradient checks) keeps float64: autocast leaves float64 weights as they are."""
+        precision = self.config.train_detached_precision
+        if precision == "same" or self.blocks[0].attn.c_attn.weight.dtype == torch.float64:
+            return None
+        if precision == "bf16":
+            return torch.bfloat16
+        return native_low_precision(device) if precision == "auto" else None
 
     def _solver(self) -> deq.Solver:
         c = self.config

@@ -65,8 +65,11 @@ RECIPE: dict[str, Any] = {
 }
 WARMUP_FRACTION = 0.1  # of the run's steps, for every model
 
+# pinned: the DEQ defaults of the time of this study, before the presets took up the equilibrium recipe
+_PRE_EQUILIBRIUM = {"model.block_skip": "state", "solver.train_detached_steps": "0", "solver.fixed_point_penalty": 0.0,
+                    "solver.fixed_point_penalty_tail": 1.0, "solver.penalty_ramp": 0.0}
 _REV = {"solver.solver": "reversible", "solver.adjoint": "reversible", "solver.tol": 0.0,
-        "solver.state_dtype": "float64"}
+        "solver.state_dtype": "float64", **_PRE_EQUILIBRIUM}
 _INPUT = {**_REV, "model.init_state": "input"}
 
 # name -> (label, settings overrides). DEQs run exactly max_steps solver steps (tol 0 = no early stop), so
@@ -92,10 +95,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                           {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 4, "model.output_init_scale": 0.5}),
     "picard-input": ("Picard, z0 = x, 4 steps, unrolled gradient",
                      {"solver.solver": "picard", "solver.adjoint": "unrolled", "solver.tol": 0.0,
-                      "solver.max_steps": 4, "model.init_state": "input"}),
+                      "solver.max_steps": 4, "model.init_state": "input", **_PRE_EQUILIBRIUM}),
     "picard-zeros": ("Picard, z0 = 0, 4 steps, unrolled gradient",
                      {"solver.solver": "picard", "solver.adjoint": "unrolled", "solver.tol": 0.0,
-                      "solver.max_steps": 4, "model.init_state": "zeros"}),
+                      "solver.max_steps": 4, "model.init_state": "zeros", **_PRE_EQUILIBRIUM}),
     "explicit-1": ("Transformer, 1 layer (same parameters)",
                    {"solver.solver": "explicit", "model.num_hidden_layers": 1}),
     "explicit-9": ("Transformer, 9 layers (the 4-step RevDEQ's forward evaluations)",

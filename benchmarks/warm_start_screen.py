@@ -3,6 +3,7 @@
     python benchmarks/warm_start_screen.py --p 0.5 --seed 0      # one run; prints its record as JSON
     python benchmarks/warm_start_screen.py --p 0.5 --seed 0 --append   # ... and appends it to the runs file
     python benchmarks/warm_start_screen.py --p 0.5 --base-model recipe-tail-0.1-penalty-0.3   # on another recipe
+    python benchmarks/warm_start_screen.py --p 0.5 --base-model recipe-tail-0.1-penalty-0.3-ramp-0.2  # ... ramped
 
 The default recipe (input skip, PLN(6):24 graph-free steps + 2 differentiated, penalty 0.1) trains about 6
 epochs over pydoc's 3,146 blocks. Here the trainer keeps a bank of each block's final state z_N [T, H] (float32,
@@ -94,23 +95,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--base-model", default=BASE_MODEL, choices=sorted(equilibrium.MODELS),
                     help="the equilibrium.py model whose recipe the warm start goes on (default: the default's)")
-    ap.add_argument("--ramp", type=int, default=0,
-                    help="ramp the penalty's weight in over this many optimiser steps (penalty_ramp_screen.py)")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     patch(args.p)
-    if args.ramp:
-        import penalty_ramp_screen
-
-        penalty_ramp_screen.patch(args.ramp)
     record = equilibrium.run_one(args.base_model, args.lr, args.steps, args.seed, curve_every=100, curve_batches=4)
     name = f"recipe-warm-start-{args.p:g}"
     if args.base_model != BASE_MODEL:
         name += "-on-" + args.base_model.removeprefix("recipe-")
-    if args.ramp:
-        name += f"-ramp-{args.ramp}"
     record.update(model=name, warm_start_p=args.p, base_model=args.base_model,
-                  warm_started_blocks=WARM_BLOCKS[0], penalty_ramp_steps=args.ramp)
+                  warm_started_blocks=WARM_BLOCKS[0])
     line = json.dumps(record)
     print(line)
     if args.append:

@@ -186,6 +186,7 @@ class SolverSettings(_Section):
     train_detached_precision: Literal["same", "bf16", "auto"] | None = None  # ... in: auto = bf16 on bf16 hardware
     fixed_point_penalty: float | None = Field(None, ge=0.0)  # lam * ||f(z) - z||^2 / ||f(z)||^2
     fixed_point_penalty_tail: float | None = Field(None, gt=0.0, le=1.0)  # ... over the worst fraction q of positions
+    penalty_ramp: float | None = Field(None, ge=0.0, lt=1.0)  # penalties ramp in over this fraction of the run
     jacobian_penalty: float | None = Field(None, ge=0.0)  # lam * Hutchinson ||v^T df/dz||^2 / ||v||^2
     train_init_noise: float | None = Field(None, ge=0.0)  # training solves start at z0 + sigma * rms(x) * N(0, I)
     train_state_noise: float | None = Field(None, ge=0.0)  # ... and the differentiated steps off the detached end

@@ -233,6 +233,42 @@ def test_fixed_point_penalty_tail_is_validated():
         RevDEQConfig(fixed_point_penalty_tail=1.5)
 
 
+def test_penalty_ramp_scales_the_penalties_by_the_place_in_the_run_and_is_validated():
+    config = RevDEQConfig(fixed_point_penalty=0.3, penalty_ramp=0.2)
+    assert [config.penalty_scale(s, 1200) for s in (0, 60, 120, 240, 1199)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert config.penalty_scale(5, None) == 1.0 and RevDEQConfig().penalty_scale(0, 1200) == 1.0
+    for bad in (-0.1, 1.0, "0.2", True):
+        with pytest.raises(ConfigError, match="^penalty_ramp: must be in \\[0, 1\\)"):
+            RevDEQConfig(penalty_ramp=bad)
+    # the forward adds scale x the penalties, and reports them as added
+    torch.manual_seed(0)
+    model = make_model(fixed_point_penalty=2.0, init_state="input", block_skip="input").train()
+    ids = torch.randint(0, 48, (2, 10))
+    full, half = model(ids, labels=ids), model(ids, labels=ids, penalty_scale=0.5)
+    assert torch.equal(full.lm_loss, half.lm_loss)
+    assert torch.allclose(half.regularization, 0.5 * full.regularization, rtol=1e-6)
+    assert torch.allclose(half.loss, half.lm_loss + 0.5 * full.regularization, rtol=1e-6)
+    assert float(model(ids, labels=ids, penalty_scale=0.0).loss.detach()) == float(full.lm_loss.detach())
+
+
+def test_the_trainer_ramps_the_penalty_in_over_its_planned_steps(tmp_path, monkeypatch):
+    scales = []
+    forward = RevDEQForCausalLM.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            scales.append(kwargs.get("penalty_scale"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(RevDEQForCausalLM, "forward", spy)
+    history = run(tiny_settings(tmp_path / "r", "solver.fixed_point_penalty=0.5", "solver.penalty_ramp=0.5")).history
+    n = len(history)
+    assert n >= 4 and scales == [min(1.0, s / (0.5 * n)) for s in range(n)], (n, scales)
+    scales.clear()
+    run(tiny_settings(tmp_path / "off", "solver.fixed_point_penalty=0.5", "solver.penalty_ramp=0"))
+    assert scales and set(scales) == {None}  # no ramp: nothing passed, the loss as before
+
+
 def test_zero_inference_steps_read_z0():
     model = make_model(init_state="input")
     ids = torch.randint(0, 48, (1, 8))
@@ -254,7 +290,8 @@ def test_input_skip_block_cached_decoding_equals_full_recomputation(solver, outp
 
 def test_resume_with_a_random_depth_is_bit_identical(tmp_path):
     sets = ("solver.train_steps=uniform:1-3", "solver.train_detached_steps=uniform:0-2",
-            "solver.fixed_point_penalty=0.5", "solver.train_init_noise=0.5", "solver.train_state_noise=0.2")
+            "solver.fixed_point_penalty=0.5", "solver.train_init_noise=0.5", "solver.train_state_noise=0.2",
+            "solver.penalty_ramp=0.5")
     full = run(tiny_settings(tmp_path / "full", *sets))
     assert len({h["solver_steps"] for h in full.history}) > 1  # the depth really varies
     with pytest.raises(KeyboardInterrupt):

@@ -153,6 +153,10 @@ def _depth_line(c: dict, infer: object) -> str:
     tail = c.get("fixed_point_penalty_tail")
     if c.get("fixed_point_penalty") and isinstance(tail, (int, float)) and tail < 1:
         extras[0] += f" over the worst {tail:.0%} of positions (by residual)"
+    ramp = c.get("penalty_ramp")
+    penalised = c.get("fixed_point_penalty") or c.get("jacobian_penalty")
+    if penalised and isinstance(ramp, (int, float)) and ramp > 0:
+        extras.append(f"penalties ramped in over the first {ramp:.0%} of steps")
     return (f"depth        trained with {rule} solver steps per batch" + "".join(f", {e}" for e in extras)
             + f"; block skip {c.get('block_skip', 'state')}" + ("; output norm" if c.get("block_output_norm") else "")
             + f"; inference {infer} steps")

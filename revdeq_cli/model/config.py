@@ -83,13 +83,17 @@ class RevDEQConfig(PreTrainedConfig):
     a graph (the recurrent-depth start: the gradient is exact for the differentiated steps from the detached
     state they start at), in the precision `train_detached_precision` says: "same" (as the differentiated
     steps), "bf16" (bfloat16 iterates and f under bfloat16 autocast, the final state cast back: nothing reverses
-    those steps, so their rounding only moves the start; round 10 measured it worse, so opt-in) or "auto" (bf16 where the device multiplies bfloat16 natively, `deq.precision`: CUDA
-    Ampere or later, CPUs with AMX; else "same"). `fixed_point_penalty` (lam >= 0) adds lam * mean over positions of
+    those steps, so their rounding only moves the start; round 10 measured it worse, so opt-in) or "auto"
+    (bf16 where the device multiplies bfloat16 natively, `deq.precision`: CUDA Ampere or later, CPUs with AMX;
+    else "same"). `fixed_point_penalty` (lam >= 0) adds lam * mean over positions of
     ||f(z_N) - z_N||^2 / ||f(z_N)||^2 to the training loss (one more evaluation of f); `fixed_point_penalty_tail`
     (q in (0, 1], 1 = all) averages it over only the fraction q of the batch's positions with the largest residual
     (a CVaR: the few positions that orbit instead of converging decide the max residual, and a mean dilutes them
     by the rest); `jacobian_penalty` (lam)
     adds lam * ||v^T df/dz||^2 / ||v||^2 at the detached z_N, v ~ N(0, I) (Hutchinson; a double backward).
+    `penalty_ramp` (r in [0, 1), 0 = off) scales both penalties by min(1, step / (r * total steps)) over the
+    run's first fraction r of optimiser steps (`penalty_scale`; the trainer passes it as `penalty_scale=`): a
+    strong penalty while the model is far from any fixed point can keep a run from training (round 10).
     `train_init_noise` (sigma >= 0) starts each training solve from z0 + sigma * rms(x) * eps instead of z0
     (eps ~ N(0, I) from torch's global RNG, which the trainer's checkpoints restore; rms(x) per position over
     the hidden size): the random initialisation of path-independent equilibrium models (Anil et al. 2022), so
@@ -139,6 +143,7 @@ class RevDEQConfig(PreTrainedConfig):
     train_detached_precision: str = "same"
     fixed_point_penalty: float = 0.0
     fixed_point_penalty_tail: float = 1.0
+    penalty_ramp: float = 0.0
     jacobian_penalty: float = 0.0
     train_init_noise: float = 0.0
     train_state_noise: float = 0.0
@@ -190,6 +195,12 @@ class RevDEQConfig(PreTrainedConfig):
         """(differentiated steps, detached steps) per training batch, parsed from `train_steps` (None:
         `max_steps`, fixed) and `train_detached_steps`. Raises `ConfigError` naming the field."""
         return _step_rules(self.max_steps, self.train_steps, self.train_detached_steps)
+
+    def penalty_scale(self, step: int, total_steps: int | None) -> float:
+        """The factor on the training penalties at optimiser step `step` (0-based) of a run of `total_steps`
+        (None: unknown, no ramp): min(1, step / (penalty_ramp * total_steps)), 1 when `penalty_ramp` is 0."""
+        span = self.penalty_ramp * total_steps if total_steps else 0.0
+        return 1.0 if span <= 0 else min(1.0, step / span)
 
     # ------------------------------------------------------------------ validation
     def check(self) -> None:
@@ -269,6 +280,9 @@ class RevDEQConfig(PreTrainedConfig):
         if self.train_detached_precision not in DETACHED_PRECISIONS:
             raise ConfigError(f"train_detached_precision: must be one of {', '.join(DETACHED_PRECISIONS)}, "
                               f"got {self.train_detached_precision!r}")
+        ramp = self.penalty_ramp
+        if not _is_real(ramp) or not 0.0 <= ramp < 1.0:
+            raise ConfigError(f"penalty_ramp: must be in [0, 1) (a fraction of the run's steps; 0 = off), got {ramp!r}")
         tail = self.fixed_point_penalty_tail
         if not _is_real(tail) or not 0.0 < tail <= 1.0:
             raise ConfigError(f"fixed_point_penalty_tail: must be in (0, 1] (1 = every position), got {tail!r}")
@@ -287,7 +301,8 @@ _SOLVER_FIELDS = (
     "solver", "init_state", "cache_mode", "num_hidden_layers", "adjoint", "beta", "tol", "inference_tol", "max_steps",
     "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
     "implicit_tol", "block_skip", "block_output_norm", "train_steps", "train_detached_steps", "fixed_point_penalty",
-    "train_detached_precision", "fixed_point_penalty_tail", "jacobian_penalty", "train_init_noise", "train_state_noise",
+    "train_detached_precision", "fixed_point_penalty_tail", "penalty_ramp", "jacobian_penalty",
+    "train_init_noise", "train_state_noise",
 )
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 

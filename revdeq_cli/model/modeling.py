@@ -184,6 +184,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         solver_steps: int | None = None,
         detached_steps: int | None = None,
+        penalty_scale: float | None = None,
         **kwargs: Any,
     ) -> RevDEQCausalLMOutput | tuple:
         r"""Logits [B, T, V] for `input_ids` [B, T] (long).
@@ -197,8 +198,9 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         `solver_steps` / `detached_steps` (DEQ, no cache): this call's solver steps (training: the differentiated
         ones; eval: all of them, 0 = z0 itself) and steps run first without a graph, instead of the config's
         (`max_steps` / 0 in training, `inference_max_steps` in eval mode); the trainer passes the counts its
-        step rules drew. In training mode `loss` includes the config's penalties; `lm_loss` is the
-        cross-entropy alone."""
+        step rules drew. In training mode `loss` includes the config's penalties, times `penalty_scale` if given
+        (the trainer's `config.penalty_scale(step, total)`, the `penalty_ramp`); `lm_loss` is the cross-entropy
+        alone, `regularization` the penalties as added."""
         config = self.config
         config.check_solver()
         if input_ids is None:
@@ -248,6 +250,8 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         lm_loss = _lm_loss(logits, labels, shift_labels)
         loss = lm_loss
+        if stats.regularization is not None and penalty_scale is not None and penalty_scale != 1.0:
+            stats.regularization = stats.regularization * penalty_scale
         if lm_loss is not None and stats.regularization is not None:
             loss = lm_loss + stats.regularization
 

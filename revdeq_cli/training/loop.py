@@ -399,6 +399,9 @@ class Trainer:
         from revdeq_cli.model.step_rule import draw_depth
 
         depth = draw_depth(self.step_rules, tr.seed, self.step, self.total_steps)
+        config = getattr(self.model, "config", None)
+        if getattr(config, "penalty_ramp", 0.0):
+            depth["penalty_scale"] = config.penalty_scale(self.step, self.total_steps)
         try:
             for k in range(tr.grad_accum):
                 block = self.blocks[indices[k]].to(self.device, non_blocking=True)

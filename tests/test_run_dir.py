@@ -26,8 +26,10 @@ from revdeq_cli.checkpoints import atomic
 from revdeq_cli.training.run_dir import LOCK_NAME, RunDirBusyError, RunLock
 
 # A constant rate and no warmup: a run resumed with a new --max-steps computes what one run to that step does.
+# nothing that follows the planned steps (the learning-rate schedule, the penalty ramp): these tests resume with
+# another --max-steps than the interrupted run planned
 EXACT = ["--eval-every", "0", "--save-every", "0", "--set", "log.log_every=1", "--set", "train.schedule=constant",
-         "--set", "train.warmup_steps=0"]
+         "--set", "train.warmup_steps=0", "--set", "solver.penalty_ramp=0"]
 
 
 def _train_cmd(corpus: str, out: Path, *extra: str) -> list[str]:

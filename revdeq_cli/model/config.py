@@ -93,7 +93,8 @@ class RevDEQConfig(PreTrainedConfig):
     adds lam * ||v^T df/dz||^2 / ||v||^2 at the detached z_N, v ~ N(0, I) (Hutchinson; a double backward).
     `penalty_ramp` (r in [0, 1), 0 = off) scales both penalties by min(1, step / (r * total steps)) over the
     run's first fraction r of optimiser steps (`penalty_scale`; the trainer passes it as `penalty_scale=`): a
-    strong penalty while the model is far from any fixed point can keep a run from training (round 10).
+    strong penalty while the model is far from any fixed point can keep a run from training (round 10). Like
+    the learning-rate schedule it follows the planned steps, so a resume with another `max_steps` reschedules it.
     `train_init_noise` (sigma >= 0) starts each training solve from z0 + sigma * rms(x) * eps instead of z0
     (eps ~ N(0, I) from torch's global RNG, which the trainer's checkpoints restore; rms(x) per position over
     the hidden size): the random initialisation of path-independent equilibrium models (Anil et al. 2022), so

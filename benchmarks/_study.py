@@ -31,11 +31,14 @@ def _key(model: str, lr: float, steps: int, seed: int) -> Job:
 
 
 def run_missing(jobs: Sequence[Job], args: argparse.Namespace, *, script: str, runs_file: Path,
-                describe: Callable[[dict[str, Any]], str], keep_env: Sequence[str] = ()) -> None:
+                describe: Callable[[dict[str, Any]], str], keep_env: Sequence[str] = (),
+                done_on: Callable[[dict[str, Any]], bool] | None = None) -> None:
     """Run every job not yet in `runs_file`, `args.jobs` at a time, each as `script child SPEC` with one
     torch thread, offline, and no REVDEQ_* variables but the token cache's and `keep_env`; append each
-    record and print `describe(record)` as it lands."""
-    done = {_key(r["model"], r["lr"], r["steps"], r["seed"]) for r in load_runs(runs_file)}
+    record and print `describe(record)` as it lands. `done_on(record)`: whether a recorded run counts as done
+    (e.g. only runs on this CPU, where one seed trains to other figures on another); None: every recorded run."""
+    done = {_key(r["model"], r["lr"], r["steps"], r["seed"]) for r in load_runs(runs_file)
+            if done_on is None or done_on(r)}
     todo = [j for j in jobs if _key(*j) not in done]
     print(f"{len(todo)} runs to do ({len(jobs) - len(todo)} already in {runs_file.name})", flush=True)
     runs_file.parent.mkdir(parents=True, exist_ok=True)

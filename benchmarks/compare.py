@@ -12,8 +12,9 @@ matplotlib is installed (`pip install -e ".[bench]"`), `<name>_val_ppl.png`, `<n
 
 The models (`--models`, all built with `RevDEQConfig.from_preset(--preset)` at the corpus's vocabulary):
 
-    revdeq             the preset's RevDEQ as `revdeq train` builds it (tiny: beta 0.5, float64 states, z0 = x, 2 steps
-                       = 5 evaluations of f), exact gradient
+    revdeq             the preset's RevDEQ as `revdeq train` builds it (tiny: beta 0.5, float64 states, z0 = x, the
+                       equilibrium recipe: a graph-free Poisson-lognormal start, mean 6, then 2 differentiated steps,
+                       the ramped fixed-point penalty; inference at its training depth, 8 steps), exact gradient
     deq-implicit       classic DEQ: Anderson (m 5, 8 steps = 10 evaluations), implicit (IFT) gradient
     deq-phantom        Jacobian-free DEQ: Anderson as above, phantom gradient with 1 step
     explicit-1         a 1-layer transformer: the DEQs' parameters exactly
@@ -26,18 +27,19 @@ cannot match both compute and parameters, so it appears twice: `explicit-9` matc
 heads, MLP 4x width). The table reports total and non-embedding counts for every model.
 
 Training (same for every model) runs through `revdeq_cli.training.Trainer`, what `revdeq train` runs (settings
-resolved by `revdeq_cli.settings`, `train_settings`): the same blocks in the same order (one seed), AdamW
-(weight decay 0.1, betas 0.9/0.99), gradient clipping at 1.0, the preset's training depth. An observer of the
-trainer (`BudgetRun`) keeps the budget and sets a learning rate that is a function of training *time*, not
-steps (models take different numbers of steps per second): linear warmup over the first --warmup fraction of
-the budget, then a cosine decay to 0.1x at its end. The clock counts training steps only: validation during
-training is excluded, so every model gets the same seconds of optimisation; the step that reaches the budget is
-the last, and the run then ends as any trainer run does (validation on the whole split, which the table
-reports unless --final-eval-batches caps it, and test). Validation perplexity is measured on the first
---eval-batches batches of the validation split every --budget/--eval-points seconds and at the end (the curve).
-Each model runs in a fresh process (one after another) so that its peak memory is its own: the increase of
-CUDA max allocated, or on CPU of the peak resident set size (RSS), over what the process held just before the
-first step (gradients, optimiser state and activations; not the weights, the interpreter or libraries).
+resolved by `revdeq_cli.settings`, `train_settings`): the same blocks in the same order (one seed), AdamW (weight
+decay 0.1, betas 0.9/0.99), gradient clipping at 1.0, the preset's training depth. An observer of the trainer
+(`BudgetRun`) keeps the budget and sets a learning rate that is a function of training *time*, not steps (models
+take different numbers of steps per second): linear warmup over the first --warmup fraction of the budget, then a
+cosine decay to 0.1x at its end; what follows the run's progress in `revdeq train` (the penalty ramp, a depth
+curriculum) follows the same clock (`Trainer.set_progress`). The clock counts training steps only: validation
+during training is excluded, so every model gets the same seconds of optimisation; the step that reaches the
+budget is the last, and the run then ends as any trainer run does (validation on the whole split, which the table
+reports unless --final-eval-batches caps it, and test). Validation perplexity is measured on the first --eval-
+batches batches of the validation split every --budget/--eval-points seconds and at the end (the curve). Each
+model runs in a fresh process (one after another) so that its peak memory is its own: the increase of CUDA max
+allocated, or on CPU of the peak resident set size (RSS), over what the process held just before the first step
+(gradients, optimiser state and activations; not the weights, the interpreter or libraries).
 
 Memory vs solver steps: one forward+backward of the `--preset` language model (batch --memory-batch, random
 tokens, Reversible solver for every method so the forward is identical; no early stop) with the reversible,
@@ -261,14 +263,7 @@ def train_settings(name: str, args: argparse.Namespace, vocab_size: int, out_dir
         "train.eval_every": 0, "train.save_every": 0, "train.keep_last": 1, "train.out_dir": str(out_dir),
         "log.progress": "plain", "log.tensorboard": False,
     })
-    settings = resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
-    config = build_config(name, args, vocab_size)
-    if config.is_deq and any(rule.ramp_from is not None for rule in config.step_rules()):
-        # a curriculum ramps over the planned steps, and a budget run has none (its step limit is out of reach)
-        raise SystemExit(f"{name}: a depth curriculum (train_steps {config.train_steps}, train_detached_steps "
-                         f"{config.train_detached_steps}) needs a planned run length; "
-                         "compare.py trains to a time budget, so give it a fixed rule")
-    return settings
+    return resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
 
 
 class BudgetRun:
@@ -316,6 +311,8 @@ class BudgetRun:
     def on_start(self, trainer) -> None:
         self._point(trainer)
         trainer.set_lr(self.lr_at(0.0))
+        # the penalty ramp and a depth curriculum follow the budget's clock (the step limit is out of reach)
+        trainer.set_progress(0.0)
         self.load_before = os.getloadavg()
         self.meter.start()
         self._mark = self._clock(trainer)
@@ -340,6 +337,7 @@ class BudgetRun:
             self._point(trainer)
             self.next_eval += self.interval
         trainer.set_lr(self.lr_at(self.seconds))
+        trainer.set_progress(self.seconds / self.args.budget)
         self._mark = self._clock(trainer)
 
     def on_evaluation(self, trainer, split: str, loss: float) -> None:

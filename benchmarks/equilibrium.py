@@ -5,6 +5,7 @@ holds (or improves) when the solver runs longer than it trained.
     python benchmarks/equilibrium.py confirm --models a,b    # the rate grid at 1200 steps, + seed 1 at the best
     python benchmarks/equilibrium.py run --models base --lrs 3e-3 --steps 1200 --seeds 0,1   # any subset
     python benchmarks/equilibrium.py report                  # equilibrium.md and the plot from the runs so far
+    python benchmarks/equilibrium.py run ... --same-cpu      # rerun here what ran on another CPU (same-CPU rows)
 
 Every run trains with `revdeq_cli.training.Trainer` (what `revdeq train` runs; a `Trainer` observer records the
 validation curve), on pydoc with the byte tokenizer at the `tiny` width, in a fresh process with one torch
@@ -295,8 +296,10 @@ def _describe(record: dict[str, Any]) -> str:
 
 
 def run_many(jobs_list: list[tuple[str, float, int, int]], args: argparse.Namespace) -> None:
+    here = _cpu({"machine": machine()})
     _study.run_missing(jobs_list, args, script=__file__, runs_file=RUNS_FILE, describe=_describe,
-                       keep_env=("REVDEQ_EQUILIBRIUM_KEEP",))
+                       keep_env=("REVDEQ_EQUILIBRIUM_KEEP",),
+                       done_on=(lambda r: _cpu(r) == here) if args.same_cpu else None)
 
 
 def _cpu(run: dict[str, Any]) -> str:
@@ -429,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--curve-every", type=int, default=None)
     p.add_argument("--curve-batches", type=int, default=4)
+    p.add_argument("--same-cpu", action="store_true",
+                   help="count only runs recorded on this CPU as done (rerun the others here, to compare on one CPU)")
     args = p.parse_args(argv)
     if args.action == "child":
         print(json.dumps(run_one(**json.loads(args.spec))))

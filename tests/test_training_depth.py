@@ -269,6 +269,42 @@ def test_the_trainer_ramps_the_penalty_in_over_its_planned_steps(tmp_path, monke
     assert scales and set(scales) == {None}  # no ramp: nothing passed, the loss as before
 
 
+def test_an_observer_clock_places_the_ramp_and_a_curriculum_in_a_run_without_planned_steps(tmp_path, monkeypatch):
+    """A run to a time budget (benchmarks/compare.py) sets its step limit out of reach, so step / total_steps
+    would keep the ramp at 0 and a curriculum at its start: `Trainer.set_progress` puts both on its own clock."""
+    from revdeq_cli.training.distributed import DistInfo
+    from revdeq_cli.training.loop import Trainer
+
+    seen = []
+    forward = RevDEQForCausalLM.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            seen.append((kwargs.get("penalty_scale"), kwargs.get("detached_steps")))
+        return forward(self, *args, **kwargs)
+
+    class HalfwayClock:  # the run is half over after its first step, and over after its fourth
+        def on_start(self, trainer):
+            trainer.set_progress(0.0)
+
+        def on_step(self, trainer, record):
+            trainer.set_progress(trainer.step / 2)
+            if trainer.step == 4:
+                trainer.request_finish()
+
+    monkeypatch.setattr(RevDEQForCausalLM, "forward", spy)
+    settings = tiny_settings(tmp_path / "r", "solver.fixed_point_penalty=0.5", "solver.penalty_ramp=0.5",
+                             "solver.train_detached_steps=poisson-lognormal:0-40:40", train__max_steps=10**6,
+                             train__eval_every=0, train__save_every=0)
+    Trainer(settings, info=DistInfo(), device=torch.device("cpu"), observers=[HalfwayClock()]).run()
+    assert [scale for scale, _ in seen] == [0.0, 1.0, 1.0, 1.0]  # progress 0, 0.5 (= the ramp), 1, 1
+    assert seen[0][1] == 0 and min(k for _, k in seen[2:]) >= 10  # the curriculum's mean 0, then 40
+    # without the clock the same run would sit at the start of both (its planned end is 10**6 steps away)
+    rules = RevDEQConfig(train_detached_steps="poisson-lognormal:0-40:40").step_rules()
+    assert draw_depth(rules, 0, 3, 10**6)["detached_steps"] == 0
+    assert RevDEQConfig(fixed_point_penalty=0.5, penalty_ramp=0.5).penalty_scale(3, 10**6) < 1e-4
+
+
 def test_zero_inference_steps_read_z0():
     model = make_model(init_state="input")
     ids = torch.randint(0, 48, (1, 8))

@@ -197,9 +197,13 @@ class RevDEQConfig(PreTrainedConfig):
         `max_steps`, fixed) and `train_detached_steps`. Raises `ConfigError` naming the field."""
         return _step_rules(self.max_steps, self.train_steps, self.train_detached_steps)
 
-    def penalty_scale(self, step: int, total_steps: int | None) -> float:
+    def penalty_scale(self, step: int, total_steps: int | None, progress: float | None = None) -> float:
         """The factor on the training penalties at optimiser step `step` (0-based) of a run of `total_steps`
-        (None: unknown, no ramp): min(1, step / (penalty_ramp * total_steps)), 1 when `penalty_ramp` is 0."""
+        (None: unknown, no ramp): min(1, step / (penalty_ramp * total_steps)), 1 when `penalty_ramp` is 0.
+        `progress` in [0, 1], if given, is how far through the run the step is on a clock of the caller's own
+        (a run to a time budget has no planned steps): min(1, progress / penalty_ramp)."""
+        if progress is not None:
+            return 1.0 if self.penalty_ramp <= 0 else min(1.0, max(float(progress), 0.0) / self.penalty_ramp)
         span = self.penalty_ramp * total_steps if total_steps else 0.0
         return 1.0 if span <= 0 else min(1.0, step / span)
 

@@ -138,12 +138,15 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def draw_depth(rules: tuple[StepRule, StepRule] | None, seed: int, step: int,
-               total_steps: int | None = None) -> dict[str, int]:
+               total_steps: int | None = None, progress: float | None = None) -> dict[str, int]:
     """The forward keyword arguments (`solver_steps`, `detached_steps`) for optimiser step `step` (0-based) of
     a run with `seed` and `total_steps` steps (None: a curriculum is at its end), from a config's
-    `step_rules()`; {} for a model without a solver (rules None)."""
+    `step_rules()`; {} for a model without a solver (rules None). `progress` in [0, 1], if given, places a
+    curriculum's draw in the run instead of step / (total_steps - 1) (a run on a clock of its own, e.g. a time
+    budget); the draw itself still comes from the (seed, step) generator."""
     if rules is None:
         return {}
-    progress = 1.0 if not total_steps or total_steps <= 1 else step / (total_steps - 1)
+    if progress is None:
+        progress = 1.0 if not total_steps or total_steps <= 1 else step / (total_steps - 1)
     generator = step_generator(seed, step)
     return {"solver_steps": rules[0].draw(generator, progress), "detached_steps": rules[1].draw(generator, progress)}

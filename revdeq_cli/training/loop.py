@@ -202,6 +202,7 @@ class Trainer:
         self._warned_reversal = False
         self._stop_signal: int | None = None  # the first stop signal received (`_graceful_interrupt`)
         self._finish_requested = False  # `request_finish()`: the step being taken is the last
+        self._progress: float | None = None  # `set_progress()`: None = step / total_steps
         self._rng_at_boundary: dict[str, Any] | None = None  # RNG states after the last completed step
         self._t0 = time.perf_counter()
         self._peak = 0
@@ -398,10 +399,10 @@ class Trainer:
         out = None
         from revdeq_cli.model.step_rule import draw_depth
 
-        depth = draw_depth(self.step_rules, tr.seed, self.step, self.total_steps)
+        depth = draw_depth(self.step_rules, tr.seed, self.step, self.total_steps, progress=self._progress)
         config = getattr(self.model, "config", None)
         if getattr(config, "penalty_ramp", 0.0):
-            depth["penalty_scale"] = config.penalty_scale(self.step, self.total_steps)
+            depth["penalty_scale"] = config.penalty_scale(self.step, self.total_steps, progress=self._progress)
         try:
             for k in range(tr.grad_accum):
                 block = self.blocks[indices[k]].to(self.device, non_blocking=True)
@@ -465,6 +466,12 @@ class Trainer:
         after that step): for an observer with a schedule of its own, e.g. one in training time."""
         for group in self.optimizer.param_groups:
             group["lr"] = float(lr)
+
+    def set_progress(self, fraction: float) -> None:
+        """How far through the run the next optimiser steps are, in [0, 1], in place of step / total_steps, for
+        what follows the run's progress (the penalty ramp, a depth curriculum): for an observer that ends the run
+        on a clock of its own (`request_finish`), e.g. a time budget, where the planned steps mean nothing."""
+        self._progress = min(max(float(fraction), 0.0), 1.0)
 
     def _notify(self, hook: str, *args: Any) -> None:
         for observer in self.observers:

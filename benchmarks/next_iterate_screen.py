@@ -4,6 +4,7 @@ the trained depth.
     python benchmarks/next_iterate_screen.py --mu 1 --seed 0            # one run; prints its record as JSON
     python benchmarks/next_iterate_screen.py --mu 1 --seed 0 --append   # ... and appends it to the runs file
     python benchmarks/next_iterate_screen.py --mu 1 --base-model recipe-pln-8-tail-0.1-penalty-0.3-ramp-0.2
+    python benchmarks/next_iterate_screen.py --mu 1 --normalize     # (CE(z_N) + CE(f(z_N))) / 2 + the penalty
 
 The trained model reads the state at its training depth best (the default: 5.22 at 8 steps) and the states the
 iteration reaches later slightly worse (5.34 at 32): its readout was trained on depth ~8 only. The fixed-point
@@ -34,8 +35,10 @@ BASE_MODEL = "recipe-tail-0.1-penalty-0.3-ramp-0.2"  # the default recipe (round
 RUNS_FILE = equilibrium.RESULTS_DIR / "next_iterate-runs.jsonl"
 
 
-def patch(mu: float) -> None:
-    """Keep f(z_N) from the penalty's evaluation and add mu x the cross-entropy read there (training only)."""
+def patch(mu: float, normalize: bool = False) -> None:
+    """Keep f(z_N) from the penalty's evaluation and add mu x the cross-entropy read there (training only);
+    `normalize`: (CE(z_N) + mu x CE(f(z_N))) / (1 + mu) instead, so the penalties keep their weight relative to
+    the cross-entropy (AdamW is blind to the loss's scale, not to the ratio of its terms)."""
     import torch.nn.functional as F
 
     from revdeq_cli.model.modeling import RevDEQForCausalLM
@@ -65,7 +68,11 @@ def patch(mu: float) -> None:
         if self.training and self._next_iterate is not None and targets is not None:
             logits = self.lm_head(self.ln_f(self._next_iterate)).float()
             extra = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-            out.loss = out.loss + mu * extra
+            if normalize:
+                reg = out.regularization if out.regularization is not None else 0.0
+                out.loss = (out.lm_loss + mu * extra) / (1 + mu) + reg
+            else:
+                out.loss = out.loss + mu * extra
         self._next_iterate = None
         return out
 
@@ -81,12 +88,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--base-model", default=BASE_MODEL, choices=sorted(equilibrium.MODELS),
                     help="the equilibrium.py model whose recipe the extra loss goes on (needs its penalty on)")
+    ap.add_argument("--normalize", action="store_true",
+                    help="(CE at z_N + mu x CE at f(z_N)) / (1 + mu): the penalties keep their relative weight")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
-    patch(args.mu)
+    patch(args.mu, args.normalize)
     record = equilibrium.run_one(args.base_model, args.lr, args.steps, args.seed, curve_every=100, curve_batches=4)
-    name = f"{args.base_model}-next-iterate-{args.mu:g}"
-    record.update(model=name, next_iterate_mu=args.mu, base_model=args.base_model)
+    name = f"{args.base_model}-next-iterate-{args.mu:g}{'-normalized' if args.normalize else ''}"
+    record.update(model=name, next_iterate_mu=args.mu, next_iterate_normalized=args.normalize,
+                  base_model=args.base_model)
     line = json.dumps(record)
     print(line)
     if args.append:

@@ -96,6 +96,11 @@ def test_inspect_shows_how_the_model_was_trained_to_iterate_and_probes_past_it(r
     out = invoke("inspect", tmp_path / "ramp").stdout
     assert ("worst 5% of positions (by residual), penalties ramped in over the first 20% of steps; block skip"
             in out)
+    model.config.update({"next_iterate_loss": 0.5})
+    model.save_pretrained(tmp_path / "next")
+    out = invoke("inspect", tmp_path / "next").stdout
+    assert ("penalties ramped in over the first 20% of steps, + 0.5 x the cross-entropy read one step on, at "
+            "f(z_N); block skip state" in out)
     result = invoke("inspect", run, "--probe", "--steps", "32", "--json")  # past the 2 steps it trained with
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["probe"]["residuals"]) == 32

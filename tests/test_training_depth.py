@@ -233,6 +233,60 @@ def test_fixed_point_penalty_tail_is_validated():
         RevDEQConfig(fixed_point_penalty_tail=1.5)
 
 
+@pytest.mark.parametrize("penalty", [0.3, 0.0])
+def test_next_iterate_loss_adds_the_cross_entropy_read_at_f_of_the_output(penalty):
+    """loss = CE(z_N) + mu * CE(f(z_N)) + penalties, with f(z_N) the fixed-point penalty's own evaluation of the
+    block (no second one), or one evaluation of its own with the penalty off; lm_loss stays CE(z_N); training only."""
+    torch.manual_seed(0)
+    model = make_model(fixed_point_penalty=penalty, next_iterate_loss=0.7, init_state="input",
+                       block_skip="input").train()
+    ids = torch.randint(0, 48, (2, 10))
+    block, calls, captured = model.blocks[0], [], {}
+    forward, penalties = type(block).forward, model._penalties
+
+    def count(*args, **kwargs):
+        calls.append(1)
+        return forward(block, *args, **kwargs)
+
+    def spy(z, x, mask):
+        captured.update(z=z.detach(), x=x.detach(), mask=mask, calls=len(calls))
+        return penalties(z, x, mask)
+
+    block.forward, model._penalties = count, spy
+    out = model(ids, labels=ids, solver_steps=2)
+    assert len(calls) - captured["calls"] == 1  # f(z_N): one evaluation for the penalty and the readout
+    with torch.no_grad():
+        fz = forward(block, captured["z"], captured["x"], captured["mask"])
+        logits = model.lm_head(model.ln_f(fz))[:, :-1]
+        next_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, out.lm_loss + 0.7 * next_ce + out.regularization, rtol=1e-6)
+    assert (float(out.regularization.detach()) > 0) == (penalty > 0)
+    assert model.last_solver_stats.next_iterate is None  # no activations kept past the forward
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids, labels=ids).loss, model(ids, labels=ids).lm_loss)  # training only
+    with pytest.raises(ConfigError, match="^next_iterate_loss: must be a number >= 0"):
+        RevDEQConfig(next_iterate_loss=-1.0)
+
+
+def test_next_iterate_loss_keeps_the_reversible_gradient_exact():
+    """The extra cross-entropy reaches the block through f(z_N) and, through z_N, the reversible steps: the
+    gradient equals autograd's through the unrolled differentiated steps (float64)."""
+    config = RevDEQConfig(vocab_size=40, hidden_size=16, num_attention_heads=2, max_position_embeddings=16,
+                          init_state="input", block_skip="input", max_steps=2, tol=None, fixed_point_penalty=0.3,
+                          fixed_point_penalty_tail=0.25, next_iterate_loss=1.0)
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for adjoint in ("reversible", "unrolled"):
+        torch.manual_seed(1)
+        model = RevDEQForCausalLM(RevDEQConfig(**{**config.to_dict(), "adjoint": adjoint})).double().train()
+        model(ids, labels=ids, solver_steps=2, detached_steps=3).loss.backward()
+        grads[adjoint] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert grads["reversible"].keys() == grads["unrolled"].keys()
+    for name, g in grads["unrolled"].items():
+        assert _rel(grads["reversible"][name], g) <= 1e-10, name
+
+
 def test_penalty_ramp_scales_the_penalties_by_the_place_in_the_run_and_is_validated():
     config = RevDEQConfig(fixed_point_penalty=0.3, penalty_ramp=0.2)
     assert [config.penalty_scale(s, 1200) for s in (0, 60, 120, 240, 1199)] == [0.0, 0.25, 0.5, 1.0, 1.0]

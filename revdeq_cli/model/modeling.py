@@ -61,6 +61,7 @@ class SolverStats:
     position_steps: Tensor | None = None  # [B, T] long: the steps each position iterated (0: padding, or z0 itself)
     backward: Any = None  # deq.BackwardStats, filled in when loss.backward() runs; None if not a DEQ
     regularization: Tensor | None = None  # the training penalties' sum (fixed-point, Jacobian); None if off
+    next_iterate: Tensor | None = None  # training with next_iterate_loss: f(z_N) [B, T, H] with its graph
 
 
 @dataclass
@@ -199,8 +200,9 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         ones; eval: all of them, 0 = z0 itself) and steps run first without a graph, instead of the config's
         (`max_steps` / 0 in training, `inference_max_steps` in eval mode); the trainer passes the counts its
         step rules drew. In training mode `loss` includes the config's penalties, times `penalty_scale` if given
-        (the trainer's `config.penalty_scale(step, total)`, the `penalty_ramp`); `lm_loss` is the cross-entropy
-        alone, `regularization` the penalties as added."""
+        (the trainer's `config.penalty_scale(step, total)`, the `penalty_ramp`), and `next_iterate_loss` x the
+        cross-entropy read at f(z_N); `lm_loss` is the cross-entropy at z_N alone, `regularization` the penalties
+        as added."""
         config = self.config
         config.check_solver()
         if input_ids is None:
@@ -250,10 +252,15 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         lm_loss = _lm_loss(logits, labels, shift_labels)
         loss = lm_loss
+        if lm_loss is not None and stats.next_iterate is not None:
+            # the readout also trained one full step past the solver's output (next_iterate_loss)
+            next_logits = self.lm_head(self.ln_f(stats.next_iterate))
+            loss = lm_loss + config.next_iterate_loss * _lm_loss(next_logits, labels, shift_labels)
+        stats.next_iterate = None  # (its graph lives on in `loss`; last_solver_stats keeps no activations)
         if stats.regularization is not None and penalty_scale is not None and penalty_scale != 1.0:
             stats.regularization = stats.regularization * penalty_scale
-        if lm_loss is not None and stats.regularization is not None:
-            loss = lm_loss + stats.regularization
+        if loss is not None and stats.regularization is not None:
+            loss = loss + stats.regularization
 
         out = RevDEQCausalLMOutput(
             loss=loss, logits=logits, cache=cache, solver_steps=stats.steps,
@@ -370,8 +377,9 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         if prefix is not None:  # the detached steps ran apart (train_state_noise): count them in
             stats.steps, stats.nfe = stats.steps + prefix.steps, stats.nfe + prefix.nfe
             stats.position_steps = stats.position_steps + prefix.position_steps
-        if self.training and grad and (config.fixed_point_penalty or config.jacobian_penalty):
-            stats.regularization = self._penalties(z, x, mask)
+        trained_past = config.fixed_point_penalty or config.jacobian_penalty or config.next_iterate_loss
+        if self.training and grad and trained_past:
+            stats.regularization, stats.next_iterate = self._penalties(z, x, mask)
         return z, stats
 
     def _noisy_start(self, x: Tensor, mask: AttentionMask, z0: Tensor,
@@ -409,8 +417,9 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         return z, SolverStats(steps=0, residual=float(residual), nfe=1,
                               position_steps=torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
 
-    def _penalties(self, z: Tensor, x: Tensor, mask: AttentionMask) -> Tensor:
-        """The training penalties at the solver's output z [B, T, H] (scalar, float32):
+    def _penalties(self, z: Tensor, x: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor | None]:
+        """The training penalties at the solver's output z [B, T, H] (scalar, float32), and f(z) [B, T, H] with its
+        graph when `next_iterate_loss` reads the cross-entropy there (else None; one evaluation of f serves both):
 
         fixed point  lam * mean over positions of ||f(z) - z||^2 / ||f(z)||^2 (z with its graph, so the
                      gradient also flows back through the solve); with `fixed_point_penalty_tail` q < 1 the mean
@@ -421,8 +430,8 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
                      ||J||_F^2 / (T * H) per sequence, differentiated by double backward."""
         config, block = self.config, self.blocks[0]
         total = z.new_zeros((), dtype=torch.float32)
+        fz = block(z, x, mask) if config.fixed_point_penalty or config.next_iterate_loss else None
         if config.fixed_point_penalty:
-            fz = block(z, x, mask)
             diff = (fz - z).float().pow(2).sum(-1)
             ratios = (diff / fz.float().pow(2).sum(-1).clamp(min=1e-10)).flatten()
             if config.fixed_point_penalty_tail < 1.0:
@@ -439,7 +448,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
                 v = torch.randn_like(fa)
                 (vjp,) = torch.autograd.grad(fa, at, v, create_graph=True)
             total = total + config.jacobian_penalty * vjp.float().pow(2).sum() / v.float().pow(2).sum()
-        return total
+        return total, fz if config.next_iterate_loss else None
 
     def _solve_exact_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache,
                             real: Tensor | None = None) -> tuple[Tensor, SolverStats]:

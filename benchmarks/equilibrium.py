@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,32 @@ def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curv
         shutil.copytree((out_dir / "final").resolve(), dest)
     shutil.rmtree(out_dir, ignore_errors=True)
     return record
+
+
+def screen_arguments(description: str, base_model: str, base_help: str) -> argparse.ArgumentParser:
+    """The arguments every screen script (a patch on the trainer or the model, e.g. warm_start_screen.py) takes;
+    the script adds its own."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=4e-3)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--base-model", default=base_model, choices=sorted(MODELS), help=base_help)
+    ap.add_argument("--append", action="store_true", help="also append the record to the screen's runs file")
+    return ap
+
+
+def screen_run(args: argparse.Namespace, runs_file: Path, name: str,
+               fields: Callable[[], dict[str, Any]] = dict) -> int:
+    """Train and measure `args.base_model` as `run_one` does, under the calling screen's patch; record it as model
+    `name` with `fields()` (read after the run), print it as JSON and, with --append, add it to `runs_file`."""
+    record = run_one(args.base_model, args.lr, args.steps, args.seed, curve_every=100, curve_batches=4)
+    record.update(model=name, base_model=args.base_model, **fields())
+    line = json.dumps(record)
+    print(line)
+    if args.append:
+        with runs_file.open("a") as fh:
+            fh.write(line + "\n")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- the study

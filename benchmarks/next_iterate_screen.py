@@ -21,8 +21,6 @@ Evaluation is equilibrium.py's (`run_one`).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -81,28 +79,17 @@ def patch(mu: float, normalize: bool = False) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = equilibrium.screen_arguments(__doc__.split("\n\n")[0], BASE_MODEL,
+                                      "the equilibrium.py model whose recipe the extra loss goes on (needs its "
+                                      "penalty on)")
     ap.add_argument("--mu", type=float, required=True, help="weight of the cross-entropy read at f(z_N)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=4e-3)
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--base-model", default=BASE_MODEL, choices=sorted(equilibrium.MODELS),
-                    help="the equilibrium.py model whose recipe the extra loss goes on (needs its penalty on)")
     ap.add_argument("--normalize", action="store_true",
                     help="(CE at z_N + mu x CE at f(z_N)) / (1 + mu): the penalties keep their relative weight")
-    ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     patch(args.mu, args.normalize)
-    record = equilibrium.run_one(args.base_model, args.lr, args.steps, args.seed, curve_every=100, curve_batches=4)
     name = f"{args.base_model}-next-iterate-{args.mu:g}{'-normalized' if args.normalize else ''}"
-    record.update(model=name, next_iterate_mu=args.mu, next_iterate_normalized=args.normalize,
-                  base_model=args.base_model)
-    line = json.dumps(record)
-    print(line)
-    if args.append:
-        with RUNS_FILE.open("a") as fh:
-            fh.write(line + "\n")
-    return 0
+    return equilibrium.screen_run(args, RUNS_FILE, name,
+                                  lambda: {"next_iterate_mu": args.mu, "next_iterate_normalized": args.normalize})
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ Evaluation is equilibrium.py's (`run_one`): inference starts at z0 as always.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -88,28 +86,17 @@ def patch(p: float) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = equilibrium.screen_arguments(__doc__.split("\n\n")[0], BASE_MODEL,
+                                      "the equilibrium.py model whose recipe the warm start goes on (default: the "
+                                      "default's)")
     ap.add_argument("--p", type=float, required=True, help="probability that a batch warm-starts")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=4e-3)
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--base-model", default=BASE_MODEL, choices=sorted(equilibrium.MODELS),
-                    help="the equilibrium.py model whose recipe the warm start goes on (default: the default's)")
-    ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     patch(args.p)
-    record = equilibrium.run_one(args.base_model, args.lr, args.steps, args.seed, curve_every=100, curve_batches=4)
     name = f"recipe-warm-start-{args.p:g}"
     if args.base_model != BASE_MODEL:
         name += "-on-" + args.base_model.removeprefix("recipe-")
-    record.update(model=name, warm_start_p=args.p, base_model=args.base_model,
-                  warm_started_blocks=WARM_BLOCKS[0])
-    line = json.dumps(record)
-    print(line)
-    if args.append:
-        with RUNS_FILE.open("a") as fh:
-            fh.write(line + "\n")
-    return 0
+    return equilibrium.screen_run(args, RUNS_FILE, name,
+                                  lambda: {"warm_start_p": args.p, "warm_started_blocks": WARM_BLOCKS[0]})
 
 
 if __name__ == "__main__":

@@ -189,7 +189,6 @@ class SolverSettings(_Section):
     penalty_ramp: float | None = Field(None, ge=0.0, lt=1.0)  # penalties ramp in over this fraction of the run
     jacobian_penalty: float | None = Field(None, ge=0.0)  # lam * Hutchinson ||v^T df/dz||^2 / ||v||^2
     next_iterate_loss: float | None = Field(None, ge=0.0)  # + mu * the cross-entropy read at f(z_N)
-    next_iterate_positions: float | None = Field(None, gt=0.0, le=1.0)  # ... at this fraction of positions
     train_init_noise: float | None = Field(None, ge=0.0)  # training solves start at z0 + sigma * rms(x) * N(0, I)
     train_state_noise: float | None = Field(None, ge=0.0)  # ... and the differentiated steps off the detached end
 

@@ -269,34 +269,6 @@ def test_next_iterate_loss_adds_the_cross_entropy_read_at_f_of_the_output(penalt
         RevDEQConfig(next_iterate_loss=-1.0)
 
 
-def test_next_iterate_positions_reads_the_cross_entropy_at_a_drawn_share_of_positions_only():
-    """q < 1: the head runs on ceil(q * targets) positions drawn from torch's global generator, and the term is
-    the mean cross-entropy there (by hand from the same draw); q = 1 reads every position."""
-    torch.manual_seed(0)
-    model = make_model(fixed_point_penalty=0.3, next_iterate_loss=1.0, next_iterate_positions=0.25,
-                       init_state="input", block_skip="input").train()
-    ids = torch.randint(0, 48, (2, 10))
-    rows, captured, penalties = [], {}, model._penalties
-    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
-
-    def spy(z, x, mask):
-        captured.update(z=z.detach(), x=x.detach(), mask=mask)
-        return penalties(z, x, mask)
-
-    model._penalties = spy
-    torch.manual_seed(5)  # the draw is the forward's only use of the global generator here
-    out = model(ids, labels=ids, solver_steps=2)
-    assert rows == [20, 5]  # the head on z_N's 2 x 10 positions, then on ceil(0.25 x 18) of f(z_N)'s targets
-    torch.manual_seed(5)
-    pick = torch.randperm(18)[:5]
-    with torch.no_grad():
-        fz = model.blocks[0](captured["z"], captured["x"], captured["mask"])[:, :-1].reshape(18, -1)[pick]
-        expected = torch.nn.functional.cross_entropy(model.lm_head(model.ln_f(fz)), ids[:, 1:].reshape(-1)[pick])
-    assert torch.allclose(out.loss - out.lm_loss - out.regularization, expected, rtol=1e-5)
-    with pytest.raises(ConfigError, match="^next_iterate_positions: must be in \\(0, 1\\]"):
-        RevDEQConfig(next_iterate_positions=0.0)
-
-
 def test_next_iterate_loss_keeps_the_reversible_gradient_exact():
     """The extra cross-entropy reaches the block through f(z_N) and, through z_N, the reversible steps: the
     gradient equals autograd's through the unrolled differentiated steps (float64)."""

@@ -157,10 +157,9 @@ def _depth_line(c: dict, infer: object) -> str:
     penalised = c.get("fixed_point_penalty") or c.get("jacobian_penalty")
     if penalised and isinstance(ramp, (int, float)) and ramp > 0:
         extras.append(f"penalties ramped in over the first {ramp:.0%} of steps")
-    mu, share = c.get("next_iterate_loss"), c.get("next_iterate_positions")
+    mu = c.get("next_iterate_loss")
     if isinstance(mu, (int, float)) and mu:
-        where = f" on {share:.0%} of positions" if isinstance(share, (int, float)) and share < 1 else ""
-        extras.append(f"+ {mu:g} x the cross-entropy read one step on, at f(z_N){where}")
+        extras.append(f"+ {mu:g} x the cross-entropy read one step on, at f(z_N)")
     return (f"depth        trained with {rule} solver steps per batch" + "".join(f", {e}" for e in extras)
             + f"; block skip {c.get('block_skip', 'state')}" + ("; output norm" if c.get("block_output_norm") else "")
             + f"; inference {infer} steps")

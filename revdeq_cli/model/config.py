@@ -95,8 +95,6 @@ class RevDEQConfig(PreTrainedConfig):
     full step of the iteration past the solver's output: the readout learns the states past the trained depth
     as well (round 11: perplexity 5.30 -> 4.98 at 8 steps, flatter to 32). It costs the output head once more;
     f(z_N) is the fixed-point penalty's evaluation (with the penalty off, one more evaluation of f).
-    `next_iterate_positions` (q in (0, 1], 1 = all) reads it at a random fraction q of the batch's positions
-    only: the head is then run on those, which matters with a large vocabulary, where the head costs more than f.
     `penalty_ramp` (r in [0, 1), 0 = off) scales both penalties by min(1, step / (r * total steps)) over the
     run's first fraction r of optimiser steps (`penalty_scale`; the trainer passes it as `penalty_scale=`): a
     strong penalty while the model is far from any fixed point can keep a run from training (round 10). Like
@@ -153,7 +151,6 @@ class RevDEQConfig(PreTrainedConfig):
     penalty_ramp: float = 0.0
     jacobian_penalty: float = 0.0
     next_iterate_loss: float = 0.0
-    next_iterate_positions: float = 1.0
     train_init_noise: float = 0.0
     train_state_noise: float = 0.0
 
@@ -297,10 +294,9 @@ class RevDEQConfig(PreTrainedConfig):
         ramp = self.penalty_ramp
         if not _is_real(ramp) or not 0.0 <= ramp < 1.0:
             raise ConfigError(f"penalty_ramp: must be in [0, 1) (a fraction of the run's steps; 0 = off), got {ramp!r}")
-        for name in ("fixed_point_penalty_tail", "next_iterate_positions"):
-            share = getattr(self, name)
-            if not _is_real(share) or not 0.0 < share <= 1.0:
-                raise ConfigError(f"{name}: must be in (0, 1] (1 = every position), got {share!r}")
+        tail = self.fixed_point_penalty_tail
+        if not _is_real(tail) or not 0.0 < tail <= 1.0:
+            raise ConfigError(f"fixed_point_penalty_tail: must be in (0, 1] (1 = every position), got {tail!r}")
         if self.state_dtype not in STATE_DTYPES:
             raise ConfigError(f"state_dtype: must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}")
         _positive_int("anderson_m", self.anderson_m)
@@ -317,7 +313,7 @@ _SOLVER_FIELDS = (
     "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
     "implicit_tol", "block_skip", "block_output_norm", "train_steps", "train_detached_steps", "fixed_point_penalty",
     "train_detached_precision", "fixed_point_penalty_tail", "penalty_ramp", "jacobian_penalty", "next_iterate_loss",
-    "next_iterate_positions", "train_init_noise", "train_state_noise",
+    "train_init_noise", "train_state_noise",
 )
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 

@@ -254,8 +254,8 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         loss = lm_loss
         if lm_loss is not None and stats.next_iterate is not None:
             # the readout also trained one full step past the solver's output (next_iterate_loss)
-            next_loss = self._next_iterate_loss(stats.next_iterate, labels, shift_labels)
-            loss = lm_loss + config.next_iterate_loss * next_loss
+            next_logits = self.lm_head(self.ln_f(stats.next_iterate))
+            loss = lm_loss + config.next_iterate_loss * _lm_loss(next_logits, labels, shift_labels)
         stats.next_iterate = None  # (its graph lives on in `loss`; last_solver_stats keeps no activations)
         if stats.regularization is not None and penalty_scale is not None and penalty_scale != 1.0:
             stats.regularization = stats.regularization * penalty_scale
@@ -449,26 +449,6 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
                 (vjp,) = torch.autograd.grad(fa, at, v, create_graph=True)
             total = total + config.jacobian_penalty * vjp.float().pow(2).sum() / v.float().pow(2).sum()
         return total, fz if config.next_iterate_loss else None
-
-    def _next_iterate_loss(self, fz: Tensor, labels: Tensor | None, shift_labels: Tensor | None) -> Tensor:
-        """The cross-entropy (float32) read at f(z_N) [B, T, H]: over every position, or with
-        `next_iterate_positions` q < 1 over ceil(q * targets) positions drawn without replacement from torch's
-        global CPU generator (which the trainer's checkpoints restore), so the output head runs on those only (with
-        a large vocabulary the head, not f, is what this term costs)."""
-        q = self.config.next_iterate_positions
-        if q >= 1.0:
-            return _lm_loss(self.lm_head(self.ln_f(fz)), labels, shift_labels)
-        if labels is not None:
-            fz, targets = fz[:, :-1], labels[:, 1:]
-        else:
-            fz, targets = fz, shift_labels
-        hidden, targets = fz.reshape(-1, fz.shape[-1]), targets.reshape(-1).to(fz.device)
-        pick = torch.randperm(hidden.shape[0])[: max(1, math.ceil(q * hidden.shape[0]))].to(fz.device)
-        hidden, targets = hidden[pick], targets[pick]
-        if not bool((targets != -100).any()):  # only ignored targets drawn: nothing to read
-            return hidden.new_zeros((), dtype=torch.float32) * hidden.sum()
-        logits = self.lm_head(self.ln_f(hidden)).float()
-        return F.cross_entropy(logits, targets, ignore_index=-100)
 
     def _solve_exact_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache,
                             real: Tensor | None = None) -> tuple[Tensor, SolverStats]:

@@ -14,7 +14,8 @@ The models (`--models`, all built with `RevDEQConfig.from_preset(--preset)` at t
 
     revdeq             the preset's RevDEQ as `revdeq train` builds it (tiny: beta 0.5, float64 states, z0 = x, the
                        equilibrium recipe: a graph-free Poisson-lognormal start, mean 6, then 2 differentiated steps,
-                       the ramped fixed-point penalty; inference at its training depth, 8 steps), exact gradient
+                       the ramped fixed-point penalty, the cross-entropy also read at f(z_N); inference at its
+                       training depth, 8 steps), exact gradient
     deq-implicit       classic DEQ: Anderson (m 5, 8 steps = 10 evaluations), implicit (IFT) gradient
     deq-phantom        Jacobian-free DEQ: Anderson as above, phantom gradient with 1 step
     explicit-1         a 1-layer transformer: the DEQs' parameters exactly

@@ -77,13 +77,15 @@ def test_probe_shows_the_residual_per_solver_step(run):
 def test_inspect_shows_how_the_model_was_trained_to_iterate_and_probes_past_it(run, tmp_path):
     out = invoke("inspect", run).stdout
     assert ("depth        trained with 2 differentiated after poisson-lognormal:6:24 detached solver steps per "
-            "batch, fixed point penalty 0.3 over the worst 10% of positions (by residual), penalties ramped in over "
-            "the first 20% of steps; block skip input; inference 8 steps") in out  # the tiny preset's
+            "batch, fixed point penalty 1 over the worst 10% of positions (by residual), penalties ramped in over "
+            "the first 20% of steps, + 1 x the cross-entropy read one step on, at f(z_N); block skip input; "
+            "inference 8 steps") in out  # the tiny preset's
     from revdeq_cli.model import RevDEQForCausalLM
 
     model = RevDEQForCausalLM.from_pretrained(run / "final")
     model.config.update({"train_detached_steps": "0", "fixed_point_penalty": 0.0, "block_skip": "state",
-                         "fixed_point_penalty_tail": 1.0, "penalty_ramp": 0.0, "inference_max_steps": None})
+                         "fixed_point_penalty_tail": 1.0, "penalty_ramp": 0.0, "next_iterate_loss": 0.0,
+                         "inference_max_steps": None})
     model.save_pretrained(tmp_path / "m")
     out = invoke("inspect", tmp_path / "m").stdout
     assert "trained with 2 differentiated solver steps per batch; block skip state; inference 2 steps" in out

@@ -93,7 +93,8 @@ class RevDEQConfig(PreTrainedConfig):
     adds lam * ||v^T df/dz||^2 / ||v||^2 at the detached z_N, v ~ N(0, I) (Hutchinson; a double backward).
     `next_iterate_loss` (mu >= 0, 0 = off) adds mu x the language-model cross-entropy read at f(z_N), the state one
     full step of the iteration past the solver's output: the readout learns the states past the trained depth
-    as well (round 11: perplexity 5.30 -> 4.98 at 8 steps, flatter to 32). It costs the output head once more;
+    as well (round 11: perplexity 5.30 -> 4.98 at 8 steps on one seed, 5.08 with the penalty raised to 1 as in the
+    presets, and flatter to 32 steps). It costs the output head once more;
     f(z_N) is the fixed-point penalty's evaluation (with the penalty off, one more evaluation of f).
     `penalty_ramp` (r in [0, 1), 0 = off) scales both penalties by min(1, step / (r * total steps)) over the
     run's first fraction r of optimiser steps (`penalty_scale`; the trainer passes it as `penalty_scale=`): a

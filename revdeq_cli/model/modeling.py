@@ -377,8 +377,8 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         if prefix is not None:  # the detached steps ran apart (train_state_noise): count them in
             stats.steps, stats.nfe = stats.steps + prefix.steps, stats.nfe + prefix.nfe
             stats.position_steps = stats.position_steps + prefix.position_steps
-        trained_past = config.fixed_point_penalty or config.jacobian_penalty or config.next_iterate_loss
-        if self.training and grad and trained_past:
+        terms_at_output = config.fixed_point_penalty or config.jacobian_penalty or config.next_iterate_loss
+        if self.training and grad and terms_at_output:
             stats.regularization, stats.next_iterate = self._penalties(z, x, mask)
         return z, stats
 

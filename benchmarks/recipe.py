@@ -67,7 +67,8 @@ WARMUP_FRACTION = 0.1  # of the run's steps, for every model
 
 # pinned: the DEQ defaults of the time of this study, before the presets took up the equilibrium recipe
 _PRE_EQUILIBRIUM = {"model.block_skip": "state", "solver.train_detached_steps": "0", "solver.fixed_point_penalty": 0.0,
-                    "solver.fixed_point_penalty_tail": 1.0, "solver.penalty_ramp": 0.0, "solver.next_iterate_loss": 0.0}
+                    "solver.fixed_point_penalty_tail": 1.0, "solver.penalty_ramp": 0.0, "solver.next_iterate_loss": 0.0,
+                    "solver.inference_readout": "z"}
 _REV = {"solver.solver": "reversible", "solver.adjoint": "reversible", "solver.tol": 0.0,
         "solver.state_dtype": "float64", **_PRE_EQUILIBRIUM}
 _INPUT = {**_REV, "model.init_state": "input"}

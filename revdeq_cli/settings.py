@@ -174,6 +174,7 @@ class SolverSettings(_Section):
     tol: float | None = Field(None, ge=0.0)  # 0 = never stop early: always max_steps steps (config tol=None)
     max_steps: int | None = Field(None, gt=0)
     inference_max_steps: int | None = Field(None, ge=0)  # None = the training depth; 0 = z0 (bypassed)
+    inference_readout: Literal["z", "midpoint"] | None = None  # eval mode reads z_N or (y_N + z_N) / 2 (reversible)
     state_dtype: Literal["float64", "float32"] | None = None
     anderson_m: int | None = Field(None, gt=0)
     phantom_steps: int | None = Field(None, gt=0)

@@ -20,6 +20,11 @@ class Split(StrEnum):
     test = "test"
 
 
+class Readout(StrEnum):
+    z = "z"
+    midpoint = "midpoint"
+
+
 @app.command(
     "eval",
     help=(
@@ -66,10 +71,14 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the block(s) f."),
+    readout: Readout | None = typer.Option(
+        None, "--readout", show_default=False,
+        help="What the reversible solver's pair (y, z) is read at: z, or the midpoint (y + z) / 2, which sits "
+             "between the two states of a 2-cycle of f. Default: the model's own (inference_readout)."),
 ) -> None:
     """Evaluate CHECKPOINT (help text: see the decorator)."""
     _evaluate(checkpoint, dataset, dataset_config, split.value, solver_steps, seq_len, batch_size,
-              max_batches, device, as_json, compile_, tol)
+              max_batches, device, as_json, compile_, tol, readout.value if readout is not None else None)
 
 
 def parse_steps(values: list[str] | None) -> list[int | None]:
@@ -121,7 +130,7 @@ def parse_tols(values: list[str] | None) -> list[Any]:
 
 
 def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len, batch_size, max_batches,
-              device_spec, as_json, compile_=False, tol=None) -> None:
+              device_spec, as_json, compile_=False, tol=None, readout=None) -> None:
     from revdeq_cli.checkpoints import load_checkpoint
     from revdeq_cli.data import prepare_corpus
     from revdeq_cli.errors import CheckpointError, UserError
@@ -144,6 +153,11 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
         raise UserError("--solver-steps: this is an explicit (stacked) model, it has no solver steps to vary")
     if tol and not model.config.is_deq:
         raise UserError("--tol: this is an explicit (stacked) model, it has no solver to stop adaptively")
+    if readout is not None:
+        if model.config.solver != "reversible":
+            raise UserError(f"--readout: only the reversible solver has a pair of states to read (this model's "
+                            f"solver is {model.config.solver}); leave --readout out")
+        model.config.inference_readout = readout
     data = settings.data if settings is not None else None
     if dataset is None:
         if data is None:
@@ -173,6 +187,7 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
     if as_json:
         echo_json({"checkpoint": path, "step": meta.get("step"), "dataset": corpus.source, "split": split,
                    "seq_len": seq_len, "trained_max_steps": trained_steps,
+                   "readout": _readout(model.config),
                    "results": [r.as_dict() for r in results]})
         return
     rows = [(r.solver_steps if r.solver_steps is not None else "-", f"{r.tol:g}" if r.tol is not None else "-",
@@ -184,7 +199,16 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
     if trained_steps is not None:
         detached = model.config.train_detached_steps
         start = f" after {detached} detached steps" if str(detached) != "0" else ""
-        typer.echo(f"(trained with max_steps {trained_steps}{start}; inference default {model.config.eval_max_steps})")
+        typer.echo(f"(trained with max_steps {trained_steps}{start}; inference default {model.config.eval_max_steps}; "
+                   f"read at {_readout(model.config)})")
+
+
+def _readout(config: Any) -> str | None:
+    """Where eval mode reads the state: 'z', or 'midpoint (y + z) / 2' of the reversible pair; None: no solver."""
+    if not config.is_deq:
+        return None
+    midpoint = config.solver == "reversible" and config.inference_readout == "midpoint"
+    return "midpoint (y + z) / 2" if midpoint else "z"
 
 
 def _targets(tokens, seq_len: int, batch_size: int, max_batches: int | None) -> int:

@@ -162,7 +162,9 @@ def _depth_line(c: dict, infer: object) -> str:
         extras.append(f"+ {mu:g} x the cross-entropy read one step on, at f(z_N)")
     return (f"depth        trained with {rule} solver steps per batch" + "".join(f", {e}" for e in extras)
             + f"; block skip {c.get('block_skip', 'state')}" + ("; output norm" if c.get("block_output_norm") else "")
-            + f"; inference {infer} steps")
+            + f"; inference {infer} steps" + (", read at the pair's midpoint (y + z) / 2"
+                                             if c.get("inference_readout") == "midpoint"
+                                             and c.get("solver") == "reversible" else ""))
 
 
 def _summary_lines(report) -> list[str]:

@@ -56,6 +56,11 @@ class Solution:
     trace:    the largest per-sample residual after each step (len == steps); with `trace=False`,
               tol=None and no keep_best, after the last step only (len == 1).
     backward: statistics of the backward pass, filled in when it runs (see `BackwardStats`).
+    y:        Reversible only: the other iterate of its pair, y_N (same structure, shapes and dtypes as z),
+              for a readout of the pair such as its midpoint (y_N + z_N) / 2 (`docs/DESIGN.md` §1: the pair is
+              at rest on a 2-cycle of f as well as at a fixed point). It carries a graph under UnrolledAdjoint
+              only (Implicit and Phantom attach theirs to z alone); None under ReversibleAdjoint with autograd
+              on (its backward starts from z_N's cotangent alone) and for the other solvers.
     """
 
     z: State
@@ -65,6 +70,7 @@ class Solution:
     trace: list[float]
     backward: BackwardStats
     group_steps: Tensor | None = None
+    y: State | None = None
 
     @property
     def max_residual(self) -> float:
@@ -191,11 +197,13 @@ def solve(
             start = replace(start, fz=problem.evaluate(z0_flat))
     out = adjoint.run(problem, solver, z0_flat, grad_params, tol, max_steps, keep_best=keep_best, start=start,
                       groups=groups, active=active)
+    it = out.iteration
+    pair = getattr(it.state, "y", None) if it.state is not None else None
     with problem.arithmetic():
         z = spec.unflatten(out.z)
-    it = out.iteration
+        y = spec.unflatten(pair) if pair is not None else None
     return Solution(z=z, steps=detached_steps + it.steps, residual=it.residual, nfe=problem.nfe,
-                    trace=prefix_trace + it.trace, backward=out.backward, group_steps=it.group_steps)
+                    trace=prefix_trace + it.trace, backward=out.backward, group_steps=it.group_steps, y=y)
 
 
 def _low_precision_prefix(solver: Solver, problem: Problem, z0: Tensor, steps: int,

@@ -34,6 +34,7 @@ STATE_DTYPES = ("float64", "float32")
 DETACHED_PRECISIONS = ("same", "bf16", "auto")  # train_detached_precision
 INIT_STATES = ("zeros", "input")
 CACHE_MODES = ("exact", "fixed_point")
+READOUTS = ("z", "midpoint")  # inference_readout: what eval mode reads from the reversible pair (y_N, z_N)
 BLOCK_SKIPS = ("state", "input")
 # Solvers whose update mixes iterates with per-sample weights. The model solves them with one sample per
 # position (so no token's weights see later tokens); the elementwise solvers (Reversible, Picard, Relaxed)
@@ -65,8 +66,13 @@ class RevDEQConfig(PreTrainedConfig):
     `eval_max_steps`), `inference_tol`
     (adaptive depth in eval mode and generation: each position freezes once its own relative residual is below
     it, at most `inference_max_steps` steps; cached generation stays equal to full recomputation; None =
-    every position runs `inference_max_steps` steps), `state_dtype` (dtype the solver keeps its iterates and
-    update arithmetic in, float64 by default as in the paper; f always computes in the model dtype),
+    every position runs `inference_max_steps` steps), `inference_readout` (what eval mode and generation read from
+    the reversible solver's pair (y_N, z_N): "z" = z_N, as training does, or "midpoint" = (y_N + z_N) / 2, with
+    one more evaluation of f for its residual. The pair is at rest on a 2-cycle of f (y = f(z), z = f(y),
+    y != z) as well as at a fixed point; the midpoint of such a cycle is a first-order estimate of the fixed
+    point it straddles, and equals z_N where the pair has met; the one-iterate solvers read z), `state_dtype`
+    (dtype the solver keeps its iterates and update arithmetic in, float64 by default as in the paper; f always
+    computes in the model dtype),
     `anderson_m`, `implicit_tol`, `implicit_max_steps`, `phantom_steps`, `phantom_beta`.
 
     Block form (DEQs only): `block_skip` = "state" (f(z, x) = z + a + m, the pre-LN GPT block with the identity
@@ -138,6 +144,7 @@ class RevDEQConfig(PreTrainedConfig):
     max_steps: int = 4
     inference_max_steps: int | None = None
     inference_tol: float | None = None
+    inference_readout: str = "z"
     state_dtype: str = "float64"
     anderson_m: int = 5
     implicit_tol: float = 1e-4
@@ -281,6 +288,9 @@ class RevDEQConfig(PreTrainedConfig):
             if value is not None and (not _is_real(value) or not value > 0):
                 raise ConfigError(f"{name}: must be > 0 or null (no early stop), got {value!r}")
         _positive_int("max_steps", self.max_steps)
+        if self.inference_readout not in READOUTS:
+            raise ConfigError(f"inference_readout: must be one of {', '.join(READOUTS)}, "
+                              f"got {self.inference_readout!r}")
         if self.inference_max_steps is not None:
             _nonnegative_int("inference_max_steps", self.inference_max_steps)
         self.step_rules()
@@ -314,7 +324,7 @@ _SOLVER_FIELDS = (
     "inference_max_steps", "state_dtype", "anderson_m", "implicit_max_steps", "phantom_steps", "phantom_beta",
     "implicit_tol", "block_skip", "block_output_norm", "train_steps", "train_detached_steps", "fixed_point_penalty",
     "train_detached_precision", "fixed_point_penalty_tail", "penalty_ramp", "jacobian_penalty", "next_iterate_loss",
-    "train_init_noise", "train_state_noise",
+    "train_init_noise", "train_state_noise", "inference_readout",
 )
 _VALID_SOLVER_SETTINGS: set[tuple[Any, ...]] = set()
 

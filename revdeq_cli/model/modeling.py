@@ -364,8 +364,10 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         # the result equal to the cached path's.
         grad = torch.is_grad_enabled()
         per_position = not self.training and tol is not None
-        # adaptive depth under autograd: unrolled, the method that differentiates through each position's freezing
-        adjoint = self._adjoint() if grad and not per_position else deq.UnrolledAdjoint()
+        readout = self._reads_midpoint()
+        # adaptive depth under autograd: unrolled, the method that differentiates through each position's freezing;
+        # the midpoint readout too (the reversible backward starts from z_N's cotangent alone)
+        adjoint = self._adjoint() if grad and not (per_position or readout) else deq.UnrolledAdjoint()
         if steps == 0:  # only detached steps were asked for: they are the whole (graph-free) solve
             steps, detached = detached, 0
         z0, prefix = self._z0(x), None
@@ -373,7 +375,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             z0, prefix, detached = self._noisy_start(x, mask, z0, detached)
         # training stops the batch together at `tol` (if any); inference gives each position its own stop
         z, stats = self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=adjoint, detached_steps=detached,
-                               per_position=per_position, real=real, z0=z0)
+                               per_position=per_position, real=real, z0=z0, readout=readout)
         if prefix is not None:  # the detached steps ran apart (train_state_noise): count them in
             stats.steps, stats.nfe = stats.steps + prefix.steps, stats.nfe + prefix.nfe
             stats.position_steps = stats.position_steps + prefix.position_steps
@@ -458,16 +460,19 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         evaluations would have computed, since a frozen state does not change."""
         config = self.config
         steps, tol = config.eval_max_steps, config.inference_tol
-        cache.claim(("exact", config.solver, config.beta, steps, config.state_dtype, tol))
+        readout = self._reads_midpoint() and steps > 0
+        cache.claim(("exact", config.solver, config.beta, steps, config.state_dtype, tol, readout))
         per_step = SOLVER_FACTS[config.solver].evaluations_per_step
         hook = EvaluationKeyValues(cache, past=cache.get_seq_length(), per_step=per_step)
         if steps == 0:  # z = z0; f's one evaluation (the residual) fills layer 0
             z, stats = self._bypass(x, mask, hook)
         else:
             # Unrolled: if gradients are wanted, autograd follows the cached evaluations as they happened.
+            # the readout's evaluation has the last layer, wherever the solve stopped (adaptive depth)
             z, stats = self._solve(x, mask, hook, tol=tol, max_steps=steps, adjoint=deq.UnrolledAdjoint(),
-                                   per_position=tol is not None, real=real)
-        total = 1 + per_step * steps  # evaluations of a solve that runs every step
+                                   per_position=tol is not None, real=real, readout=readout,
+                                   readout_layer=per_step * steps + 1)
+        total = 1 + per_step * steps + int(readout)  # evaluations of a solve that runs every step (+ the readout's)
         if cache.num_evaluations is None:
             cache.num_evaluations = total
         elif hook.calls > total or total != cache.num_evaluations or (tol is None and hook.calls != total):
@@ -482,7 +487,8 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         """Solve the new positions to tolerance against the cached final-state keys/values, then cache theirs."""
         config = self.config
         tol = config.inference_tol if config.inference_tol is not None else config.tol
-        cache.claim(("fixed_point", config.solver))
+        readout = self._reads_midpoint()
+        cache.claim(("fixed_point", config.solver, readout))
         past = cache.past_keys_values()
         hook = PastKeyValues(*past) if past is not None else None
         if config.eval_max_steps == 0:  # z = z0 (no attention needed); its keys/values are cached below
@@ -491,7 +497,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
                                 position_steps=torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
         else:
             z, stats = self._solve(x, mask, hook, tol=tol, max_steps=config.eval_max_steps,
-                                   adjoint=deq.UnrolledAdjoint(), per_position=True, real=real)
+                                   adjoint=deq.UnrolledAdjoint(), per_position=True, real=real, readout=readout)
         block = self.blocks[0]
         keys, values = block.attn.keys_values(block.attention_input(z, x))
         cache.update(keys, values, 0)
@@ -499,10 +505,13 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
 
     def _solve(self, x: Tensor, mask: AttentionMask, hook: Any, *, tol: float | None, max_steps: int,
                adjoint: deq.Adjoint, detached_steps: int = 0, per_position: bool = False,
-               real: Tensor | None = None, z0: Tensor | None = None) -> tuple[Tensor, SolverStats]:
+               real: Tensor | None = None, z0: Tensor | None = None, readout: bool = False,
+               readout_layer: int | None = None) -> tuple[Tensor, SolverStats]:
         """The equilibrium solve of f = the block over x [B, T, H] from z0 [B, T, H] (None: `_z0(x)`).
         `per_position` (needs tol): each position freezes at its own residual (deq.solve's groups; `real` [B, T]
-        bool: the positions that iterate at all)."""
+        bool: the positions that iterate at all). `readout` (reversible solver): return the pair's midpoint
+        (y_N + z_N) / 2 and its residual, from one more evaluation of f (`inference_readout`), which an exact
+        cache's hook gives layer `readout_layer`."""
         block = self.blocks[0]
         shape = x.shape
         batch, length = shape[0], shape[1]
@@ -538,7 +547,28 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             position_steps = torch.full((batch, length), sol.steps, dtype=torch.long, device=x.device)
         stats = SolverStats(steps=sol.steps, residual=sol.max_residual, nfe=sol.nfe, position_steps=position_steps,
                             backward=sol.backward)
+        if readout and sol.y is not None:
+            return self._read_midpoint(sol.y.view(shape), sol.z.view(shape), x, mask, hook, readout_layer, stats)
         return sol.z.view(shape), stats
+
+    def _reads_midpoint(self) -> bool:
+        """Eval mode reads the reversible pair's midpoint (`inference_readout: midpoint`)."""
+        config = self.config
+        return not self.training and config.inference_readout == "midpoint" and config.solver == "reversible"
+
+    def _read_midpoint(self, y: Tensor, z: Tensor, x: Tensor, mask: AttentionMask, hook: Any,
+                       layer: int | None, stats: SolverStats) -> tuple[Tensor, SolverStats]:
+        """m = (y + z) / 2 [B, T, H] of the reversible pair and `stats` with m's residual (the largest per-sample
+        relative residual, from one more evaluation of f, without a graph: it only measures) and that evaluation
+        counted. An exact cache's hook (`EvaluationKeyValues`) stores it in `layer`, the same for every solve."""
+        m = (y + z) / 2
+        if layer is not None:
+            hook.calls = layer
+        with torch.no_grad():
+            fm = self.blocks[0](m, x, mask, hook)
+            stats.residual = float(relative_residual(m.flatten(1), fm.flatten(1)).max())
+        stats.nfe += 1
+        return m, stats
 
     def _detached_dtype(self, device: torch.device) -> torch.dtype | None:
         """The dtype f computes in during the detached training steps (`train_detached_precision`). A float64

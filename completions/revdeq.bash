@@ -42,9 +42,10 @@ _revdeq() {
                 --batch-size) return 0 ;;
                 --max-batches) return 0 ;;
                 --device) return 0 ;;
+                --readout) COMPREPLY=( $(compgen -W "z midpoint" -- "$cur") ); return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=( $(compgen -W "--dataset --dataset-config --split --solver-steps --tol --seq-len --batch-size --max-batches --device --json --compile --help -h" -- "$cur") )
+                COMPREPLY=( $(compgen -W "--dataset --dataset-config --split --solver-steps --tol --seq-len --batch-size --max-batches --device --json --compile --readout --help -h" -- "$cur") )
             else
                 COMPREPLY=( $(compgen -f -- "$cur") )
             fi

@@ -31,6 +31,7 @@ complete -c revdeq -n '__fish_seen_subcommand_from eval' -l max-batches -x -d 'S
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l device -x -d 'auto, cpu, cuda, cuda:N or mps.'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l json -d 'Print the results as JSON.'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l compile -d 'torch.compile the block(s) f.'
+complete -c revdeq -n '__fish_seen_subcommand_from eval' -l readout -x -a 'z midpoint' -d 'What the reversible solver\'s pair (y, z) is read at: z, or the midpoint (y + z) / 2, which sits between the two states of a 2-cycle of f. Default: the model\'s own (inference_readout).'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -l help -s h -d 'Show this message and exit.'
 complete -c revdeq -n '__fish_seen_subcommand_from eval' -F
 

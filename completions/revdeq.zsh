@@ -49,6 +49,7 @@ _revdeq() {
                         '--device[auto, cpu, cuda, cuda\:N or mps.]:device: ' \
                         '--json[Print the results as JSON.]' \
                         '--compile[torch.compile the block(s) f.]' \
+                        '--readout[What the reversible solver'\''s pair (y, z) is read at\: z, or the midpoint (y + z) / 2, which sits between the two states of a 2-cycle of f. Default\: the model'\''s own (inference_readout).]:readout:(z midpoint)' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]' \
                         '1:checkpoint:_files'
                     ;;

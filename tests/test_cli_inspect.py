@@ -77,7 +77,7 @@ def test_probe_shows_the_residual_per_solver_step(run):
 def test_inspect_shows_how_the_model_was_trained_to_iterate_and_probes_past_it(run, tmp_path):
     out = invoke("inspect", run).stdout
     assert ("depth        trained with 2 differentiated after poisson-lognormal:6:24 detached solver steps per "
-            "batch, fixed point penalty 1 over the worst 10% of positions (by residual), penalties ramped in over "
+            "batch, fixed point penalty 2 over the worst 10% of positions (by residual), penalties ramped in over "
             "the first 20% of steps, + 1 x the cross-entropy read one step on, at f(z_N); block skip input; "
             "inference 8 steps") in out  # the tiny preset's
     from revdeq_cli.model import RevDEQForCausalLM

@@ -199,7 +199,8 @@ def solver_steps_sweep(model: Any, tokens: np.ndarray, steps: Iterable[int | Non
 @torch.no_grad()
 def probe_residuals(model: Any, input_ids: torch.Tensor, steps: int | None = None) -> list[float]:
     """The relative residual max_b ||z - f(z)|| / (1e-5 + ||f(z)||) after 1, 2, ..., `steps` solver steps
-    (default: the model's inference steps) on one batch, without early stopping.
+    (default: the model's inference steps) on one batch, without early stopping; z is the state eval mode reads
+    (z_N, or the reversible pair's midpoint with `inference_readout: midpoint`).
 
     Each entry is the final residual of a fresh solve run for exactly k steps. The iteration from z0 = 0
     does not depend on the step limit, so entry k is exactly what step k of one long solve reaches."""

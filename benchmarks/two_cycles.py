@@ -49,6 +49,7 @@ def measure(checkpoint: str, steps: list[int], batch_size: int) -> None:
 
     model, _, settings, meta = load_checkpoint(checkpoint, device=torch.device("cpu"))
     model.eval()
+    model.config.inference_readout = "z"  # the check below compares z_N; this script reads both itself
     corpus = prepare_corpus(settings.data.dataset, dataset_config=settings.data.dataset_config,
                             tokenizer=str(meta["path"]), offline=True, cache_dir=settings.data.cache_dir)
     tokens = torch.as_tensor(corpus.splits["validation"].astype("int64"))

@@ -1,6 +1,7 @@
 """Why a trained model's residual stalls at 32 steps: the reversible pair (y, z) can settle on a 2-cycle of f.
 
     python benchmarks/two_cycles.py CKPT [CKPT ...] --steps 8 16 32 64
+    python benchmarks/two_cycles.py CKPT --steps 32 64 --variants reversible:0.3 relaxed:0.5 picard:1
 
 The reversible iteration (docs/DESIGN.md §1)
 
@@ -107,18 +108,51 @@ def measure(checkpoint: str, steps: list[int], batch_size: int) -> None:
           f"positions of that window with a residual > 2e-2: {int((per_position > 2e-2).sum())}")
 
 
+def variants(checkpoint: str, specs: list[str], steps: list[int], batch_size: int) -> None:
+    """The same model solved otherwise at inference: `solver:beta` (e.g. reversible:0.3, relaxed:0.5, picard:1),
+    read at z, through `revdeq eval`'s own evaluation (`solver_steps_sweep`): does another beta or solver settle what
+    the reversible pair does not?"""
+    import torch
+
+    from revdeq_cli.checkpoints import load_checkpoint
+    from revdeq_cli.data import prepare_corpus
+    from revdeq_cli.training.evaluate import solver_steps_sweep
+
+    model, _, settings, meta = load_checkpoint(checkpoint, device=torch.device("cpu"))
+    corpus = prepare_corpus(settings.data.dataset, dataset_config=settings.data.dataset_config,
+                            tokenizer=str(meta["path"]), offline=True, cache_dir=settings.data.cache_dir)
+    config = model.config
+    print(f"\n{checkpoint}: the model solved by another solver or beta at inference (read at z; whole validation "
+          f"split, as revdeq eval)\n")
+    print("| solver:beta | " + " | ".join(f"ppl / max residual @ {k}" for k in steps) + " |")
+    print("|---|" + "---:|" * len(steps))
+    for spec in specs:
+        solver, beta = spec.split(":")
+        config.solver, config.beta, config.inference_readout = solver, float(beta), "z"
+        config.adjoint = "reversible" if solver == "reversible" else "unrolled"  # no gradient is taken
+        rows = solver_steps_sweep(model, corpus.splits["validation"], steps, [None], split="validation",
+                                  split_bytes=corpus.split_bytes["validation"], seq_len=settings.data.seq_len,
+                                  batch_size=batch_size)
+        print(f"| {spec} | " + " | ".join(f"{r.perplexity:.2f} / {r.max_residual:.3f}" for r in rows) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", nargs="*", default=[], metavar="SOLVER:BETA",
+                        help="also evaluate each checkpoint solved by these at inference, e.g. reversible:0.3 "
+                             "reversible:0.7 relaxed:0.5 anderson:0.5 picard:1")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     for checkpoint in args.checkpoints:
         measure(checkpoint, sorted(set(args.steps)), args.batch_size)
+        if args.variants:
+            variants(checkpoint, args.variants, sorted(set(args.steps)), args.batch_size)
 
 
 if __name__ == "__main__":

@@ -207,8 +207,7 @@ def _readout(config: Any) -> str | None:
     """Where eval mode reads the state: 'z', or 'midpoint (y + z) / 2' of the reversible pair; None: no solver."""
     if not config.is_deq:
         return None
-    midpoint = config.solver == "reversible" and config.inference_readout == "midpoint"
-    return "midpoint (y + z) / 2" if midpoint else "z"
+    return "midpoint (y + z) / 2" if config.reads_midpoint else "z"
 
 
 def _targets(tokens, seq_len: int, batch_size: int, max_batches: int | None) -> int:

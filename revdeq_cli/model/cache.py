@@ -138,6 +138,11 @@ class EvaluationKeyValues:
         self.past = past
         self.per_step = per_step
 
+    def next_layer(self, k: int) -> None:
+        """The next call reads and extends layer k (the midpoint readout's evaluation keeps the last layer, whatever
+        step an adaptive solve stopped at); later calls follow on from k + 1."""
+        self.calls = k
+
     def __call__(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         layers, k = self.cache.layers, self.calls
         self.calls += 1

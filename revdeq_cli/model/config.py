@@ -189,6 +189,12 @@ class RevDEQConfig(PreTrainedConfig):
         return self.solver != "explicit"
 
     @property
+    def reads_midpoint(self) -> bool:
+        """Eval mode reads the reversible pair's midpoint: `inference_readout` "midpoint" with the reversible solver
+        (the other solvers have one iterate and read z whatever the field says)."""
+        return self.solver == "reversible" and self.inference_readout == "midpoint"
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 

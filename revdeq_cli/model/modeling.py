@@ -547,14 +547,13 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             position_steps = torch.full((batch, length), sol.steps, dtype=torch.long, device=x.device)
         stats = SolverStats(steps=sol.steps, residual=sol.max_residual, nfe=sol.nfe, position_steps=position_steps,
                             backward=sol.backward)
-        if readout and sol.y is not None:
+        if readout:
             return self._read_midpoint(sol.y.view(shape), sol.z.view(shape), x, mask, hook, readout_layer, stats)
         return sol.z.view(shape), stats
 
     def _reads_midpoint(self) -> bool:
-        """Eval mode reads the reversible pair's midpoint (`inference_readout: midpoint`)."""
-        config = self.config
-        return not self.training and config.inference_readout == "midpoint" and config.solver == "reversible"
+        """This call reads the reversible pair's midpoint: eval mode (training reads z_N), `config.reads_midpoint`."""
+        return not self.training and self.config.reads_midpoint
 
     def _read_midpoint(self, y: Tensor, z: Tensor, x: Tensor, mask: AttentionMask, hook: Any,
                        layer: int | None, stats: SolverStats) -> tuple[Tensor, SolverStats]:
@@ -563,7 +562,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         counted. An exact cache's hook (`EvaluationKeyValues`) stores it in `layer`, the same for every solve."""
         m = (y + z) / 2
         if layer is not None:
-            hook.calls = layer
+            hook.next_layer(layer)
         with torch.no_grad():
             fm = self.blocks[0](m, x, mask, hook)
             stats.residual = float(relative_residual(m.flatten(1), fm.flatten(1)).max())

@@ -259,7 +259,9 @@ class TrainSettings(_Section):
     plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)  # lr *= factor when val loss stalls
     plateau_patience: int = Field(2, ge=0)  # evaluations without improvement before a cut
     grad_clip: float = Field(1.0, ge=0.0)  # max global grad norm; 0 = no clipping
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 autocast where the device multiplies bfloat16 natively (deq.precision: CUDA >= 8.0, CPUs with AMX
+    # or AVX512-BF16), fp32 elsewhere; the run stores what auto chose (training.loop.resolve_precision)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the block(s) f (model/compile.py); unavailable/failing -> warn, eager
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 0

@@ -78,11 +78,12 @@ def test_detached_dtype_is_validated():
 def test_native_low_precision_is_bf16_only_on_bf16_hardware(monkeypatch):
     precision.native_low_precision.cache_clear()
     try:
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-        assert precision.native_low_precision("cpu") is torch.bfloat16
-        precision.native_low_precision.cache_clear()
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        assert precision.native_low_precision("cpu") is None
+        for amx, avx512_bf16, want in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, None)):
+            precision.native_low_precision.cache_clear()
+            monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+            assert precision.native_low_precision("cpu") is want
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         for capability, want in (((8, 0), torch.bfloat16), ((7, 5), None)):
             precision.native_low_precision.cache_clear()

@@ -420,3 +420,24 @@ def test_an_observer_sets_the_lr_and_ends_the_run_early_as_a_finished_one(tmp_pa
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "run")] == ["checkpoint-000002"]
     assert summary.final_checkpoint == tmp_path / "run" / "final"
     assert ckpt.load_checkpoint(tmp_path / "run" / "final").meta["step"] == 2
+
+
+@pytest.mark.parametrize("native, chosen", [(torch.bfloat16, "bf16"), (None, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_device_has_it_and_the_run_stores_its_choice(tmp_path, monkeypatch,
+                                                                                         native, chosen):
+    from revdeq_cli.training import loop
+
+    monkeypatch.setattr(loop, "native_low_precision", lambda device: native)
+    settings = tiny_settings(tmp_path / "run", train__max_steps=2, train__save_every=0, train__eval_every=0)
+    assert settings.train.precision == "auto"  # the default
+    trainer = Trainer(settings, info=_single(), device=torch.device("cpu"))
+    assert trainer.precision == chosen
+    assert trainer._autocast_dtype == (torch.bfloat16 if chosen == "bf16" else None)
+    trainer.run()
+    # the run's files name the format it trained in, so a resume on another machine keeps it
+    stored = torch.load(tmp_path / "run" / "final" / "training_state.pt", weights_only=True)["settings"]
+    assert stored["train"]["precision"] == chosen
+    assert f"precision: {chosen}" in (tmp_path / "run" / "config.yaml").read_text()
+    # an explicit format is never changed
+    assert loop.resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    assert loop.resolve_precision("fp32", torch.device("cpu")) == "fp32"

@@ -91,7 +91,8 @@ def train_command(
                                      "(0: always --solver-steps).", rich_help_panel=_MODEL),
     solver_steps: int | None = typer.Option(None, "--solver-steps", help="Maximum solver steps in training.",
                                             rich_help_panel=_MODEL),
-    precision: str | None = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (default fp32).",
+    precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16 (default auto: "
+                                         "bf16 where the CPU or GPU multiplies bfloat16 natively, else fp32).",
                                          rich_help_panel=_LOOP),
     compile_: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the solver's "
                                          "block(s) f (default off; unavailable: a warning, then eager).",

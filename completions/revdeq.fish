@@ -82,7 +82,7 @@ complete -c revdeq -n '__fish_seen_subcommand_from train' -l adjoint -x -d 'reve
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l beta -x -d 'Relaxation in (0, 2), not 1 for reversible.'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l tol -x -d 'Solver stop tolerance on the relative residual (0: always --solver-steps).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l solver-steps -x -d 'Maximum solver steps in training.'
-complete -c revdeq -n '__fish_seen_subcommand_from train' -l precision -x -d 'fp32, bf16 or fp16 (default fp32).'
+complete -c revdeq -n '__fish_seen_subcommand_from train' -l precision -x -d 'auto, fp32, bf16 or fp16 (default auto: bf16 where the CPU or GPU multiplies bfloat16 natively, else fp32).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l compile -l no-compile -d 'torch.compile the solver\'s block(s) f (default off; unavailable: a warning, then eager).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (default auto).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l eval-every -x -d 'Validate every N steps (0: only at the end) (default 100).'

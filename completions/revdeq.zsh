@@ -106,7 +106,7 @@ _revdeq() {
                         '--beta[Relaxation in (0, 2), not 1 for reversible.]:beta: ' \
                         '--tol[Solver stop tolerance on the relative residual (0\: always --solver-steps).]:tol: ' \
                         '--solver-steps[Maximum solver steps in training.]:solver_steps: ' \
-                        '--precision[fp32, bf16 or fp16 (default fp32).]:precision: ' \
+                        '--precision[auto, fp32, bf16 or fp16 (default auto\: bf16 where the CPU or GPU multiplies bfloat16 natively, else fp32).]:precision: ' \
                         '(--compile --no-compile)'{--compile,--no-compile}'[torch.compile the solver'\''s block(s) f (default off; unavailable\: a warning, then eager).]' \
                         '--device[auto, cpu, cuda, cuda\:N or mps (default auto).]:device: ' \
                         '--eval-every[Validate every N steps (0\: only at the end) (default 100).]:eval_every: ' \

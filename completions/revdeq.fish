@@ -37,7 +37,7 @@ complete -c revdeq -n '__fish_seen_subcommand_from eval' -F
 
 complete -c revdeq -n '__fish_seen_subcommand_from generate' -l checkpoint -s c -r -F -d 'Checkpoint or run dir (default: the newest checkpoint under ./runs).'
 complete -c revdeq -n '__fish_seen_subcommand_from generate' -l prompt-file -r -F -d 'Read the prompt from this file.'
-complete -c revdeq -n '__fish_seen_subcommand_from generate' -l max-new-tokens -x -d 'Tokens to generate after the prompt [default: 100].'
+complete -c revdeq -n '__fish_seen_subcommand_from generate' -l max-new-tokens -x -d 'Tokens to generate after the prompt (default 100).'
 complete -c revdeq -n '__fish_seen_subcommand_from generate' -l max-length -l max_length -x -d 'Alias of the earlier port: total length in tokens, the prompt included.'
 complete -c revdeq -n '__fish_seen_subcommand_from generate' -l temperature -x -d '0 = greedy (deterministic).'
 complete -c revdeq -n '__fish_seen_subcommand_from generate' -l top-k -x -d 'Sample from the k most likely tokens; 0 = all.'

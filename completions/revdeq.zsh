@@ -57,7 +57,7 @@ _revdeq() {
                     _arguments \
                         '(--checkpoint -c)'{--checkpoint,-c}'[Checkpoint or run dir (default\: the newest checkpoint under ./runs).]:checkpoint:_files' \
                         '--prompt-file[Read the prompt from this file.]:prompt_file:_files' \
-                        '--max-new-tokens[Tokens to generate after the prompt \[default\: 100\].]:max_new_tokens: ' \
+                        '--max-new-tokens[Tokens to generate after the prompt (default 100).]:max_new_tokens: ' \
                         '(--max-length --max_length)'{--max-length,--max_length}'[Alias of the earlier port\: total length in tokens, the prompt included.]:max_length: ' \
                         '--temperature[0 = greedy (deterministic).]:temperature: ' \
                         '--top-k[Sample from the k most likely tokens; 0 = all.]:top_k: ' \

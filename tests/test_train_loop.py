@@ -441,3 +441,23 @@ def test_auto_precision_is_bf16_only_where_the_device_has_it_and_the_run_stores_
     # an explicit format is never changed
     assert loop.resolve_precision("fp16", torch.device("cpu")) == "fp16"
     assert loop.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+@pytest.mark.parametrize("precision, native, warns", [("bf16", None, True), ("bf16", torch.bfloat16, False),
+                                                      ("fp32", None, False), ("auto", None, False)])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_about_once(tmp_path, monkeypatch, precision, native, warns):
+    from revdeq_cli.training import loop
+
+    monkeypatch.setattr(loop, "native_low_precision", lambda device: native)
+    lines: list[str] = []
+    progress = PlainProgress(log_every=1)
+    progress.log = lines.append
+    settings = tiny_settings(tmp_path / "run", train__precision=precision, train__max_steps=2, train__save_every=0,
+                             train__eval_every=0)
+    Trainer(settings, info=_single(), device=torch.device("cpu"), progress=progress).run()
+    warned = [line for line in lines if "emulated" in line]
+    assert len(warned) == int(warns)
+    if warns:
+        assert warned[0].startswith("warning: train.precision bf16") and "--precision auto" in warned[0]
+    # never on another device type: a CUDA device without bf16 is the user's explicit choice, and is not emulated
+    assert loop.emulated_precision_warning("bf16", torch.device("cuda")) is None

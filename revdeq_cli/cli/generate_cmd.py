@@ -41,8 +41,8 @@ def generate(
     prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Read the prompt from this file.",
                                             show_default=False),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
-                                              help=f"Tokens to generate after the prompt [default: "
-                                              f"{SAMPLING.max_new_tokens}]."),
+                                              help=f"Tokens to generate after the prompt (default "
+                                              f"{SAMPLING.max_new_tokens})."),
     max_length: int | None = typer.Option(
         None, "--max_length", "--max-length", min=1,
         help="Alias of the earlier port: total length in tokens, the prompt included."),

@@ -151,6 +151,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_low_precision(device) is torch.bfloat16 else "fp32"
 
 
+def emulated_precision_warning(precision: str, device: torch.device) -> str | None:
+    """A warning when a run trains under bf16 autocast on a CPU that has no bfloat16 matrix instructions (given
+    explicitly, or stored by a run that `auto` started on another machine): there each bfloat16 product is emulated,
+    and a training step of the tiny preset took 10x to 14x as long as in float32 on a 2-core AVX2 CPU
+    (`benchmarks/results/precision_speed-amd-epyc-avx2.md`). None elsewhere."""
+    if precision != "bf16" or device.type != "cpu" or native_low_precision(device) is torch.bfloat16:
+        return None
+    return ("warning: train.precision bf16 on a CPU without bfloat16 matrix instructions (AMX or AVX512-BF16): "
+            "its matrix products are emulated, about 10x slower than fp32; --precision auto (or fp32) trains in "
+            "fp32 here")
+
+
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
     """Trains one model in this process (one rank of `info`) on `device`; `run()` trains and returns the
@@ -526,6 +538,8 @@ class Trainer:
                   f"accum {tr.grad_accum} x {self.info.world_size} process(es) x {s.data.seq_len} tokens = "
                   f"{self.tokens_per_step:,} tokens/step; lr {tr.lr:g} ({tr.schedule}, warmup {tr.warmup_steps}); "
                   f"device {self.device}, {self.precision}")
+        if (warning := emulated_precision_warning(self.precision, self.device)) is not None:
+            self._log(warning)
         self._log(f"unigram baseline: validation perplexity {perplexity(self.unigram_val_loss):.2f}")
 
     def _context_line(self) -> str:

@@ -215,8 +215,8 @@ for _base, _mu in (("recipe-tail-0.1-penalty-0.3-ramp-0.2", 1.0), ("recipe-pln-8
                                                {**_settings, "solver.next_iterate_loss": _mu})
 # with it the cross-entropy counts twice, so the penalty's weight relative to it halves; res@32 rose (0.03 on 3 of
 # 4 runs): the penalty at 0.6 (the same relative weight as 0.3 before) and 1; round 12: 2 (res@32 of the no-options
-# run was 0.061 at penalty 1)
-for _lam in (0.6, 1.0, 2.0):
+# run was 0.061 at penalty 1); round 13: 3, aimed at the moonshot's res@32 <= 1e-3 (penalty 2: 0.0012 to 0.019)
+for _lam in (0.6, 1.0, 2.0, 3.0):
     MODELS[f"recipe-tail-0.1-penalty-{_lam:g}-ramp-0.2-next-iterate-1"] = (
         f"recipe, penalty {_lam:g} over the worst 10%, ramped in over 20% of steps, + the cross-entropy read at f(z_N)",
         {**MODELS["recipe-tail-0.1-penalty-0.3-ramp-0.2-next-iterate-1"][1], "solver.fixed_point_penalty": _lam})

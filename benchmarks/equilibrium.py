@@ -227,7 +227,8 @@ MODELS["recipe-pln-8-tail-0.1-penalty-1-ramp-0.2-next-iterate-1"] = (
                "solver.train_detached_steps": "poisson-lognormal:8:32"})
 # round 13: the same recipe trained under bfloat16 autocast (`train.precision: bf16`; the solver's states stay
 # float64, its gradient exact for the iteration as computed). On CPUs that multiply bfloat16 natively (AVX512-BF16
-# or AMX) a training step is about 1.6x faster: is a bf16-trained model as good, read in float32?
+# or AMX) a training step is faster (1.6x measured on an AVX512-BF16 VM, README "Round 13"): is a bf16-trained
+# model as good, read in float32?
 MODELS["recipe-tail-0.1-penalty-2-ramp-0.2-next-iterate-1-bf16"] = (
     "recipe, penalty 2 over the worst 10%, ramped in over 20% of steps, + the cross-entropy read at f(z_N), trained "
     "under bf16 autocast",
@@ -415,7 +416,8 @@ def report(args: argparse.Namespace) -> str:
              "recorded before the runs file kept the CPU: 2-core Intel Xeon or AMD EPYC VMs, torch 2.13.0+cpu).", "",
              "`python benchmarks/equilibrium.py screen` / `confirm` / `run` / `report`. pydoc, byte tokenizer, tiny "
              "width (128, 4 heads, MLP 512, 128-token context), batch 16, AdamW (weight decay 0.1), cosine schedule "
-             f"with {WARMUP_FRACTION:.0%} warmup, clipping 1.0, fp32, one torch thread per run, RevDEQ beta 0.5, "
+             f"with {WARMUP_FRACTION:.0%} warmup, clipping 1.0, fp32 unless a row names bf16, one torch thread per "
+             "run, RevDEQ beta 0.5, "
              "z0 = x unless named. Validation perplexity (bytes) on the whole validation split after training at 0 "
              "(z = z0) to 32 inference solver steps; `res@32` the largest relative residual at 32 steps; "
              "`own` the smallest step count within 1% of the run's best; `worst/own` the largest perplexity from own "

@@ -23,3 +23,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own revdeq cache dir unless it sets one itself."""
     monkeypatch.setenv("REVDEQ_CACHE_DIR", str(tmp_path_factory.mktemp("revdeq-cache")))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-datasets-cache")))
+
+
+@pytest.fixture(autouse=True)
+def _float32_unless_a_test_says(monkeypatch):
+    """`train.precision: auto` (the default) trains in bf16 on hosts with native bfloat16 (AMX, AVX512-BF16, CUDA
+    >= 8.0) and in fp32 elsewhere: tests resolve it as fp32 on every host, so their numbers do not depend on the
+    machine. The tests of `auto` itself patch `native_low_precision` again; the probe is tested on its own
+    (test_detached_precision.py). Subprocess runs are not covered (they check exit codes and files)."""
+    from revdeq_cli.training import loop
+
+    monkeypatch.setattr(loop, "native_low_precision", lambda device: None)

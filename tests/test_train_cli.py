@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_train_loop import small_corpus  # noqa: F401  (session fixture: the local test corpus)
 
 TINY_FLAGS = [
@@ -162,3 +163,20 @@ def test_the_default_run_shortened_succeeds(tmp_path, monkeypatch, capsys, small
     assert code in (0, None), out
     assert "done: 3/3 steps" in out and "warmup 0" in out
     assert len(list((tmp_path / "runs").glob("pydoc-*/final"))) == 1
+
+
+def test_a_resume_on_a_machine_without_bf16_keeps_the_format_auto_chose_and_warns(tmp_path, small_corpus, capsys,  # noqa: F811
+                                                                                 monkeypatch):
+    from revdeq_cli.training import loop
+
+    flags = [*_compose_flags(*small_corpus), "--out-dir", str(tmp_path / "run"), "--eval-every", "0"]
+    monkeypatch.setattr(loop, "native_low_precision", lambda device: torch.bfloat16)  # a bf16 machine
+    code, out = _train(["--max-steps", "2", *flags], capsys)
+    assert code in (0, None), out
+    assert "device cpu, bf16 (auto)" in out and "emulated" not in out
+    monkeypatch.setattr(loop, "native_low_precision", lambda device: None)  # resumed on a CPU without it
+    code, out = _train(["--max-steps", "4", "--resume", "auto", *flags], capsys)
+    assert code in (0, None), out
+    assert "resumed from" in out and "done: 4/4 steps" in out
+    assert "device cpu, bf16\n" in out  # the stored format, not re-resolved to fp32
+    assert sum("emulated" in line for line in out.splitlines()) == 1

@@ -284,6 +284,7 @@ def test_block_order_is_deterministic_and_ranks_get_disjoint_equal_shards():
         ([], ["--lr 0.002", "--beta 0.25", "train.grad_clip=0.5"], ["float64", "--precision"]),
         (["solver.state_dtype=float32", "train.grad_clip=0", "train.precision=fp16"],
          ["solver.state_dtype=float64, now float32", "train.grad_clip=1.0, now off", "--precision bf16"], []),
+        (["train.precision=bf16"], ["--precision fp32, now bf16"], ["fp16"]),  # what auto picks on bf16 hardware
         (["solver.solver=picard"], ["--lr"], ["beta"]),
         (["solver.solver=explicit", "solver.state_dtype=float32"], ["--lr", "grad_clip"], ["beta", "float64"]),
     ],

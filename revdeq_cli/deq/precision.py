@@ -23,7 +23,8 @@ def native_low_precision(device: torch.device | str) -> torch.dtype | None:
     Rapids and later; a detached step of the tiny preset's block about 11 ms against 20 ms in float32, README
     "Round 10") or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake; on a 2-core AMD EPYC VM the tiny
     preset's matrix products run at about 400 GFLOP/s in bfloat16 against 190 in float32, and its training step
-    takes 207 ms against 329 ms, README "Round 13"). Other CPUs, Apple GPUs (mps) and other devices: None
+    takes 207 ms against 329 ms: the first round-13 session's measurement, README "Round 13", whose table it did
+    not commit). Other CPUs, Apple GPUs (mps) and other devices: None
     (emulated, or not measured)."""
     device = torch.device(device)
     if device.type == "cuda":

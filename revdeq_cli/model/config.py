@@ -90,8 +90,8 @@ class RevDEQConfig(PreTrainedConfig):
     state they start at), in the precision `train_detached_precision` says: "same" (as the differentiated
     steps), "bf16" (bfloat16 iterates and f under bfloat16 autocast, the final state cast back: nothing reverses
     those steps, so their rounding only moves the start; round 10 measured it worse, so opt-in) or "auto"
-    (bf16 where the device multiplies bfloat16 natively, `deq.precision`: CUDA Ampere or later, CPUs with AMX;
-    else "same"). `fixed_point_penalty` (lam >= 0) adds lam * mean over positions of
+    (bf16 where the device multiplies bfloat16 natively, `deq.precision`: CUDA Ampere or later, CPUs with AMX or
+    AVX512-BF16; else "same"). `fixed_point_penalty` (lam >= 0) adds lam * mean over positions of
     ||f(z_N) - z_N||^2 / ||f(z_N)||^2 to the training loss (one more evaluation of f); `fixed_point_penalty_tail`
     (q in (0, 1], 1 = all) averages it over only the fraction q of the batch's positions with the largest residual
     (a CVaR: the few positions that orbit instead of converging decide the max residual, and a mean dilutes them

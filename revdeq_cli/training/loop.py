@@ -144,8 +144,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """The number format a run trains in: `precision` itself, or for "auto" "bf16" where `device` multiplies
     bfloat16 natively (`deq.precision.native_low_precision`) and "fp32" elsewhere. bf16 autocasts f's and the
     head's matrix products; the solver's states stay in `state_dtype` and its gradient is exact for the iteration
-    as computed (README "Round 13": on the tiny preset 1.6x faster per step on an AVX512-BF16 CPU, at the same
-    perplexity over four seeds)."""
+    as computed (README "Round 13": four seeds of the tiny preset trained in bf16 on an AVX512-BF16 CPU read as
+    well in float32 as the fp32 ones; that session measured a step 1.6x faster, a table it did not commit)."""
     if precision != "auto":
         return precision
     return "bf16" if native_low_precision(device) is torch.bfloat16 else "fp32"
@@ -201,6 +201,7 @@ class Trainer:
         # acts once, when the run starts, so it is not kept.
         # `precision: auto` is stored as what it chose here, so a resume elsewhere continues in the same format.
         self.precision = resolve_precision(tr.precision, device)
+        self._precision_was_auto = tr.precision == "auto"  # the header says so
         self.settings = settings.model_copy(update={"train": tr.model_copy(
             update={"out_dir": str(self.run_dir), "overwrite": False, "precision": self.precision})})
         self.resume_from = resume_from
@@ -537,7 +538,7 @@ class Trainer:
         self._log(f"train: {self.total_steps} steps ({self.steps_per_epoch} per epoch), batch {tr.batch_size} x "
                   f"accum {tr.grad_accum} x {self.info.world_size} process(es) x {s.data.seq_len} tokens = "
                   f"{self.tokens_per_step:,} tokens/step; lr {tr.lr:g} ({tr.schedule}, warmup {tr.warmup_steps}); "
-                  f"device {self.device}, {self.precision}")
+                  f"device {self.device}, {self.precision}{' (auto)' if self._precision_was_auto else ''}")
         if (warning := emulated_precision_warning(self.precision, self.device)) is not None:
             self._log(warning)
         self._log(f"unigram baseline: validation perplexity {perplexity(self.unigram_val_loss):.2f}")

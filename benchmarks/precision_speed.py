@@ -93,8 +93,11 @@ def main() -> int:
 
     native = native_low_precision(torch.device("cpu"))
     print(f"{machine()}; {args.threads} torch threads; median of {args.repeats}")
+    # the probes are private torch API (guarded as in deq.precision): None where this torch lacks one
+    probes = {name: getattr(torch.cpu, f"_is_{probe}_supported", lambda: None)()
+              for name, probe in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16"))}
     print(f"train.precision auto here: {'bf16' if native is torch.bfloat16 else 'fp32'} "
-          f"(AMX {torch.cpu._is_amx_tile_supported()}, AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()})\n")
+          f"({', '.join(f'{name} {found}' for name, found in probes.items())})\n")
     print("| product [rows x inner] @ [inner x cols] | float32 | bfloat16 | ratio |")
     print("|---|---:|---:|---:|")
     for shape in GEMM_SHAPES:

@@ -27,7 +27,7 @@ def divergence_remedies(s: Settings, *, is_deq: bool) -> list[str]:
         out.append(f"tighter gradient clipping (--set train.grad_clip={tr.grad_clip / 2:g}, now {tr.grad_clip:g})")
     if tr.precision == "fp16":
         out.append("a wider number format (--precision bf16 or fp32, now fp16)")
-    elif tr.precision == "bf16":  # `auto` picks bf16 on bf16 hardware: its 8-bit mantissa may be what diverged
+    elif tr.precision == "bf16":  # `auto` picks bf16 on bf16 hardware: its 8-bit significand may be what diverged
         out.append("float32 matrix products (--precision fp32, now bf16)")
     return out
 

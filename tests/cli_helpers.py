@@ -15,7 +15,7 @@ FIXTURES = REPO.parent / "shared" / "fixtures" / "revdeq-pytorch"
 
 TINY_TRAIN = [
     "--seq-len", "32", "--batch-size", "4", "--solver-steps", "2", "--device", "cpu", "--offline",
-    "--progress", "plain", "--max-steps", "2", "--eval-every", "0", "--save-every", "1",
+    "--progress", "plain", "--precision", "fp32", "--max-steps", "2", "--eval-every", "0", "--save-every", "1",
     "--set", "model.hidden_size=32", "--set", "model.num_attention_heads=2", "--set", "model.intermediate_size=64",
     "--set", "train.warmup_steps=1", "--set", "train.eval_batch_size=64", "--set", "train.eval_batches=1",
     "--set", "log.log_every=1",

@@ -25,12 +25,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-datasets-cache")))
 
 
-@pytest.fixture(autouse=True)
-def _float32_unless_a_test_says(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def _float32_unless_a_test_says():
     """`train.precision: auto` (the default) trains in bf16 on hosts with native bfloat16 (AMX, AVX512-BF16, CUDA
-    >= 8.0) and in fp32 elsewhere: tests resolve it as fp32 on every host, so their numbers do not depend on the
-    machine. The tests of `auto` itself patch `native_low_precision` again; the probe is tested on its own
-    (test_detached_precision.py). Subprocess runs are not covered (they check exit codes and files)."""
-    from revdeq_cli.training import loop
+    >= 8.0) and in fp32 elsewhere: in this process tests resolve it as fp32 on every host, so their numbers do not
+    depend on the machine. Session-wide, so module- and session-scoped fixtures that train are covered too. The
+    tests of `auto` itself patch the probe again (test_precision_hosts.py). Subprocess runs cannot be patched: every
+    test that starts one passes `--precision` explicitly."""
+    from revdeq_cli.training import precision
 
-    monkeypatch.setattr(loop, "native_low_precision", lambda device: None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "native_low_precision", lambda device: None)
+        yield

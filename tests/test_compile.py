@@ -216,8 +216,9 @@ def test_two_process_ddp_run_with_compile_matches_eager(tmp_path):
         cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "revdeq_cli", "train", "--dataset",
                str(corpus), "--out-dir", str(out), "--max-steps", "3", "--eval-every", "0", "--save-every", "0",
                "--seq-len", "32", "--batch-size", "4", "--solver-steps", "2", "--device", "cpu", "--offline",
-               "--progress", "plain", "--set", "model.hidden_size=32", "--set", "model.num_attention_heads=2",
-               "--set", "model.intermediate_size=64", "--set", "train.eval_batches=1", flag]
+               "--progress", "plain", "--precision", "fp32", "--set", "model.hidden_size=32",
+               "--set", "model.num_attention_heads=2", "--set", "model.intermediate_size=64",
+               "--set", "train.eval_batches=1", flag]
         env = dict(os.environ, REVDEQ_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
         run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0 and "warning: --compile" not in run.stdout + run.stderr, run.stderr[-3000:]

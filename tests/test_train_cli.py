@@ -16,7 +16,8 @@ from test_train_loop import small_corpus  # noqa: F401  (session fixture: the lo
 
 TINY_FLAGS = [
     "--seq-len", "32", "--batch-size", "4", "--solver-steps", "2", "--device", "cpu", "--offline",
-    "--progress", "plain", "--set", "model.hidden_size=32", "--set", "model.num_attention_heads=2",
+    "--progress", "plain", "--precision", "fp32", "--set", "model.hidden_size=32",
+    "--set", "model.num_attention_heads=2",
     "--set", "model.intermediate_size=64", "--set", "train.eval_batch_size=64", "--set", "train.eval_batches=1",
 ]  # no warmup: the default follows the run's length (the torchrun and Ctrl-C + resume runs below rely on it)
 
@@ -167,14 +168,14 @@ def test_the_default_run_shortened_succeeds(tmp_path, monkeypatch, capsys, small
 
 def test_a_resume_on_a_machine_without_bf16_keeps_the_format_auto_chose_and_warns(tmp_path, small_corpus, capsys,  # noqa: F811
                                                                                  monkeypatch):
-    from revdeq_cli.training import loop
+    from revdeq_cli.training import precision as train_precision
 
     flags = [*_compose_flags(*small_corpus), "--out-dir", str(tmp_path / "run"), "--eval-every", "0"]
-    monkeypatch.setattr(loop, "native_low_precision", lambda device: torch.bfloat16)  # a bf16 machine
+    monkeypatch.setattr(train_precision, "native_low_precision", lambda device: torch.bfloat16)  # a bf16 machine
     code, out = _train(["--max-steps", "2", *flags], capsys)
     assert code in (0, None), out
     assert "device cpu, bf16 (auto)" in out and "emulated" not in out
-    monkeypatch.setattr(loop, "native_low_precision", lambda device: None)  # resumed on a CPU without it
+    monkeypatch.setattr(train_precision, "native_low_precision", lambda device: None)  # resumed on a CPU without it
     code, out = _train(["--max-steps", "4", "--resume", "auto", *flags], capsys)
     assert code in (0, None), out
     assert "resumed from" in out and "done: 4/4 steps" in out

@@ -426,9 +426,9 @@ def test_an_observer_sets_the_lr_and_ends_the_run_early_as_a_finished_one(tmp_pa
 @pytest.mark.parametrize("native, chosen", [(torch.bfloat16, "bf16"), (None, "fp32")])
 def test_auto_precision_is_bf16_only_where_the_device_has_it_and_the_run_stores_its_choice(tmp_path, monkeypatch,
                                                                                          native, chosen):
-    from revdeq_cli.training import loop
+    from revdeq_cli.training import precision as train_precision
 
-    monkeypatch.setattr(loop, "native_low_precision", lambda device: native)
+    monkeypatch.setattr(train_precision, "native_low_precision", lambda device: native)
     settings = tiny_settings(tmp_path / "run", train__max_steps=2, train__save_every=0, train__eval_every=0)
     assert settings.train.precision == "auto"  # the default
     trainer = Trainer(settings, info=_single(), device=torch.device("cpu"))
@@ -440,16 +440,16 @@ def test_auto_precision_is_bf16_only_where_the_device_has_it_and_the_run_stores_
     assert stored["train"]["precision"] == chosen
     assert f"precision: {chosen}" in (tmp_path / "run" / "config.yaml").read_text()
     # an explicit format is never changed
-    assert loop.resolve_precision("fp16", torch.device("cpu")) == "fp16"
-    assert loop.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert train_precision.resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    assert train_precision.resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
 @pytest.mark.parametrize("precision, native, warns", [("bf16", None, True), ("bf16", torch.bfloat16, False),
                                                       ("fp32", None, False), ("auto", None, False)])
 def test_bf16_on_a_cpu_that_emulates_it_is_warned_about_once(tmp_path, monkeypatch, precision, native, warns):
-    from revdeq_cli.training import loop
+    from revdeq_cli.training import precision as train_precision
 
-    monkeypatch.setattr(loop, "native_low_precision", lambda device: native)
+    monkeypatch.setattr(train_precision, "native_low_precision", lambda device: native)
     lines: list[str] = []
     progress = PlainProgress(log_every=1)
     progress.log = lines.append
@@ -461,4 +461,4 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_about_once(tmp_path, monkeypat
     if warns:
         assert warned[0].startswith("warning: train.precision bf16") and "--precision auto" in warned[0]
     # never on another device type: a CUDA device without bf16 is the user's explicit choice, and is not emulated
-    assert loop.emulated_precision_warning("bf16", torch.device("cuda")) is None
+    assert train_precision.emulated_precision_warning("bf16", torch.device("cuda")) is None

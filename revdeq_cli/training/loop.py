@@ -40,7 +40,6 @@ from revdeq_cli import checkpoints as ckpt
 from revdeq_cli.checkpoints import atomic
 from revdeq_cli.checkpoints.layout import default_run_dir, find_resume_checkpoint
 from revdeq_cli.checkpoints.verify import CheckpointFiles, open_checkpoint
-from revdeq_cli.deq.precision import native_low_precision
 from revdeq_cli.errors import CheckpointError, ConfigError, UserError
 from revdeq_cli.settings import Settings, auto_warmup_steps
 from revdeq_cli.training.data_order import BlockOrder
@@ -60,6 +59,7 @@ from revdeq_cli.training.metrics import (
     unigram_cross_entropy,
 )
 from revdeq_cli.training.optim import LRSchedule, build_optimizer
+from revdeq_cli.training.precision import autocast_dtype, emulated_precision_warning, resolve_precision
 from revdeq_cli.training.progress import Progress, StepStats, Throughput, format_bytes, format_duration, make_progress
 from revdeq_cli.training.remedies import backward_divergence_remedies, divergence_remedies, join_or
 from revdeq_cli.training.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -140,29 +140,6 @@ class TrainSummary:
         return out
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The number format a run trains in: `precision` itself, or for "auto" "bf16" where `device` multiplies
-    bfloat16 natively (`deq.precision.native_low_precision`) and "fp32" elsewhere. bf16 autocasts f's and the
-    head's matrix products; the solver's states stay in `state_dtype` and its gradient is exact for the iteration
-    as computed (README "Round 13": four seeds of the tiny preset trained in bf16 on an AVX512-BF16 CPU read as
-    well in float32 as the fp32 ones; that session measured a step 1.6x faster, a table it did not commit)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_low_precision(device) is torch.bfloat16 else "fp32"
-
-
-def emulated_precision_warning(precision: str, device: torch.device) -> str | None:
-    """A warning when a run trains under bf16 autocast on a CPU that has no bfloat16 matrix instructions (given
-    explicitly, or stored by a run that `auto` started on another machine): there each bfloat16 product is emulated,
-    and a training step of the tiny preset took 10x to 14x as long as in float32 on a 2-core AVX2 CPU
-    (`benchmarks/results/precision_speed-amd-epyc-avx2.md`). None elsewhere."""
-    if precision != "bf16" or device.type != "cpu" or native_low_precision(device) is torch.bfloat16:
-        return None
-    return ("warning: train.precision bf16 on a CPU without bfloat16 matrix instructions (AMX or AVX512-BF16): "
-            "its matrix products are emulated, about 10x slower than fp32; --precision auto (or fp32) trains in "
-            "fp32 here")
-
-
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
     """Trains one model in this process (one rank of `info`) on `device`; `run()` trains and returns the
@@ -210,7 +187,7 @@ class Trainer:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the progress display
-        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self._autocast_dtype = autocast_dtype(self.precision)
         # The run's state, all of it set up here; `_restore` continues it, the loop advances it.
         self.step = 0
         self.epoch = 0
@@ -390,7 +367,8 @@ class Trainer:
 
     def evaluate(self, split: str, max_batches: int | None = None) -> float:
         """Mean loss (nats/token) over `split` (every target once; the first `max_batches` batches only if
-        given). Batches are shared out over ranks and the sums all-reduced."""
+        given). Batches are shared out over ranks and the sums all-reduced. In float32 whatever the training
+        precision: the saved weights as `revdeq eval` and generation run them, so the two agree."""
         from revdeq_cli.training.evaluate import evaluate_split
 
         result = evaluate_split(
@@ -398,7 +376,6 @@ class Trainer:
             seq_len=self.settings.data.seq_len,
             batch_size=self.settings.train.eval_batch_size or self.settings.train.batch_size, split=split,
             device=self.device, max_batches=max_batches, shard=(self.info.rank, self.info.world_size),
-            autocast=self._autocast,
         )
         sums = torch.tensor([result.nll, result.tokens], dtype=torch.float64, device=self.device)
         all_reduce_sum(sums, self.info)
@@ -559,6 +536,9 @@ class Trainer:
         --overwrite) and writes config.yaml, logs and checkpoints. A full disk there is one `DiskFullError`."""
         lock = None
         try:
+            self._prepare_data()  # everything that can refuse the inputs runs before anything is written
+            self._build_model()
+            self._build_optimisation()  # resolves the settings that follow the run's length (warmup)
             lock = self._claim_run_dir()
             return self._run()
         except Exception as err:
@@ -609,9 +589,6 @@ class Trainer:
     def _run(self) -> TrainSummary:
         if self.info.is_main:
             ckpt.remove_stale_temp_dirs(self.run_dir)
-        self._prepare_data()
-        self._build_model()
-        self._build_optimisation()  # resolves the settings that follow the run's length (warmup)
         s = self.settings
         if self.info.is_main:
             ckpt.atomic_write_text(self.run_dir / "config.yaml", s.to_yaml())

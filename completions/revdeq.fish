@@ -65,7 +65,7 @@ complete -c revdeq -n '__fish_seen_subcommand_from inspect' -F
 
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l config -r -F -d 'YAML settings file (sectioned, dotted or the earlier port\'s flat keys).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l preset -x -d 'Model size: tiny, small, base, paper (default tiny).'
-complete -c revdeq -n '__fish_seen_subcommand_from train' -l dataset -r -F -d 'pydoc (offline), wikitext, wikitext-103, a hub id or a local path (default pydoc).'
+complete -c revdeq -n '__fish_seen_subcommand_from train' -l dataset -r -F -d 'pydoc or stdlib (offline), wikitext, wikitext-103, a hub id or a local path (default pydoc).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l dataset-config -x -d 'Hub dataset configuration name.'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l tokenizer -r -F -d 'byte, bpe[:SIZE], a hub id or a path (default byte).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l offline -l online -d 'Never touch the network.'

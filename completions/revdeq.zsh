@@ -89,7 +89,7 @@ _revdeq() {
                     _arguments \
                         '--config[YAML settings file (sectioned, dotted or the earlier port'\''s flat keys).]:config:_files' \
                         '--preset[Model size\: tiny, small, base, paper (default tiny).]:preset: ' \
-                        '--dataset[pydoc (offline), wikitext, wikitext-103, a hub id or a local path (default pydoc).]:dataset:_files' \
+                        '--dataset[pydoc or stdlib (offline), wikitext, wikitext-103, a hub id or a local path (default pydoc).]:dataset:_files' \
                         '--dataset-config[Hub dataset configuration name.]:dataset_config: ' \
                         '--tokenizer[byte, bpe\[\:SIZE\], a hub id or a path (default byte).]:tokenizer:_files' \
                         '(--offline --online)'{--offline,--online}'[Never touch the network.]' \

@@ -56,8 +56,9 @@ def train_command(
                                        "earlier port's flat keys).", rich_help_panel=_RUN),
     preset: str | None = typer.Option(None, "--preset", help="Model size: tiny, small, base, paper "
                                       "(default tiny).", rich_help_panel=_MODEL),
-    dataset: str | None = typer.Option(None, "--dataset", help="pydoc (offline), wikitext, wikitext-103, a hub "
-                                       "id or a local path (default pydoc).", rich_help_panel=_DATA),
+    dataset: str | None = typer.Option(None, "--dataset", help="pydoc or stdlib (offline), wikitext, "
+                                       "wikitext-103, a hub id or a local path (default pydoc).",
+                                       rich_help_panel=_DATA),
     dataset_config: str | None = typer.Option(None, "--dataset-config", help="Hub dataset configuration name.",
                                               rich_help_panel=_DATA),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="byte, bpe[:SIZE], a hub id or a path "

@@ -2,6 +2,9 @@
 
     pydoc            the English documentation every CPython ships in `pydoc_data.topics` (offline default;
                      one document per topic: 79 topics, about 466 kB of text in CPython 3.11)
+    stdlib           the running interpreter's standard library .py sources, test suites, site-packages and
+                     __pycache__ left out (offline; one document per file: 731 files, 12.1M characters in
+                     CPython 3.11); `$REVDEQ_STDLIB_DIR` names another directory to read instead
     wikitext         hub `Salesforce/wikitext`, config `wikitext-2-raw-v1` (`wikitext-2` is a synonym)
     wikitext-103     hub `Salesforce/wikitext`, config `wikitext-103-raw-v1`
     OWNER/NAME       any hub dataset (config from `--dataset-config`), text in its `text` column
@@ -21,20 +24,21 @@ Splits: a source's own train/validation/test splits are used as they are ("valid
 validation). A split the source lacks is carved from its train split, document by document: a document
 goes to bucket sha256(key) mod 100 — 0..89 train, 90..94 validation, 95..99 test — and leaves train only
 if its bucket is a missing split. The key is the document's text (so identical documents share a split),
-or for pydoc the topic name. No document is ever in two splits, and the rule needs no seed or order.
+for pydoc the topic name, for stdlib the file's path relative to the stdlib directory. No document is ever
+in two splits, and the rule needs no seed or order. (The two built-in corpora and `hash_split` live in
+`revdeq_cli.data.builtin`.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from revdeq_cli.data.builtin import PydocSource, StdlibSource, hash_split
 from revdeq_cli.data.cache import cache_key
 from revdeq_cli.data.hub import first_line, hub_offline_mode, mirrored_path, offline_reason
 from revdeq_cli.errors import DataError
@@ -62,12 +66,6 @@ _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n?$")
 _BATCH_ROWS = 1000
 
 
-def hash_split(key: str) -> str:
-    """The split a document with this key belongs to when the source has no splits of its own."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 100
-    return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
-
-
 class Source(Protocol):
     """A corpus: a description, a cheap-as-possible content fingerprint, and its documents."""
 
@@ -83,34 +81,6 @@ class Source(Protocol):
 def train_texts(source: Source) -> Iterator[str]:
     """The training split's documents (what a BPE tokenizer is trained on)."""
     return (text for split, text in source.documents() if split == "train")
-
-
-class PydocSource:
-    """CPython's bundled documentation topics, one document per topic, split by topic name."""
-
-    def __init__(self) -> None:
-        import pydoc_data.topics
-
-        self.topics: dict[str, str] = dict(pydoc_data.topics.topics)
-        # The topics live in one module file that only changes with the Python installation: its path, size
-        # and modification time identify the content (as make does) without hashing 0.5 MB on every cache hit.
-        module = os.stat(pydoc_data.topics.__file__)
-        identity = (platform.python_version(), os.path.realpath(pydoc_data.topics.__file__), module.st_size,
-                    module.st_mtime_ns)
-        self._fingerprint = hashlib.sha256(repr(identity).encode()).hexdigest()[:24]
-        size = sum(len(text) for text in self.topics.values())
-        self.description = (
-            f"pydoc (CPython {platform.python_version()} documentation: {len(self.topics)} topics, "
-            f"{size / 1e3:.0f}k characters)"
-        )
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def documents(self) -> Iterator[tuple[str, str]]:
-        for name in sorted(self.topics):
-            if self.topics[name].strip():
-                yield hash_split(name), self.topics[name]
 
 
 class DatasetSource:
@@ -223,7 +193,7 @@ def load_hub_dataset(
             if offline_why is not None and not local:
                 raise DataError(
                     f"dataset {label} is not in the Hugging Face cache and {offline_why}; "
-                    "pass a local path (--dataset PATH) or use --dataset pydoc"
+                    "pass a local path (--dataset PATH) or use --dataset pydoc or stdlib (offline)"
                 ) from None
             raise DataError(f"dataset {label}: {first_line(err)}; check the name, or pass a local path") from None
         except ValueError as err:
@@ -411,10 +381,13 @@ def resolve_source(
     may probe whether the Hub is reachable)."""
     spec = dataset.strip()
     if not spec:
-        raise DataError("--dataset is empty; use pydoc, wikitext, a hub id or a local path")
+        raise DataError("--dataset is empty; use pydoc, stdlib, wikitext, a hub id or a local path")
     if spec.lower() == "pydoc":
         _no_config(spec, dataset_config)
         return PydocSource()
+    if spec.lower() == "stdlib":
+        _no_config(spec, dataset_config)
+        return StdlibSource()
     if spec.lower() in HUB_ALIASES:
         repo_id, default_config = HUB_ALIASES[spec.lower()]
         return hub_source(repo_id, dataset_config or default_config, text_field=text_field, offline=offline)

@@ -74,6 +74,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from revdeq_cli.training.callbacks import Callback  # noqa: E402  (torch-free; the heavy imports stay lazy)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MEMORY_METHODS = ("reversible", "unrolled", "implicit", "phantom")
 
@@ -123,19 +125,31 @@ def _count_non_embedding(config) -> int:
         return RevDEQForCausalLM(config).num_parameters_split()["non_embedding"]
 
 
+def _config_fields(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A spec's overrides (settings names) as `RevDEQConfig` fields: the baselines' solver settings are options."""
+    fields = dict(overrides)
+    if "anderson_m" in fields:
+        fields["solver_options"] = {"m": fields.pop("anderson_m")}
+    if "phantom_steps" in fields:
+        fields["adjoint_options"] = {"steps": fields.pop("phantom_steps")}
+    return fields
+
+
 def build_config(name: str, args: argparse.Namespace, vocab_size: int):
     """The `RevDEQConfig` of model `name` (see MODELS)."""
     from revdeq_cli.model import RevDEQConfig
 
     spec = MODELS[name]
     shared = base_overrides(args, vocab_size)
-    config = RevDEQConfig.from_preset(args.preset, **shared, **spec.overrides)
+    config = RevDEQConfig.from_preset(args.preset, **shared, **_config_fields(spec.overrides))
     if spec.match_params_layers:
-        target = _count_non_embedding(RevDEQConfig.from_preset(args.preset, **shared, **MODELS["revdeq"].overrides))
+        target = _count_non_embedding(RevDEQConfig.from_preset(args.preset, **shared,
+                                                               **_config_fields(MODELS["revdeq"].overrides)))
         heads = config.num_attention_heads
         best = None
         for width in range(heads, config.hidden_size + 1, heads):
-            candidate = RevDEQConfig.from_preset(args.preset, **{**shared, **spec.overrides, "hidden_size": width,
+            candidate = RevDEQConfig.from_preset(args.preset, **{**shared, **_config_fields(spec.overrides),
+                                                                 "hidden_size": width,
                                                                  "intermediate_size": 4 * width})
             gap = abs(_count_non_embedding(candidate) - target)
             if best is None or gap < best[0]:
@@ -267,7 +281,7 @@ def train_settings(name: str, args: argparse.Namespace, vocab_size: int, out_dir
     return resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
 
 
-class BudgetRun:
+class BudgetRun(Callback):
     """A Trainer observer that holds a model to the comparison's protocol (module docstring): `args.budget`
     seconds of training-step wall time (its own evaluations excluded), then `request_finish()`; the lr a function
     of that time (`lr_at`); the validation-prefix curve; each step's solver figures; the peak memory of the steps."""
@@ -366,7 +380,7 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
     diverged: str | None = None
     with tempfile.TemporaryDirectory(prefix="revdeq-compare-") as tmp:
         settings = train_settings(name, args, _prepare_corpus(args).vocab_size, Path(tmp) / "run")
-        trainer = Trainer(settings, info=DistInfo(), device=device, progress=NullProgress(), observers=[budget])
+        trainer = Trainer(settings, info=DistInfo(), device=device, progress=NullProgress(), callbacks=[budget])
         try:
             trainer.run()
         except TrainingDivergedError as err:
@@ -397,8 +411,7 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
         "name": name, "label": MODELS[name].label,
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_attention_heads", "intermediate_size",
                                                   "num_hidden_layers", "solver", "adjoint", "beta", "tol",
-                                                  "max_steps", "state_dtype", "anderson_m", "phantom_steps",
-                                                  "implicit_max_steps", "implicit_tol")},
+                                                  "max_steps", "state_dtype", "solver_options", "adjoint_options")},
         "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
         "steps": trainer.step, "tokens": tokens, "train_seconds": seconds, "train_cpu_seconds": budget.cpu_seconds,
         "tokens_per_sec": tokens / seconds if seconds > 0 else math.nan,

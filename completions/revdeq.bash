@@ -89,6 +89,7 @@ _revdeq() {
             case "$prev" in
                 --config) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
                 --preset) return 0 ;;
+                --recipe) return 0 ;;
                 --dataset) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
                 --dataset-config) return 0 ;;
                 --tokenizer) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
@@ -115,7 +116,7 @@ _revdeq() {
                 --set) return 0 ;;
             esac
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=( $(compgen -W "--config --preset --dataset --dataset-config --tokenizer --offline --online --seq-len --out-dir --max-steps --epochs --max-tokens --batch-size --grad-accum --lr --solver --adjoint --beta --tol --solver-steps --precision --compile --no-compile --device --eval-every --save-every --resume --overwrite --seed --progress --set --print-config --help -h" -- "$cur") )
+                COMPREPLY=( $(compgen -W "--config --preset --recipe --dataset --dataset-config --tokenizer --offline --online --seq-len --out-dir --max-steps --epochs --max-tokens --batch-size --grad-accum --lr --solver --adjoint --beta --tol --solver-steps --precision --compile --no-compile --device --eval-every --save-every --resume --overwrite --seed --progress --set --print-config --help -h" -- "$cur") )
             fi
             ;;
     esac

@@ -64,7 +64,8 @@ complete -c revdeq -n '__fish_seen_subcommand_from inspect' -l help -s h -d 'Sho
 complete -c revdeq -n '__fish_seen_subcommand_from inspect' -F
 
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l config -r -F -d 'YAML settings file (sectioned, dotted or the earlier port\'s flat keys).'
-complete -c revdeq -n '__fish_seen_subcommand_from train' -l preset -x -d 'Model size: tiny, small, base, paper (default tiny).'
+complete -c revdeq -n '__fish_seen_subcommand_from train' -l preset -x -d 'Model size: tiny, small, base, paper (default tiny); the recipe is chosen apart (--recipe).'
+complete -c revdeq -n '__fish_seen_subcommand_from train' -l recipe -x -d 'How the model solves and trains: equilibrium (revdeq\'s, the default) or paper (the reference implementation\'s method).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l dataset -r -F -d 'pydoc or stdlib (offline), wikitext, wikitext-103, a hub id or a local path (default pydoc).'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l dataset-config -x -d 'Hub dataset configuration name.'
 complete -c revdeq -n '__fish_seen_subcommand_from train' -l tokenizer -r -F -d 'byte, bpe[:SIZE], a hub id or a path (default byte).'

@@ -88,7 +88,8 @@ _revdeq() {
                 train)
                     _arguments \
                         '--config[YAML settings file (sectioned, dotted or the earlier port'\''s flat keys).]:config:_files' \
-                        '--preset[Model size\: tiny, small, base, paper (default tiny).]:preset: ' \
+                        '--preset[Model size\: tiny, small, base, paper (default tiny); the recipe is chosen apart (--recipe).]:preset: ' \
+                        '--recipe[How the model solves and trains\: equilibrium (revdeq'\''s, the default) or paper (the reference implementation'\''s method).]:recipe: ' \
                         '--dataset[pydoc or stdlib (offline), wikitext, wikitext-103, a hub id or a local path (default pydoc).]:dataset:_files' \
                         '--dataset-config[Hub dataset configuration name.]:dataset_config: ' \
                         '--tokenizer[byte, bpe\[\:SIZE\], a hub id or a path (default byte).]:tokenizer:_files' \

@@ -1,16 +1,19 @@
-"""Settings of a training run: five pydantic sections, merged from four layers, validated before any work.
+"""Settings of a training run: six pydantic sections, merged from five layers, validated before any work.
 
 Sections (each a pydantic model; unknown keys are errors):
 
-    model   preset, architecture fields (None = the preset's value)
-    solver  solver / adjoint names, beta, tol, max_steps, state_dtype, ...
-    data    dataset, tokenizer, seq_len, offline
-    train   steps/epochs/tokens, batch, optimiser, schedule, precision, device, eval/save cadence, resume
-    log     progress display, log cadence, TensorBoard
+    model      preset, architecture fields (None = the preset's value)
+    solver     solver / adjoint names, beta, tol, max_steps, state_dtype, inference settings, ...
+    objective  the training objective: graph-free start, fixed-point penalty, next-iterate loss (training/objective.py)
+    data       dataset, tokenizer, seq_len, offline
+    train      recipe, steps/epochs/tokens, batch, optimiser, schedule, precision, device, eval/save cadence, resume
+    log        progress display, log cadence, TensorBoard
 
 Layers, lowest precedence first (`resolve_settings`):
 
-    1. the preset (`model.preset`, default "tiny"): fills every model and solver field left unset
+    0. the preset (`model.preset`, default "tiny"): its size, and the model config's defaults for every model and
+       solver field nothing above sets
+    1. the recipe (`train.recipe`, default "equilibrium"; `revdeq_cli.recipes`): how the model solves and trains
     2. a YAML file (`--config`): sectioned (`train: {lr: 3e-4}`), dotted (`train.lr: 3e-4`) or the earlier
        port's flat keys (below), in any mix
     3. environment: `REVDEQ_<SECTION>__<KEY>=value`, e.g. `REVDEQ_TRAIN__LR=3e-4` (values parse as YAML)
@@ -18,7 +21,7 @@ Layers, lowest precedence first (`resolve_settings`):
 
 The run ends at whichever of train.max_steps, train.epochs, train.max_tokens comes first; when no layer
 sets any of them, train.max_steps = DEFAULT_MAX_STEPS (1200: the no-flags run takes under 5 minutes on a
-2-core CPU and reaches validation perplexity ~5 on pydoc; README "Training recipe").
+2-core CPU and reaches validation perplexity ~5 on pydoc; docs/equilibrium-study.md).
 
 Defaults that follow another setting (a value the user gives is kept and validated as given):
 
@@ -29,7 +32,6 @@ Defaults that follow another setting (a value the user gives is kept and validat
                          (`auto_warmup_steps`). Resolved here when train.max_steps alone ends the run, else by
                          the trainer once it knows the run's steps (from epochs / max_tokens and the data); the
                          run's config.yaml, header and checkpoints hold the resolved number.
-    train.lr             PRESET_LR[preset] where the preset has one (tiny: 4e-3), else 2e-3.
     data.seq_len         the model's context: model.max_position_embeddings (the preset's, or the one given).
     model.max_position_embeddings
                          a data.seq_len given shorter than the preset's context makes the context seq_len, so
@@ -100,11 +102,7 @@ from revdeq_cli.errors import ConfigError
 from revdeq_cli.solver_facts import ADJOINTS, EXPLICIT, SOLVER_FACTS, SOLVERS
 
 ENV_PREFIX = "REVDEQ_"
-# An unset train.lr for these presets (others: TrainSettings' default, 2e-3): the equilibrium study's best for the
-# default tiny run (benchmarks/equilibrium.py, 1200 steps: the input-skip block with a detached Poisson-lognormal
-# start, 4e-3 -> 5.27, 3e-3 -> 5.49 validation perplexity at 8 inference steps, without the penalty).
-PRESET_LR: dict[str, float] = {"tiny": 4e-3}
-DEFAULT_MAX_STEPS = 1200  # the no-flags run: under 5 minutes on a 2-core CPU (README "Training recipe")
+DEFAULT_MAX_STEPS = 1200  # the no-flags run: minutes on a 2-core CPU (docs/performance.md)
 DEFAULT_SEQ_LEN = 128  # data.seq_len when neither it nor a context is known (resolve_settings sets the model's)
 WARMUP_FRACTION = 0.1  # an unset train.warmup_steps: this fraction of the run's optimiser steps ...
 WARMUP_MAX_STEPS = 1000  # ... but at most this many
@@ -151,9 +149,7 @@ class ModelSettings(_Section):
     bias: bool | None = None
     layer_norm_eps: float | None = Field(None, gt=0.0)
     init_state: Literal["zeros", "input"] | None = None  # z0 = 0 (the paper's) or z0 = x (the input injection)
-    output_init_scale: float | None = Field(None, gt=0.0)  # x the blocks' output projections' initial std
     block_skip: Literal["state", "input"] | None = None  # f = z + a + m (the GPT block) or f = x + a + m
-    block_output_norm: bool | None = None  # f = LN_out(s + a + m): a LayerNorm on the block's output
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelSettings:
@@ -176,35 +172,10 @@ class SolverSettings(_Section):
     inference_max_steps: int | None = Field(None, ge=0)  # None = the training depth; 0 = z0 (bypassed)
     inference_readout: Literal["z", "midpoint"] | None = None  # eval mode reads z_N or (y_N + z_N) / 2 (reversible)
     state_dtype: Literal["float64", "float32"] | None = None
-    anderson_m: int | None = Field(None, gt=0)
-    phantom_steps: int | None = Field(None, gt=0)
+    anderson_m: int | None = Field(None, gt=0)  # the solver's options (RevDEQConfig.solver_options) ...
+    phantom_steps: int | None = Field(None, gt=0)  # ... and the gradient method's (adjoint_options)
     implicit_max_steps: int | None = Field(None, gt=0)
     implicit_tol: float | None = Field(None, gt=0.0)
-    # Training depth per optimiser step (model/step_rule.py): "2", "uniform:1-4",
-    # "poisson-lognormal:[START-]6[:MAX[:SIGMA]]" (START-: a curriculum).
-    train_steps: str | None = None  # differentiated steps; None = max_steps
-    train_detached_steps: str | None = None  # steps run first without a graph; None = the preset's ("0")
-    train_detached_precision: Literal["same", "bf16", "auto"] | None = None  # ... in: auto = bf16 on bf16 hardware
-    fixed_point_penalty: float | None = Field(None, ge=0.0)  # lam * ||f(z) - z||^2 / ||f(z)||^2
-    fixed_point_penalty_tail: float | None = Field(None, gt=0.0, le=1.0)  # ... over the worst fraction q of positions
-    penalty_ramp: float | None = Field(None, ge=0.0, lt=1.0)  # penalties ramp in over this fraction of the run
-    jacobian_penalty: float | None = Field(None, ge=0.0)  # lam * Hutchinson ||v^T df/dz||^2 / ||v||^2
-    next_iterate_loss: float | None = Field(None, ge=0.0)  # + mu * the cross-entropy read at f(z_N)
-    train_init_noise: float | None = Field(None, ge=0.0)  # training solves start at z0 + sigma * rms(x) * N(0, I)
-    train_state_noise: float | None = Field(None, ge=0.0)  # ... and the differentiated steps off the detached end
-
-    @field_validator("train_steps", "train_detached_steps", mode="before")
-    @classmethod
-    def _step_rule(cls, value: Any, info: Any) -> Any:
-        if value is None:
-            return None
-        from revdeq_cli.model.step_rule import StepRule
-
-        try:
-            return str(StepRule.parse(value, field=f"solver.{info.field_name}",
-                                      minimum=1 if info.field_name == "train_steps" else 0))
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> SolverSettings:
@@ -225,6 +196,29 @@ class SolverSettings(_Section):
         return self
 
 
+class ObjectiveSettings(_Section):
+    """The training objective (`revdeq_cli.training.objective`): stored with the run, not in the model it saves.
+    The defaults are the plain cross-entropy; a recipe sets the rest (`revdeq_cli.recipes`)."""
+
+    # graph-free solver steps before the differentiated ones, drawn per optimiser step (model/step_rule.py):
+    # "0", "2", "uniform:1-4", "poisson-lognormal:[START-]6[:MAX[:SIGMA]]" (START-: a curriculum)
+    detached_steps: str = "0"
+    fixed_point_penalty: float = Field(0.0, ge=0.0)  # lam * ||f(z) - z||^2 / ||f(z)||^2 at the solver's output
+    penalty_tail: float = Field(1.0, gt=0.0, le=1.0)  # ... averaged over the worst fraction q of positions
+    penalty_ramp: float = Field(0.0, ge=0.0, lt=1.0)  # ... ramped in over this fraction of the run's steps
+    next_iterate_loss: float = Field(0.0, ge=0.0)  # + mu * the cross-entropy read at f(z_N)
+
+    @field_validator("detached_steps", mode="before")
+    @classmethod
+    def _step_rule(cls, value: Any) -> Any:
+        from revdeq_cli.model.step_rule import StepRule
+
+        try:
+            return str(StepRule.parse(value, field="objective.detached_steps", minimum=0))
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+
+
 class DataSettings(_Section):
     """What to train on (see `revdeq_cli.data.prepare_corpus`)."""
 
@@ -242,6 +236,7 @@ class TrainSettings(_Section):
     batch_size * grad_accum * world_size sequences. The run stops at whichever of max_steps, epochs and
     max_tokens comes first (at least one must be set)."""
 
+    recipe: Literal["equilibrium", "paper"] = "equilibrium"  # how the model solves and trains (recipes.py)
     out_dir: str | None = None  # None = runs/<dataset>-<timestamp>
     max_steps: int | None = Field(None, gt=0)  # None with epochs/max_tokens also None: DEFAULT_MAX_STEPS
     epochs: float | None = Field(None, gt=0.0)
@@ -302,6 +297,7 @@ class Settings(_Section):
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     solver: SolverSettings = Field(default_factory=SolverSettings)
+    objective: ObjectiveSettings = Field(default_factory=ObjectiveSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     log: LogSettings = Field(default_factory=LogSettings)
@@ -322,14 +318,46 @@ class Settings(_Section):
         every model and solver field that is set (vocab_size and preset excluded)."""
         out = {k: v for k, v in self.model.model_dump().items()
                if k not in ("preset", "vocab_size") and v is not None}
-        out.update({k: v for k, v in self.solver.model_dump().items() if v is not None})
+        solver = {k: v for k, v in self.solver.model_dump().items() if v is not None}
+        options = {"anderson_m": ("solver_options", "m"), "implicit_tol": ("adjoint_options", "tol"),
+                   "implicit_max_steps": ("adjoint_options", "max_steps"),
+                   "phantom_steps": ("adjoint_options", "steps")}
+        for name, (field, key) in options.items():
+            value = solver.pop(name, None)
+            if value is not None and key in _OPTION_OWNERS[field].get(solver.get("solver" if field ==
+                                                                                   "solver_options" else "adjoint"),
+                                                                      ()):
+                out.setdefault(field, {})[key] = value
+        out.update(solver)
         if out.get("tol") == 0:
             out["tol"] = None  # the model's spelling of "never stop early"
         return out
 
 
+# Which solver / gradient method takes which option (RevDEQConfig.SOLVER_OPTIONS / ADJOINT_OPTIONS): the settings'
+# anderson_m, implicit_* and phantom_steps apply to theirs only.
+_OPTION_OWNERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "solver_options": {"anderson": ("m",)},
+    "adjoint_options": {"implicit": ("tol", "max_steps"), "phantom": ("steps",)},
+}
+# Keys of settings written before the training objective had its own section (revdeq 0.1; a resumed run's
+# stored settings, an old config.yaml): renamed ones map to their new key, removed ones (their option lost its
+# study, docs/equilibrium-study.md) are dropped at the value that meant "off" and refused otherwise.
+RENAMED_KEYS: dict[str, str] = {
+    "solver.train_detached_steps": "objective.detached_steps",
+    "solver.fixed_point_penalty": "objective.fixed_point_penalty",
+    "solver.fixed_point_penalty_tail": "objective.penalty_tail",
+    "solver.penalty_ramp": "objective.penalty_ramp",
+    "solver.next_iterate_loss": "objective.next_iterate_loss",
+}
+REMOVED_KEYS: dict[str, Any] = {
+    "solver.train_steps": None, "solver.train_detached_precision": "same", "solver.jacobian_penalty": 0.0,
+    "solver.train_init_noise": 0.0, "solver.train_state_noise": 0.0, "model.output_init_scale": 1.0,
+    "model.block_output_norm": False,
+}
+
 SECTIONS: dict[str, type[_Section]] = {
-    "model": ModelSettings, "solver": SolverSettings, "data": DataSettings,
+    "model": ModelSettings, "solver": SolverSettings, "objective": ObjectiveSettings, "data": DataSettings,
     "train": TrainSettings, "log": LogSettings,
 }
 
@@ -411,6 +439,7 @@ def flatten(mapping: Mapping[str, Any], source: str) -> list[tuple[str, Any]]:
             out.append((key, value))
         else:
             out.extend(_alias_entries(key, value, source))
+    out = _renamed(out, source)
     for dotted, _ in out:
         section, _, field = dotted.partition(".")
         if section == "__flag__":
@@ -418,6 +447,19 @@ def flatten(mapping: Mapping[str, Any], source: str) -> list[tuple[str, Any]]:
         if section not in SECTIONS or field not in SECTIONS[section].model_fields:
             raise ConfigError(_unknown_key_message(dotted, source))
     return _resolve_precision_flags(out, source)
+
+
+def _renamed(entries: list[tuple[str, Any]], source: str) -> list[tuple[str, Any]]:
+    """`entries` with the keys of older settings mapped (`RENAMED_KEYS`, `REMOVED_KEYS`)."""
+    out = []
+    for key, value in entries:
+        if key in REMOVED_KEYS:
+            if value is None or value == REMOVED_KEYS[key]:
+                continue
+            raise ConfigError(f"{key}: removed in revdeq 0.2, its option lost its study (docs/equilibrium-study.md); "
+                              f"drop it (got {value!r}, from {source})")
+        out.append((RENAMED_KEYS.get(key, key), value))
+    return out
 
 
 def _resolve_precision_flags(entries: list[tuple[str, Any]], source: str) -> list[tuple[str, Any]]:
@@ -484,7 +526,8 @@ def parse_set_option(item: str) -> tuple[str, Any]:
 
 
 def preset_values(name: str) -> dict[str, Any]:
-    """The model and solver fields a preset sets, as dotted keys (imports `revdeq_cli.model`)."""
+    """The model and solver fields a preset's size and the config's defaults set, as dotted keys (imports
+    `revdeq_cli.model`)."""
     from revdeq_cli.model.config import RevDEQConfig
     from revdeq_cli.model.presets import PRESETS
 
@@ -560,11 +603,8 @@ def resolve_settings(*, fill_preset: bool = True, **layers: Any) -> Settings:
         preset = merged.get("model.preset", ModelSettings.model_fields["preset"].default)
         if not isinstance(preset, str):
             raise ConfigError(f"model.preset: must be a name (got {preset!r}, from {sources['model.preset']})")
-        for key, value in preset_values(preset).items():
-            if key not in merged:
-                merged[key] = value
-                sources[key] = f"preset {preset}"
-    _lr_follows_preset(merged, sources)
+        _fill(merged, sources, recipe_layer(merged, sources, preset))
+        _fill(merged, sources, {k: (v, f"preset {preset}") for k, v in preset_values(preset).items()})
     _seq_len_and_context(merged, sources, preset_context=sources.get("model.max_position_embeddings", "")
                          .startswith("preset "))
     _warmup_follows_max_steps(merged, sources)
@@ -622,12 +662,23 @@ def _seq_len_and_context(merged: dict[str, Any], sources: dict[str, str], *, pre
                                                     f"the preset's context {context} shortened to it)")
 
 
-def _lr_follows_preset(merged: dict[str, Any], sources: dict[str, str]) -> None:
-    """An unset train.lr takes the preset's tuned rate (PRESET_LR) where there is one."""
-    preset = merged.get("model.preset", ModelSettings.model_fields["preset"].default)
-    if merged.get("train.lr") is None and isinstance(preset, str) and preset in PRESET_LR:
-        merged["train.lr"] = PRESET_LR[preset]
-        sources["train.lr"] = f"preset {preset}"
+def recipe_layer(merged: Mapping[str, Any], sources: Mapping[str, str], preset: str) -> dict[str, tuple[Any, str]]:
+    """The settings `train.recipe` (default `recipes.DEFAULT_RECIPE`) sets for `preset`: {key: (value, source)}."""
+    from revdeq_cli.recipes import DEFAULT_RECIPE, RECIPES, recipe_values
+
+    name = merged.get("train.recipe", DEFAULT_RECIPE)
+    if name not in RECIPES:
+        raise ConfigError(f"train.recipe: unknown recipe {name!r} (from {sources.get('train.recipe')}); choose one "
+                          f"of {', '.join(RECIPES)}")
+    return {key: (value, f"recipe {name}") for key, value in recipe_values(name, preset).items()}
+
+
+def _fill(merged: dict[str, Any], sources: dict[str, str], layer: Mapping[str, tuple[Any, str]]) -> None:
+    """Set the keys of `layer` that no higher layer set."""
+    for key, (value, source) in layer.items():
+        if key not in merged:
+            merged[key] = value
+            sources[key] = source
 
 
 def _warmup_follows_max_steps(merged: dict[str, Any], sources: dict[str, str]) -> None:

@@ -74,35 +74,17 @@ def test_probe_shows_the_residual_per_solver_step(run):
     assert "positions after 3 steps: median" in text and "least settled: " in text
 
 
-def test_inspect_shows_how_the_model_was_trained_to_iterate_and_probes_past_it(run, tmp_path):
+def test_inspect_shows_how_the_model_runs_and_how_the_run_trained_it_and_probes_past_it(run, tmp_path):
     out = invoke("inspect", run).stdout
-    assert ("depth        trained with 2 differentiated after poisson-lognormal:6:24 detached solver steps per "
-            "batch, fixed point penalty 2 over the worst 10% of positions (by residual), penalties ramped in over "
-            "the first 20% of steps, + 1 x the cross-entropy read one step on, at f(z_N); block skip input; "
-            "inference 8 steps") in out  # the tiny preset's
-    from revdeq_cli.model import RevDEQForCausalLM
-
-    model = RevDEQForCausalLM.from_pretrained(run / "final")
-    model.config.update({"train_detached_steps": "0", "fixed_point_penalty": 0.0, "block_skip": "state",
-                         "fixed_point_penalty_tail": 1.0, "penalty_ramp": 0.0, "next_iterate_loss": 0.0,
-                         "inference_max_steps": None})
-    model.save_pretrained(tmp_path / "m")
-    out = invoke("inspect", tmp_path / "m").stdout
-    assert "trained with 2 differentiated solver steps per batch; block skip state; inference 2 steps" in out
-    model.config.update({"fixed_point_penalty": 0.3, "fixed_point_penalty_tail": 0.05})  # the penalty's CVaR
-    model.save_pretrained(tmp_path / "tail")
-    out = invoke("inspect", tmp_path / "tail").stdout
-    assert "fixed point penalty 0.3 over the worst 5% of positions (by residual); block skip state" in out
-    model.config.update({"penalty_ramp": 0.2})
-    model.save_pretrained(tmp_path / "ramp")
-    out = invoke("inspect", tmp_path / "ramp").stdout
-    assert ("worst 5% of positions (by residual), penalties ramped in over the first 20% of steps; block skip"
-            in out)
-    model.config.update({"next_iterate_loss": 0.5})
-    model.save_pretrained(tmp_path / "next")
-    out = invoke("inspect", tmp_path / "next").stdout
-    assert ("penalties ramped in over the first 20% of steps, + 0.5 x the cross-entropy read one step on, at "
-            "f(z_N); block skip state" in out)
+    assert ("block        skip input, start z0 = x; inference 8 steps, read at the pair's midpoint (y + z) / 2"
+            in out)  # the equilibrium recipe's, at the depth it trained
+    assert ("objective    recipe equilibrium: 2 differentiated after poisson-lognormal:6:24 graph-free solver steps "
+            "per batch, fixed point penalty 2 over the worst 10% of positions (by residual), ramped in over the "
+            "first 20% of steps, + 1 x the cross-entropy read one step on, at f(z_N)") in out
+    # a shared model directory (no training state) says how it runs, and nothing of how it was trained
+    shutil.copytree(run / "final", tmp_path / "shared", ignore=shutil.ignore_patterns("training_state.pt"))
+    shared = invoke("inspect", tmp_path / "shared").stdout
+    assert "block        skip input" in shared and "objective" not in shared
     result = invoke("inspect", run, "--probe", "--steps", "32", "--json")  # past the 2 steps it trained with
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["probe"]["residuals"]) == 32
@@ -195,9 +177,3 @@ def test_subprocess(run, checkpoint_copy, tmp_path):
     assert not marker.exists()
 
 
-def test_depth_line_names_the_output_norm_only_when_the_block_has_one():
-    from revdeq_cli.cli.inspect_cmd import _depth_line
-
-    config = {"max_steps": 2, "train_detached_steps": "0", "block_skip": "input"}
-    assert "output norm" not in _depth_line(config, 2)
-    assert "; block skip input; output norm; inference 2 steps" in _depth_line({**config, "block_output_norm": True}, 2)

@@ -1,5 +1,5 @@
-"""Graph-free (detached) training steps in reduced precision (`deq.solve(detached_dtype=...)`, the model's
-`train_detached_precision`).
+"""Graph-free (detached) solver steps in reduced precision (`deq.solve(detached_dtype=...)`; the model's training
+option lost its study, docs/equilibrium-study.md §bf16 graph-free steps, and the solver keeps the mechanism).
 
 What stays exact: the prefix only moves where the differentiated steps start. f at that start is evaluated
 again in full precision, so the reversible gradient equals autograd through the differentiated steps unrolled
@@ -14,8 +14,6 @@ from torch import nn
 
 from revdeq_cli import deq
 from revdeq_cli.deq import precision
-from revdeq_cli.errors import ConfigError
-from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
 
 
 class DtypeFollowingBlock(nn.Module):
@@ -92,56 +90,3 @@ def test_native_low_precision_is_bf16_only_on_bf16_hardware(monkeypatch):
         assert precision.native_low_precision("meta") is None
     finally:
         precision.native_low_precision.cache_clear()
-
-
-def _model(precision_name: str, dtype: torch.dtype = torch.float32) -> RevDEQForCausalLM:
-    torch.manual_seed(0)
-    config = RevDEQConfig(vocab_size=40, hidden_size=16, num_attention_heads=2, max_position_embeddings=16,
-                          init_state="input", block_skip="input", max_steps=2, tol=None,
-                          train_detached_precision=precision_name)
-    return RevDEQForCausalLM(config).to(dtype).train()
-
-
-def test_model_runs_its_detached_steps_in_the_configured_precision(monkeypatch):
-    ids = torch.randint(0, 40, (2, 12))
-    seen = []
-    outputs = {}
-    for name in ("same", "bf16"):
-        model = _model(name)
-        model.blocks[0].register_forward_pre_hook(lambda module, args, name=name: seen.append((name, args[0].dtype)))
-        out = model(ids, labels=ids, solver_steps=2, detached_steps=3)
-        out.loss.backward()
-        outputs[name] = out
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.blocks[0].parameters())
-    assert [d for n, d in seen if n == "same"] == [torch.float32] * len([1 for n, _ in seen if n == "same"])
-    bf16 = [d for n, d in seen if n == "bf16"]
-    assert bf16[:7] == [torch.bfloat16] * 7 and set(bf16[7:]) == {torch.float32}  # the prefix: 1 + 2 * 3 calls
-    assert float(outputs["bf16"].loss.detach()) != float(outputs["same"].loss.detach())  # another start ...
-    gap = abs(float(outputs["bf16"].loss.detach()) - float(outputs["same"].loss.detach()))
-    assert gap < 0.05  # ... near the same one
-    # "auto" follows the hardware; a float64 model keeps float64 (autocast leaves float64 weights alone)
-    monkeypatch.setattr(precision, "native_low_precision", lambda device: None)
-    monkeypatch.setattr("revdeq_cli.model.modeling.native_low_precision", lambda device: None)
-    assert _model("auto")._detached_dtype(torch.device("cpu")) is None
-    monkeypatch.setattr("revdeq_cli.model.modeling.native_low_precision", lambda device: torch.bfloat16)
-    assert _model("auto")._detached_dtype(torch.device("cpu")) is torch.bfloat16
-    assert _model("bf16", torch.float64)._detached_dtype(torch.device("cpu")) is None
-
-
-def test_model_gradient_with_a_bf16_prefix_equals_the_unrolled_one():
-    ids = torch.randint(0, 40, (2, 12))
-    grads = {}
-    for adjoint in ("reversible", "unrolled"):
-        model = _model("bf16")
-        model.config.adjoint = adjoint
-        out = model(ids, labels=ids, solver_steps=3, detached_steps=4)
-        out.loss.backward()
-        grads[adjoint] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    assert grads["reversible"].keys() == grads["unrolled"].keys()
-    for name, g in grads["unrolled"].items():  # float32 f: equal to its rounding
-        assert _rel(grads["reversible"][name], g) <= 1e-4, name
-
-
-def test_train_detached_precision_is_validated():
-    with pytest.raises(ConfigError, match="^train_detached_precision: must be one of same, bf16, auto"):
-        RevDEQConfig(train_detached_precision="fp8")

@@ -13,7 +13,7 @@ PACKAGE_DIR = Path(revdeq_cli.__file__).parent
 # Bottom to top. A module may import its own unit and the units of lower floors, never a unit of its own
 # floor or above. The root `revdeq_cli` is the facade over everything (it loads deq and model on demand).
 FLOORS: list[set[str]] = [
-    {"errors", "formatting", "version", "sampling", "solver_facts"},  # leaf helpers
+    {"errors", "formatting", "version", "sampling", "solver_facts", "recipes"},  # leaf helpers and tables
     {"deq"},
     {"model"},
     {"data", "settings"},

@@ -60,15 +60,25 @@ def test_impossible_configs_fail_naming_the_field(fields, field_named):
     "field, value",
     [("beta", 1.0), ("max_steps", True), ("max_steps", 4.0), ("tol", [1e-3]), ("solver", "newton"), ("tol", -1.0)],
 )
-def test_solver_check_still_catches_a_change_after_valid_calls(field, value):
-    # check_solver remembers settings it found valid (it runs per generated token); a later bad value,
-    # even one equal to a valid one (True == 1, 4.0 == 4) or unhashable, must still be refused
+def test_a_change_by_hand_is_refused_by_check(field, value):
+    """The config is validated when it is made, not per forward call; a field changed by hand is checked by
+    calling `check()` again (as `revdeq eval`'s overrides are validated where they are given)."""
     cfg = RevDEQConfig.from_preset("tiny", vocab_size=64, max_steps=1)
-    cfg.check_solver()
-    cfg.check_solver()
     setattr(cfg, field, value)
     with pytest.raises(ConfigError, match=f"^{field}: "):
-        cfg.check_solver()
+        cfg.check()
+
+
+def test_options_of_the_baselines_are_checked_against_the_solver_and_gradient():
+    cfg = RevDEQConfig(solver="anderson", adjoint="implicit", solver_options={"m": 3},
+                       adjoint_options={"max_steps": 7})
+    assert cfg.solver_kwargs()["anderson_m"] == 3
+    assert cfg.adjoint_kwargs() == {"solver": "anderson", "implicit_tol": 1e-4, "implicit_max_steps": 7}
+    for fields, words in (({"solver_options": {"m": 3}}, "reversible takes no option 'm'"),
+                          ({"solver": "anderson", "adjoint": "implicit", "solver_options": {"m": 0}}, "m: must be"),
+                          ({"adjoint": "unrolled", "adjoint_options": {"tol": 1e-3}}, "unrolled takes no option")):
+        with pytest.raises(ConfigError, match=words):
+            RevDEQConfig(**fields)
 
 
 def test_config_error_is_a_user_error_with_one_line():

@@ -1,4 +1,4 @@
-"""The model options of the training recipe (init_state, output_init_scale) keep both guarantees: the
+"""The model options of the recipes (init_state) keep both guarantees: the
 reversible gradient equals autograd through the unrolled iteration, and cached decoding equals a full
 recomputation."""
 
@@ -16,8 +16,8 @@ from revdeq_cli.model import RevDEQConfig
 
 OPTIONS = [
     {"init_state": "input"},
-    {"init_state": "input", "output_init_scale": 2.0},
-    {"init_state": "zeros", "output_init_scale": 0.5},
+    {"init_state": "input", "block_skip": "input"},
+    {"init_state": "zeros"},
 ]
 
 
@@ -90,29 +90,17 @@ def test_cached_decoding_equals_full_recomputation(options, solver):
     assert diff <= 1e-4 * scale, (diff, scale)
 
 
-def test_output_init_scale_scales_the_output_projections_only():
-    base = tiny_model(seed=3)
-    scaled = tiny_model(seed=3, output_init_scale=2.0)
-    for name in ("attn.c_proj.weight", "mlp.c_proj.weight"):
-        a = dict(base.blocks[0].named_parameters())[name].std()
-        b = dict(scaled.blocks[0].named_parameters())[name].std()
-        assert math.isclose(float((b / a).detach()), 2.0, rel_tol=0.15), name
-    torch.testing.assert_close(base.blocks[0].attn.c_attn.weight.std(), scaled.blocks[0].attn.c_attn.weight.std(),
-                               rtol=0.1, atol=0)
-
-
-@pytest.mark.parametrize(("field", "value"), [("init_state", "ones"), ("output_init_scale", 0.0),
-                                              ("output_init_scale", -1.0)])
+@pytest.mark.parametrize(("field", "value"), [("init_state", "ones"), ("block_skip", "both")])
 def test_bad_option_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         RevDEQConfig(vocab_size=16, hidden_size=8, num_attention_heads=2, **{field: value})
 
 
 def test_options_round_trip_through_config_json(tmp_path):
-    model = tiny_model(init_state="input", output_init_scale=0.5)
+    model = tiny_model(init_state="input", block_skip="input")
     model.save_pretrained(tmp_path)
     loaded = RevDEQConfig.from_pretrained(tmp_path)
-    assert loaded.init_state == "input" and loaded.output_init_scale == 0.5
+    assert loaded.init_state == "input" and loaded.block_skip == "input"
 
 
 @pytest.mark.parametrize("layers", [1, 4])
@@ -128,15 +116,17 @@ def test_output_projections_start_at_gpt2_scale(layers):
     assert math.isclose(float(model.blocks[0].attn.c_attn.weight.detach().std()), 0.02, rel_tol=0.05)
 
 
-def test_presets_start_at_the_input_but_an_old_config_without_the_field_keeps_z0_zero(tmp_path):
-    """The recipe study's start is every preset's; a config.json written before `init_state` existed (no such
-    key) loads as the paper's z0 = 0 model it was trained as."""
+def test_the_equilibrium_recipe_starts_at_the_input_but_an_old_config_without_the_field_keeps_z0_zero(tmp_path):
+    """The equilibrium recipe's start is z0 = x (a preset is a size only); a config.json written before
+    `init_state` existed (no such key) loads as the paper's z0 = 0 model it was trained as."""
     import json
 
     from revdeq_cli.model.presets import PRESETS
+    from revdeq_cli.recipes import model_overrides
 
-    assert {PRESETS[name]["init_state"] for name in PRESETS} == {"input"}
-    assert RevDEQConfig.from_preset("tiny", vocab_size=257).max_steps == 2
+    assert not {"init_state", "block_skip", "max_steps"} & {k for p in PRESETS.values() for k in p}
+    assert RevDEQConfig.from_preset("tiny", **model_overrides("equilibrium", "tiny")).init_state == "input"
+    assert RevDEQConfig.from_preset("tiny", **model_overrides("equilibrium", "tiny")).max_steps == 2
     tiny_model(init_state="input").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["init_state"]

@@ -154,13 +154,16 @@ def test_a_cache_filled_with_one_readout_refuses_the_other():
 def test_the_setting_is_checked_and_composes_with_every_solver():
     with pytest.raises(ConfigError, match="inference_readout: must be one of z, midpoint"):
         RevDEQConfig(inference_readout="mean")
-    assert RevDEQConfig.from_preset("tiny").inference_readout == "midpoint"
+    from revdeq_cli.recipes import model_overrides
+
+    assert RevDEQConfig.from_preset("tiny", **model_overrides("equilibrium", "tiny")).inference_readout == "midpoint"
     assert RevDEQConfig().inference_readout == "z"  # a config.json written before the field loads as it was
     for solver in ("picard", "anderson"):  # one iterate: they read z, the preset's default does not refuse them
         torch.manual_seed(0)
         config = RevDEQConfig.from_preset("tiny", vocab_size=VOCAB_SMALL, hidden_size=16, num_attention_heads=2,
-                                          intermediate_size=32, max_position_embeddings=16, solver=solver,
-                                          adjoint="unrolled")
+                                          intermediate_size=32, max_position_embeddings=16,
+                                          **{**model_overrides("equilibrium", "tiny"), "solver": solver,
+                                             "adjoint": "unrolled"})
         model = RevDEQForCausalLM(config).eval()
         with torch.no_grad():
             out = model(_ids(1, 6) % VOCAB_SMALL)

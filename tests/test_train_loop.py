@@ -392,13 +392,15 @@ def test_backward_solve_divergence_is_named_with_its_own_remedies(tmp_path, monk
     assert "beta" not in msg
 
 
-def test_an_observer_sets_the_lr_and_ends_the_run_early_as_a_finished_one(tmp_path):
+def test_a_callback_sets_the_lr_and_ends_the_run_early_as_a_finished_one(tmp_path):
     """`set_lr` replaces the schedule's rate for the next step only; `request_finish` from `on_step` makes the
     step just taken the last: no in-loop validation or save at it, then the usual end (full validation, test,
     final checkpoint at that step)."""
+    from revdeq_cli.training.callbacks import Callback
+
     events: list[tuple] = []
 
-    class Budget:
+    class Budget(Callback):
         def on_start(self, trainer) -> None:
             events.append(("start", trainer.step))
             trainer.set_lr(1e-3)  # step 1's rate, in place of the warmup's 5e-3
@@ -412,7 +414,7 @@ def test_an_observer_sets_the_lr_and_ends_the_run_early_as_a_finished_one(tmp_pa
             events.append((split, trainer.step))
 
     settings = tiny_settings(tmp_path / "run", train__eval_every=1)
-    summary = Trainer(settings, info=_single(), device=torch.device("cpu"), observers=[Budget()]).run()
+    summary = Trainer(settings, info=_single(), device=torch.device("cpu"), callbacks=[Budget()]).run()
     assert events == [("start", 0), ("step", 1), ("validation-prefix", 1), ("step", 2), ("validation", 2)]
     assert summary.steps == 2 and summary.total_steps == 6 and [h["step"] for h in summary.history] == [1, 2]
     assert summary.history[0]["lr"] == pytest.approx(1e-3)

@@ -197,9 +197,7 @@ def _evaluate(checkpoint, dataset, dataset_config, split, solver_steps, seq_len,
     typer.echo(table(("solver steps", "tol", "perplexity", "bits/byte", "loss", "mean steps", "max steps",
                       "max residual", "tokens/s"), rows, align="rrrrrrrrr"))
     if trained_steps is not None:
-        detached = model.config.train_detached_steps
-        start = f" after {detached} detached steps" if str(detached) != "0" else ""
-        typer.echo(f"(trained with max_steps {trained_steps}{start}; inference default {model.config.eval_max_steps}; "
+        typer.echo(f"(trained with max_steps {trained_steps}; inference default {model.config.eval_max_steps}; "
                    f"read at {_readout(model.config)})")
 
 

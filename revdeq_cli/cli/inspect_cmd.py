@@ -141,30 +141,36 @@ def _probe(path: Path, text: str, steps: int | None, device_spec: str,
     return residuals, stops, (probe_position_residuals(model, batch, len(residuals)), tokens)
 
 
-def _depth_line(c: dict, infer: object) -> str:
-    """How the model was trained to iterate, and how many steps it runs at inference."""
-    steps = c.get("train_steps") or c.get("max_steps")
-    detached = c.get("train_detached_steps") or "0"
-    precision = {"bf16": " (in bf16)", "auto": " (in bf16 on bf16 hardware)"}.get(c.get("train_detached_precision"), "")
-    rule = f"{steps} differentiated" + (f" after {detached} detached{precision}" if str(detached) != "0" else "")
-    trained_with = ("fixed_point_penalty", "jacobian_penalty", "train_init_noise", "train_state_noise")
-    extras = [f"{name.replace('_', ' ')} {c[name]:g}" for name in trained_with
-              if isinstance(c.get(name), (int, float)) and c.get(name)]
-    tail = c.get("fixed_point_penalty_tail")
-    if c.get("fixed_point_penalty") and isinstance(tail, (int, float)) and tail < 1:
-        extras[0] += f" over the worst {tail:.0%} of positions (by residual)"
-    ramp = c.get("penalty_ramp")
-    penalised = c.get("fixed_point_penalty") or c.get("jacobian_penalty")
-    if penalised and isinstance(ramp, (int, float)) and ramp > 0:
-        extras.append(f"penalties ramped in over the first {ramp:.0%} of steps")
-    mu = c.get("next_iterate_loss")
-    if isinstance(mu, (int, float)) and mu:
-        extras.append(f"+ {mu:g} x the cross-entropy read one step on, at f(z_N)")
-    return (f"depth        trained with {rule} solver steps per batch" + "".join(f", {e}" for e in extras)
-            + f"; block skip {c.get('block_skip', 'state')}" + ("; output norm" if c.get("block_output_norm") else "")
-            + f"; inference {infer} steps" + (", read at the pair's midpoint (y + z) / 2"
-                                             if c.get("inference_readout") == "midpoint"
-                                             and c.get("solver") == "reversible" else ""))
+def _solver_line(c: dict, infer: object) -> str:
+    """How the model runs: its block, start and inference depth and readout (from config.json)."""
+    midpoint = c.get("inference_readout") == "midpoint" and c.get("solver") == "reversible"
+    return (f"block        skip {c.get('block_skip', 'state')}, start z0 = "
+            f"{'x' if c.get('init_state') == 'input' else '0'}; inference {infer} steps"
+            + (", read at the pair's midpoint (y + z) / 2" if midpoint else ", read at z_N"))
+
+
+def _objective_line(c: dict, settings: dict) -> str | None:
+    """How the run trained the model to iterate (the run's settings: a shared model directory has none), or None."""
+    from revdeq_cli.errors import UserError
+    from revdeq_cli.settings import settings_from_dict
+
+    try:
+        s = settings_from_dict(settings, "the checkpoint's settings")
+    except UserError:
+        return None
+    o = s.objective
+    rule = f"{c.get('max_steps')} differentiated" + (f" after {o.detached_steps} graph-free"
+                                                     if o.detached_steps != "0" else "")
+    extras = []
+    if o.fixed_point_penalty:
+        extras.append(f"fixed point penalty {o.fixed_point_penalty:g}" + (
+            f" over the worst {o.penalty_tail:.0%} of positions (by residual)" if o.penalty_tail < 1 else ""))
+        if o.penalty_ramp:
+            extras.append(f"ramped in over the first {o.penalty_ramp:.0%} of steps")
+    if o.next_iterate_loss:
+        extras.append(f"+ {o.next_iterate_loss:g} x the cross-entropy read one step on, at f(z_N)")
+    return (f"objective    recipe {s.train.recipe}: {rule} solver steps per batch"
+            + "".join(f", {e}" for e in extras))
 
 
 def _summary_lines(report) -> list[str]:
@@ -179,7 +185,9 @@ def _summary_lines(report) -> list[str]:
                      f"max_steps {c.get('max_steps')} (inference {infer}), tol {c.get('tol')}, "
                      f"state {c.get('state_dtype')}")
         if c.get("solver") != "explicit":
-            lines.append(_depth_line(c, infer))
+            lines.append(_solver_line(c, infer))
+            if s and (line := _objective_line(c, s)) is not None:
+                lines.append(line)
         lines.append(f"shape        hidden {c.get('hidden_size')}, heads {c.get('num_attention_heads')}, "
                      f"intermediate {c.get('intermediate_size')}, context {c.get('max_position_embeddings')}, "
                      f"vocab {c.get('vocab_size')}, layers {c.get('num_hidden_layers')}, "

@@ -16,6 +16,7 @@ from revdeq_cli.cli.app import app
 # CLI option -> dotted setting (docs/DESIGN.md §3); the option spelling is what error messages name.
 FLAGS: dict[str, tuple[str, str]] = {
     "preset": ("model.preset", "--preset"),
+    "recipe": ("train.recipe", "--recipe"),
     "dataset": ("data.dataset", "--dataset"),
     "dataset_config": ("data.dataset_config", "--dataset-config"),
     "tokenizer": ("data.tokenizer", "--tokenizer"),
@@ -55,7 +56,10 @@ def train_command(
     config: Path | None = typer.Option(None, "--config", help="YAML settings file (sectioned, dotted or the "
                                        "earlier port's flat keys).", rich_help_panel=_RUN),
     preset: str | None = typer.Option(None, "--preset", help="Model size: tiny, small, base, paper "
-                                      "(default tiny).", rich_help_panel=_MODEL),
+                                      "(default tiny); the recipe is chosen apart (--recipe).", rich_help_panel=_MODEL),
+    recipe: str | None = typer.Option(None, "--recipe", help="How the model solves and trains: equilibrium "
+                                      "(revdeq's, the default) or paper (the reference implementation's method).",
+                                      rich_help_panel=_MODEL),
     dataset: str | None = typer.Option(None, "--dataset", help="pydoc or stdlib (offline), wikitext, "
                                        "wikitext-103, a hub id or a local path (default pydoc).",
                                        rich_help_panel=_DATA),

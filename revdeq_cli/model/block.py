@@ -112,18 +112,16 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """f(z, x) = s + a + MLP(LN2(z + a)), a = Attn(LN1(z + x)), s = z (skip "state") or x (skip "input");
-    x = None means no input injection (then always s = z: an explicit GPT block). `output_norm`: f is
-    LN_out(s + a + m) instead (per position, so causal attention and the exact cache are unaffected)."""
+    x = None means no input injection (then always s = z: an explicit GPT block)."""
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, *, dropout: float = 0.0,
-                 bias: bool = True, eps: float = 1e-5, skip: str = "state", output_norm: bool = False):
+                 bias: bool = True, eps: float = 1e-5, skip: str = "state"):
         super().__init__()
         self.skip_input = skip == "input"
         self.ln_1 = nn.LayerNorm(hidden_size, eps=eps)
         self.attn = CausalSelfAttention(hidden_size, num_heads, dropout, bias)
         self.ln_2 = nn.LayerNorm(hidden_size, eps=eps)
         self.mlp = MLP(hidden_size, intermediate_size, dropout, bias)
-        self.ln_out = nn.LayerNorm(hidden_size, eps=eps) if output_norm else None
 
     def attention_input(self, z: Tensor, x: Tensor | None) -> Tensor:
         """LN1(z + x): what the attention sees (its keys/values are what a cache stores)."""
@@ -134,7 +132,5 @@ class Block(nn.Module):
         a = self.attn(self.attention_input(z, x), mask, kv)
         h = z + a
         if self.skip_input and x is not None:
-            out = x + a + self.mlp(self.ln_2(h))
-        else:
-            out = h + self.mlp(self.ln_2(h))
-        return out if self.ln_out is None else self.ln_out(out)
+            return x + a + self.mlp(self.ln_2(h))
+        return h + self.mlp(self.ln_2(h))

@@ -42,12 +42,11 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from revdeq_cli import deq
-from revdeq_cli.deq.precision import native_low_precision
 from revdeq_cli.deq.state import relative_residual
 from revdeq_cli.errors import UserError
 from revdeq_cli.model.block import MLP, AttentionMask, Block, CausalSelfAttention
 from revdeq_cli.model.cache import EvaluationKeyValues, PastKeyValues, RevDEQCache
-from revdeq_cli.model.config import PER_POSITION_SOLVERS, RevDEQConfig
+from revdeq_cli.model.config import INITIALIZER_RANGE, PER_POSITION_SOLVERS, RevDEQConfig
 from revdeq_cli.solver_facts import SOLVER_FACTS
 
 
@@ -60,8 +59,6 @@ class SolverStats:
     nfe: int  # forward evaluations of f
     position_steps: Tensor | None = None  # [B, T] long: the steps each position iterated (0: padding, or z0 itself)
     backward: Any = None  # deq.BackwardStats, filled in when loss.backward() runs; None if not a DEQ
-    regularization: Tensor | None = None  # the training penalties' sum (fixed-point, Jacobian); None if off
-    next_iterate: Tensor | None = None  # training with next_iterate_loss: f(z_N) [B, T, H] with its graph
 
 
 @dataclass
@@ -89,8 +86,8 @@ class RevDEQCausalLMOutput(CausalLMOutputWithPast):
     solver_residual: float | None = None
     solver_nfe: int | None = None
     solver_backward: Any = None
-    lm_loss: Tensor | None = None  # the cross-entropy alone (`loss` adds the training penalties, if any)
-    regularization: Tensor | None = None
+    state: Tensor | None = None  # with output_next_state: z [B, T, H], the state the logits read (with its graph)
+    next_state: Tensor | None = None  # ... and f(z) [B, T, H], one more evaluation of the block (with its graph)
 
 
 class RevDEQPreTrainedModel(PreTrainedModel):
@@ -102,13 +99,13 @@ class RevDEQPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2 initialisation: N(0, initializer_range), biases 0; the blocks' output projections (`c_proj` of
-        attention and MLP) with std initializer_range * output_init_scale / sqrt(2 * layers)."""
+        """GPT-2 initialisation: N(0, 0.02) (`INITIALIZER_RANGE`), biases 0; the blocks' output projections
+        (`c_proj` of attention and MLP) with std 0.02 / sqrt(2 * layers)."""
         # The projections are marked in __init__: transformers v5 initialises each parameter once (it flags it),
         # children before parents, so re-initialising c_proj from its parent module would be silently skipped.
         if isinstance(module, nn.Linear) and getattr(module, "residual_projection", False):
             config = self.config
-            std = config.initializer_range * config.output_init_scale / math.sqrt(2 * config.num_hidden_layers)
+            std = INITIALIZER_RANGE / math.sqrt(2 * config.num_hidden_layers)
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -138,8 +135,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(hidden, config.num_attention_heads, config.intermediate_size, dropout=config.dropout,
-                  bias=config.bias, eps=config.layer_norm_eps, skip=config.block_skip if config.is_deq else "state",
-                  output_norm=bool(config.block_output_norm) and config.is_deq)
+                  bias=config.bias, eps=config.layer_norm_eps, skip=config.block_skip if config.is_deq else "state")
             for _ in range(config.num_hidden_layers)
         )
         for module in self.blocks.modules():
@@ -170,6 +166,11 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         embedding = self.wte.weight.numel() + self.wpe.weight.numel()
         return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
+    def read_out(self, z: Tensor) -> Tensor:
+        """Logits [B, T, V] read from states z [B, T, H]: lm_head(ln_f(z)) (what `forward` does with the solver's
+        output; the training objective reads f(z_N) with it)."""
+        return self.lm_head(self.ln_f(z))
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -185,7 +186,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         solver_steps: int | None = None,
         detached_steps: int | None = None,
-        penalty_scale: float | None = None,
+        output_next_state: bool = False,
         **kwargs: Any,
     ) -> RevDEQCausalLMOutput | tuple:
         r"""Logits [B, T, V] for `input_ids` [B, T] (long).
@@ -198,13 +199,12 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         `logits_to_keep` > 0 computes logits for the last that many positions only (ignored with labels).
         `solver_steps` / `detached_steps` (DEQ, no cache): this call's solver steps (training: the differentiated
         ones; eval: all of them, 0 = z0 itself) and steps run first without a graph, instead of the config's
-        (`max_steps` / 0 in training, `inference_max_steps` in eval mode); the trainer passes the counts its
-        step rules drew. In training mode `loss` includes the config's penalties, times `penalty_scale` if given
-        (the trainer's `config.penalty_scale(step, total)`, the `penalty_ramp`), and `next_iterate_loss` x the
-        cross-entropy read at f(z_N); `lm_loss` is the cross-entropy at z_N alone, `regularization` the penalties
-        as added."""
+        (`max_steps` / 0 in training, `eval_max_steps` in eval mode): the training objective passes the counts
+        it drew (`revdeq_cli.training.objective`). `output_next_state` (DEQ, no cache) also returns `state`, the
+        z [B, T, H] the logits read, and `next_state` = f(z) (one more evaluation of the block), both with their
+        graphs, for the objective's terms at the solver's output. The config is not validated here: it was when
+        it was made (`RevDEQConfig.check()`)."""
         config = self.config
-        config.check_solver()
         if input_ids is None:
             raise ValueError("input_ids is required (inputs_embeds is not supported by RevDEQForCausalLM)")
         if input_ids.dim() != 2:
@@ -233,8 +233,9 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             else None
 
         steps = (solver_steps, detached_steps)
-        if steps != (None, None) and (cache is not None or not config.is_deq):
-            raise ValueError("solver_steps / detached_steps apply to a DEQ's full-sequence forward (no cache)")
+        if (steps != (None, None) or output_next_state) and (cache is not None or not config.is_deq):
+            raise ValueError("solver_steps / detached_steps / output_next_state apply to a DEQ's full-sequence "
+                             "forward (no cache)")
         if torch.is_grad_enabled():
             z, stats = self._body(x, mask, cache, steps, real)
         else:
@@ -245,27 +246,18 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
                 z, stats = self._body(x, mask, cache, steps, real)
             z = z.clone()
         self.last_solver_stats = stats
+        # f(z) before the logits: the order the objective's terms were built in when they lived here, which fixes
+        # the order autograd sums gradients in (the default run's losses are bit for bit those of revdeq 0.1)
+        next_state = self.blocks[0](z, x, mask) if output_next_state else None
 
         hidden = self.ln_f(z)
         if labels is None and shift_labels is None and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        lm_loss = _lm_loss(logits, labels, shift_labels)
-        loss = lm_loss
-        if lm_loss is not None and stats.next_iterate is not None:
-            # the readout also trained one full step past the solver's output (next_iterate_loss)
-            next_logits = self.lm_head(self.ln_f(stats.next_iterate))
-            loss = lm_loss + config.next_iterate_loss * _lm_loss(next_logits, labels, shift_labels)
-        stats.next_iterate = None  # (its graph lives on in `loss`; last_solver_stats keeps no activations)
-        if stats.regularization is not None and penalty_scale is not None and penalty_scale != 1.0:
-            stats.regularization = stats.regularization * penalty_scale
-        if loss is not None and stats.regularization is not None:
-            loss = loss + stats.regularization
-
         out = RevDEQCausalLMOutput(
-            loss=loss, logits=logits, cache=cache, solver_steps=stats.steps,
-            solver_position_steps=stats.position_steps, solver_residual=stats.residual,
-            solver_nfe=stats.nfe, solver_backward=stats.backward, lm_loss=lm_loss, regularization=stats.regularization,
+            loss=_lm_loss(logits, labels, shift_labels), logits=logits, cache=cache, solver_steps=stats.steps,
+            solver_position_steps=stats.position_steps, solver_residual=stats.residual, solver_nfe=stats.nfe,
+            solver_backward=stats.backward, state=z if output_next_state else None, next_state=next_state,
         )
         use_dict = return_dict if return_dict is not None else config.return_dict
         return out if use_dict else out.to_tuple()
@@ -278,7 +270,6 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         Raises ValueError for a model without a solver."""
         if not self.config.is_deq:
             raise ValueError("probe_equilibrium needs a DEQ model; this one stacks explicit blocks")
-        self.config.check_solver()
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
         length = input_ids.shape[1]
@@ -289,7 +280,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             mask = AttentionMask.build(0, length, None, x.device)
             z, _ = self._solve_full(x, mask, solver_steps=solver_steps)
             fz = self.blocks[0](z, x, mask)
-            logits = self.lm_head(self.ln_f(z))
+            logits = self.read_out(z)
         finally:
             self.train(training)
         hidden = z.shape[-1]
@@ -370,40 +361,9 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         adjoint = self._adjoint() if grad and not (per_position or readout) else deq.UnrolledAdjoint()
         if steps == 0:  # only detached steps were asked for: they are the whole (graph-free) solve
             steps, detached = detached, 0
-        z0, prefix = self._z0(x), None
-        if self.training and (config.train_init_noise or config.train_state_noise):
-            z0, prefix, detached = self._noisy_start(x, mask, z0, detached)
         # training stops the batch together at `tol` (if any); inference gives each position its own stop
-        z, stats = self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=adjoint, detached_steps=detached,
-                               per_position=per_position, real=real, z0=z0, readout=readout)
-        if prefix is not None:  # the detached steps ran apart (train_state_noise): count them in
-            stats.steps, stats.nfe = stats.steps + prefix.steps, stats.nfe + prefix.nfe
-            stats.position_steps = stats.position_steps + prefix.position_steps
-        terms_at_output = config.fixed_point_penalty or config.jacobian_penalty or config.next_iterate_loss
-        if self.training and grad and terms_at_output:
-            stats.regularization, stats.next_iterate = self._penalties(z, x, mask)
-        return z, stats
-
-    def _noisy_start(self, x: Tensor, mask: AttentionMask, z0: Tensor,
-                     detached: int) -> tuple[Tensor, SolverStats | None, int]:
-        """Training only: the random starts (path independence). `train_init_noise` moves z0 [B, T, H] to
-        z0 + sigma * rms(x) * eps; `train_state_noise` runs the `detached` graph-free steps here and moves their
-        end state the same way, so the differentiated steps start off the detached trajectory. eps ~ N(0, I) from
-        torch's global RNG; rms(x) per position. The noise is a constant: the gradient of the differentiated
-        steps stays exact. Returns (the start, the detached steps' stats or None, detached steps left to run)."""
-        config = self.config
-        rms = x.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(x.dtype)
-        if config.train_init_noise:
-            z0 = z0 + config.train_init_noise * rms * torch.randn_like(x)
-        if not config.train_state_noise:
-            return z0, None, detached
-        prefix = None
-        if detached:
-            with torch.no_grad():
-                # the restart keeps z_k and sets y = z_k (Reversible): the state is perturbed next anyway
-                z0, prefix = self._solve(x, mask, None, tol=None, max_steps=detached, adjoint=deq.UnrolledAdjoint(),
-                                         z0=z0)
-        return z0 + config.train_state_noise * rms * torch.randn_like(x), prefix, 0
+        return self._solve(x, mask, None, tol=tol, max_steps=steps, adjoint=adjoint, detached_steps=detached,
+                           per_position=per_position, real=real, readout=readout)
 
     def _z0(self, x: Tensor) -> Tensor:
         """The solver's start [B, T, H]: the input injection (init_state "input") or zeros."""
@@ -418,39 +378,6 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             residual = relative_residual(z.flatten(1), fz.flatten(1)).max()
         return z, SolverStats(steps=0, residual=float(residual), nfe=1,
                               position_steps=torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
-
-    def _penalties(self, z: Tensor, x: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor | None]:
-        """The training penalties at the solver's output z [B, T, H] (scalar, float32), and f(z) [B, T, H] with its
-        graph when `next_iterate_loss` reads the cross-entropy there (else None; one evaluation of f serves both):
-
-        fixed point  lam * mean over positions of ||f(z) - z||^2 / ||f(z)||^2 (z with its graph, so the
-                     gradient also flows back through the solve); with `fixed_point_penalty_tail` q < 1 the mean
-                     over only the ceil(q * B * T) positions of the batch with the largest of these ratios (a
-                     CVaR; the top-k picks positions without a gradient, the ratios keep theirs);
-        Jacobian     lam * ||v^T J||^2 / ||v||^2, J = df/dz at the detached z, v ~ N(0, I) (torch's global RNG,
-                     which the trainer's checkpoints restore): a one-sample Hutchinson estimate of
-                     ||J||_F^2 / (T * H) per sequence, differentiated by double backward."""
-        config, block = self.config, self.blocks[0]
-        total = z.new_zeros((), dtype=torch.float32)
-        fz = block(z, x, mask) if config.fixed_point_penalty or config.next_iterate_loss else None
-        if config.fixed_point_penalty:
-            diff = (fz - z).float().pow(2).sum(-1)
-            ratios = (diff / fz.float().pow(2).sum(-1).clamp(min=1e-10)).flatten()
-            if config.fixed_point_penalty_tail < 1.0:
-                k = max(1, math.ceil(config.fixed_point_penalty_tail * ratios.numel()))
-                ratios = ratios.topk(k, sorted=False).values
-            total = total + config.fixed_point_penalty * ratios.mean()
-        if config.jacobian_penalty:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            at = z.detach().requires_grad_(True)
-            # the math kernel: the fused CPU/flash attention kernels have no double backward
-            with sdpa_kernel([SDPBackend.MATH]):
-                fa = block(at, x, mask)
-                v = torch.randn_like(fa)
-                (vjp,) = torch.autograd.grad(fa, at, v, create_graph=True)
-            total = total + config.jacobian_penalty * vjp.float().pow(2).sum() / v.float().pow(2).sum()
-        return total, fz if config.next_iterate_loss else None
 
     def _solve_exact_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache,
                             real: Tensor | None = None) -> tuple[Tensor, SolverStats]:
@@ -538,9 +465,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         # trace=False: only the final residual is reported, and per-step reductions add up when decoding
         params = list(block.parameters()) if torch.is_grad_enabled() else []
         sol = deq.solve(f, z0, x, solver=self._solver(), adjoint=adjoint, tol=tol, max_steps=max_steps,
-                        params=params, trace=False, detached_steps=detached_steps,
-                        detached_dtype=self._detached_dtype(x.device) if detached_steps else None,
-                        groups=groups, active=active)
+                        params=params, trace=False, detached_steps=detached_steps, groups=groups, active=active)
         if sol.group_steps is not None:
             position_steps = sol.group_steps.view(batch, length)
         else:
@@ -569,26 +494,11 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         stats.nfe += 1
         return m, stats
 
-    def _detached_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The dtype f computes in during the detached training steps (`train_detached_precision`). A float64
-        model (gradient checks) keeps float64: autocast leaves float64 weights as they are."""
-        precision = self.config.train_detached_precision
-        if precision == "same" or self.blocks[0].attn.c_attn.weight.dtype == torch.float64:
-            return None
-        if precision == "bf16":
-            return torch.bfloat16
-        return native_low_precision(device) if precision == "auto" else None
-
     def _solver(self) -> deq.Solver:
-        c = self.config
-        return deq.make_solver(c.solver, beta=c.beta, state_dtype=c.state_dtype, anderson_m=c.anderson_m)
+        return deq.make_solver(self.config.solver, **self.config.solver_kwargs())
 
     def _adjoint(self) -> deq.Adjoint:
-        c = self.config
-        # The implicit backward system is solved by the solver's `backward_solver` (revdeq_cli.solver_facts).
-        return deq.make_adjoint(c.adjoint, solver=c.solver, implicit_tol=c.implicit_tol,
-                                implicit_max_steps=c.implicit_max_steps, phantom_steps=c.phantom_steps,
-                                phantom_beta=c.phantom_beta)
+        return deq.make_adjoint(self.config.adjoint, **self.config.adjoint_kwargs())
 
 
 def _lm_loss(logits: Tensor, labels: Tensor | None, shift_labels: Tensor | None) -> Tensor | None:

@@ -42,6 +42,7 @@ from revdeq_cli.checkpoints.layout import default_run_dir, find_resume_checkpoin
 from revdeq_cli.checkpoints.verify import CheckpointFiles, open_checkpoint
 from revdeq_cli.errors import CheckpointError, ConfigError, UserError
 from revdeq_cli.settings import Settings, auto_warmup_steps
+from revdeq_cli.training.callbacks import Callback
 from revdeq_cli.training.data_order import BlockOrder
 from revdeq_cli.training.distributed import (
     DistInfo,
@@ -58,6 +59,7 @@ from revdeq_cli.training.metrics import (
     reset_peak_memory,
     unigram_cross_entropy,
 )
+from revdeq_cli.training.objective import TrainingObjective
 from revdeq_cli.training.optim import LRSchedule, build_optimizer
 from revdeq_cli.training.precision import autocast_dtype, emulated_precision_warning, resolve_precision
 from revdeq_cli.training.progress import Progress, StepStats, Throughput, format_bytes, format_duration, make_progress
@@ -146,17 +148,13 @@ class Trainer:
     summary. `train()` below builds it from the environment (torchrun or a single process)."""
 
     def __init__(self, settings: Settings, *, info: DistInfo, device: torch.device,
-                 progress: Progress | None = None, observers: Sequence[Any] = (),
+                 progress: Progress | None = None, callbacks: Sequence[Callback] = (),
                  resume: CheckpointFiles | None = None) -> None:
         """`resume`: the checkpoint `settings.train.resume` names, already opened with
         `open_checkpoint(path, resume=True)` (as `revdeq train` does to read its settings); without it the
         trainer finds and opens it itself. Either way it is opened once."""
         self.info, self.device = info, device
-        # Objects with any of `on_start(trainer)` (set up, before this session's first step), `on_step(trainer,
-        # record)` (after each optimiser step; record = the history entry) and `on_evaluation(trainer, split,
-        # loss)` (after each evaluation): how benchmarks record curves. They may call `request_finish()` and
-        # `set_lr()` (e.g. a wall-clock budget and a schedule in training time, benchmarks/compare.py).
-        self.observers = list(observers)
+        self.callbacks = list(callbacks)  # training/callbacks.py
         tr = settings.train
         if resume is None and tr.resume is not None:
             found = find_resume_checkpoint(tr.resume, tr.out_dir, settings.data.dataset)
@@ -253,11 +251,12 @@ class Trainer:
         special = {k: getattr(tok, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         config = RevDEQConfig.from_preset(s.model.preset, vocab_size=vocab, **s.model_config_overrides(),
                                           **{k: v for k, v in special.items() if v is not None})
+        self.objective = TrainingObjective(s.objective, config, seed=s.train.seed)
+        if config.is_deq and config.inference_max_steps is None:
+            config.inference_max_steps = self.objective.training_depth  # the saved model runs the depth it trained at
         seed_everything(s.train.seed)  # same initial weights on every rank and every run with this seed
         self.model = RevDEQForCausalLM(config).to(self.device)
         self.model.train()
-        # The training depth: drawn per optimiser step from (seed, step) (model/step_rule.py).
-        self.step_rules = config.step_rules() if config.is_deq else None
         if s.train.compile:  # before DDP wraps it; the block's forward is compiled in place (model/compile.py)
             from revdeq_cli.model.compile import compile_blocks
 
@@ -400,13 +399,7 @@ class Trainer:
         tr = self.settings.train
         net = self.ddp if self.ddp is not None else self.model
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        out = None
-        from revdeq_cli.model.step_rule import draw_depth
-
-        depth = draw_depth(self.step_rules, tr.seed, self.step, self.total_steps, progress=self._progress)
-        config = getattr(self.model, "config", None)
-        if getattr(config, "penalty_ramp", 0.0):
-            depth["penalty_scale"] = config.penalty_scale(self.step, self.total_steps, progress=self._progress)
+        terms = None
         try:
             for k in range(tr.grad_accum):
                 block = self.blocks[indices[k]].to(self.device, non_blocking=True)
@@ -414,15 +407,16 @@ class Trainer:
                 # DDP all-reduces gradients on the last micro-batch only.
                 with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                     with self._autocast():
-                        out = net(input_ids=block[:, :-1], shift_labels=block[:, 1:], **depth)
-                    self.scaler.scale(out.loss / tr.grad_accum).backward()
-                # the reported loss is the cross-entropy; out.loss adds the training penalties (if any)
-                loss_sum += (out.lm_loss if out.lm_loss is not None else out.loss).detach().double()
+                        terms = self.objective(net, block[:, :-1], block[:, 1:], step=self.step,
+                                               total_steps=self.total_steps, progress=self._progress)
+                    self.scaler.scale(terms.loss / tr.grad_accum).backward()
+                loss_sum += terms.cross_entropy.detach().double()  # reported: the cross-entropy alone
         except deq.SolverDivergedError as err:
             if getattr(err, "where", "forward") == "backward":
                 raise self._diverged(f"the residual of the implicit gradient's backward solve (step {err.step})",
                                      math.nan, backward=True) from None
             raise self._diverged(f"the forward solver residual (solver step {err.step})", math.nan) from None
+        out = terms.output
         residual = float(out.solver_residual) if out.solver_residual is not None else math.nan
         stats = torch.tensor([float(loss_sum) / tr.grad_accum, residual], dtype=torch.float64, device=self.device)
         stats = all_reduce_sum(stats, self.info) / self.info.world_size
@@ -458,7 +452,7 @@ class Trainer:
             self._log(f"warning: step {self.step + 1}: the reversible backward rebuilt z0 with error {error:.1e}, so "
                       "its gradients are no longer exact; use beta 0.5, float64 solver states or fewer solver steps")
 
-    # ------------------------------------------------------------------ what observers may ask
+    # ------------------------------------------------------------------ what callbacks may ask
     def request_finish(self) -> None:
         """End the loop after the optimiser step being taken (from `on_step`: the one just taken) as if it were
         the last of `total_steps`: the run then finishes as at its planned end (final validation and test, the
@@ -478,18 +472,17 @@ class Trainer:
         self._progress = min(max(float(fraction), 0.0), 1.0)
 
     def _notify(self, hook: str, *args: Any) -> None:
-        for observer in self.observers:
-            if hasattr(observer, hook):
-                getattr(observer, hook)(self, *args)
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
     def _last_step(self) -> bool:
         """Whether the step just taken ends the loop: the run's length, or a finish request on any rank."""
         if self.step >= self.total_steps:
             return True
         requested = self._finish_requested
-        # Only observers ask to finish; without any, `revdeq train` under torchrun pays no collective per step.
-        # (Every rank is given the same observers, so every rank takes part in the reduction or none does.)
-        if self.info.world_size > 1 and self.observers:
+        # Only callbacks ask to finish; without any, `revdeq train` under torchrun pays no collective per step.
+        # (Every rank is given the same callbacks, so every rank takes part in the reduction or none does.)
+        if self.info.world_size > 1 and self.callbacks:
             flag = torch.tensor([1.0 if requested else 0.0], dtype=torch.float64, device=self.device)
             requested = float(all_reduce_sum(flag, self.info)[0]) > 0
         return requested
@@ -768,13 +761,13 @@ class Trainer:
         )
 
 
-def train(settings: Settings, *, progress: Progress | None = None, observers: Sequence[Any] = (),
+def train(settings: Settings, *, progress: Progress | None = None, callbacks: Sequence[Callback] = (),
           resume: CheckpointFiles | None = None) -> TrainSummary:
     """Run `revdeq train` with resolved `settings` in this process (joins the torchrun group if launched by
     torchrun). Prints progress and the summary on rank 0; returns the summary on every rank."""
     info, device = init_distributed(settings.train.device)
     try:
-        trainer = Trainer(settings, info=info, device=device, progress=progress, observers=observers, resume=resume)
+        trainer = Trainer(settings, info=info, device=device, progress=progress, callbacks=callbacks, resume=resume)
         summary = trainer.run()
         if info.is_main:
             for line in summary.lines():

@@ -1,12 +1,15 @@
 """Shared set-up for the solver benchmarks: the transformer block of the RevDEQ language model used as a
-bare fixed-point function f(z, x), and one forward+backward through `deq.solve` per gradient method."""
+bare fixed-point function f(z, x), one forward+backward through `deq.solve` per gradient method, and a language
+model with the training objective of a recipe (`recipe_training`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -50,6 +53,24 @@ def forward_backward(block, x, cotangent, method: str, steps: int, beta: float, 
     return sol
 
 
+def recipe_training(preset: str, recipe: str = "equilibrium", *, seed: int = 0, config_fields: dict | None = None,
+                    **objective_fields):
+    """(model in training mode, its `TrainingObjective`) of `preset` under `recipe` (`revdeq_cli.recipes`): the
+    recipe's model and solver settings plus `config_fields`, and its objective settings with `objective_fields`
+    (e.g. detached_steps="6", next_iterate_loss=0.0) put over them. One step:
+    `objective(model, inputs, targets, step=0, total_steps=None).loss.backward()` (no ramp)."""
+    from revdeq_cli.model import RevDEQConfig, RevDEQForCausalLM
+    from revdeq_cli.recipes import model_overrides, recipe_values
+    from revdeq_cli.settings import ObjectiveSettings
+    from revdeq_cli.training.objective import TrainingObjective
+
+    config = RevDEQConfig.from_preset(preset, **{**model_overrides(recipe, preset), **(config_fields or {})})
+    values = {key.split(".", 1)[1]: value for key, value in recipe_values(recipe, preset).items()
+              if key.startswith("objective.")}
+    objective = TrainingObjective(ObjectiveSettings(**{**values, **objective_fields}), config, seed=seed)
+    return RevDEQForCausalLM(config).train(), objective
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -63,8 +84,21 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_model()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def host() -> str:
+    """The machine line of a CPU table: cores, CPU model, torch and Python versions."""
+    return f"{os.cpu_count()}-core {cpu_model()}, torch {torch.__version__}, Python {platform.python_version()}"

@@ -134,7 +134,7 @@ def main() -> None:
               f"{row['mean_steps']:.2f}, evals/token {row['evals_per_token']:.2f}, {result.seconds:.0f}s", flush=True)
         return row
 
-    print(f"checkpoint {meta['path']} (step {meta.get('step')}): {config.solver}, trained {config.training_depth} "
+    print(f"checkpoint {meta['path']} (step {meta.get('step')}): {config.solver}, trained {config.eval_max_steps} "
           f"steps deep; validation {len(tokens):,} tokens, seq_len {seq_len}", flush=True)
     fixed = [score(k, None) for k in args.steps]
     adaptive = [score(m, t) for m in args.max_steps for t in args.tols]
@@ -195,7 +195,7 @@ def write_report(args, meta, config, fixed, adaptive, cheapest, best_ppl, verdic
         f"# Adaptive depth: `python benchmarks/adaptive_depth.py {args.checkpoint}`", "",
         f"Machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. Model: "
         f"`{meta['path']}` (step {meta.get('step')}), {config.solver} solver (evaluations of f per token = "
-        f"1 + {per_step} x steps), trained {config.training_depth} steps deep, block skip {config.block_skip}. "
+        f"1 + {per_step} x steps), trained {config.eval_max_steps} steps deep, block skip {config.block_skip}. "
         f"Validation split{'' if args.max_batches is None else f' (first {args.max_batches} batches)'}; "
         f"generation: greedy, exact KV cache, prompt {args.prompt} + {args.new} new tokens, best of {args.repeats}.",
         "", header, rule, *[line(r) for r in fixed], *[line(r) for r in adaptive], "",

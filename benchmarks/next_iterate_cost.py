@@ -1,12 +1,12 @@
-"""What the next-iterate cross-entropy (`solver.next_iterate_loss`) costs per training step.
+"""What the next-iterate cross-entropy (`objective.next_iterate_loss`) costs per training step.
 
     python benchmarks/next_iterate_cost.py                     # tiny and small, byte and GPT-2-sized vocabularies
 
 It reads the cross-entropy at f(z_N), which the fixed-point penalty evaluates anyway, so its cost is the output
 head once more (forward and backward). That is nothing next to f with the byte vocabulary (257) and more than f
-with a 50k one. Each row: one training step (forward, backward; no optimiser) of the preset's model at the
-default recipe (6 graph-free steps + the preset's differentiated steps, penalty on), median of --repeats,
-alternating with and without the term, random tokens, CPU, --threads torch threads.
+with a 50k one. Each row: one training step (forward, backward; no optimiser) of the preset's model and the
+`TrainingObjective` of the default recipe (6 graph-free steps + the preset's differentiated steps, penalty on),
+median of --repeats, alternating with and without the term, random tokens, CPU, --threads torch threads.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CASES = (("tiny", 257, 16), ("tiny", 50304, 16), ("small", 257, 4), ("small", 50304, 4))
 
@@ -25,31 +26,27 @@ CASES = (("tiny", 257, 16), ("tiny", 50304, 16), ("small", 257, 4), ("small", 50
 def step_seconds(preset: str, vocab: int, batch: int, length: int, repeats: int) -> tuple[float, float]:
     """Median seconds of a training step without and with the next-iterate cross-entropy."""
     import torch
-
-    from revdeq_cli import RevDEQConfig, RevDEQForCausalLM
+    from _deq_bench import recipe_training
 
     ids = torch.randint(0, vocab, (batch, length + 1), generator=torch.Generator().manual_seed(0))
-    models = []
+    runs = []
     for mu in (0.0, 1.0):
         torch.manual_seed(0)
-        config = RevDEQConfig.from_preset(preset, vocab_size=vocab, max_position_embeddings=length,
-                                          next_iterate_loss=mu)
-        models.append(RevDEQForCausalLM(config).train())
+        runs.append(recipe_training(preset, config_fields={"vocab_size": vocab, "max_position_embeddings": length},
+                                    detached_steps="6", next_iterate_loss=mu))
 
-    def step(model) -> float:
+    def step(model, objective) -> float:
         start = time.perf_counter()
-        out = model(input_ids=ids[:, :-1], shift_labels=ids[:, 1:], solver_steps=model.config.max_steps,
-                    detached_steps=6)
-        out.loss.backward()
+        objective(model, ids[:, :-1], ids[:, 1:], step=0, total_steps=None).loss.backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    for model in models:
-        step(model)  # warm-up
+    for run in runs:
+        step(*run)  # warm-up
     times: list[list[float]] = [[], []]
     for _ in range(repeats):
-        for i, model in enumerate(models):
-            times[i].append(step(model))
+        for i, run in enumerate(runs):
+            times[i].append(step(*run))
     return statistics.median(times[0]), statistics.median(times[1])
 
 
@@ -63,10 +60,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from recipe import machine
+    from _deq_bench import host
 
-    print(f"{machine()}; {args.threads} torch threads; median of {args.repeats}\n")
+    print(f"{host()}; {args.threads} torch threads; median of {args.repeats}\n")
     print("| preset | vocabulary | tokens | step without | step with | ratio |")
     print("|---|---:|---|---:|---:|---:|")
     for preset, vocab, batch in CASES:

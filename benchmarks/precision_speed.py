@@ -7,8 +7,9 @@
 finds native bfloat16 matrix instructions (CUDA >= 8.0, CPUs with AMX or AVX512-BF16) and in float32 elsewhere.
 This prints what that choice is here, then two tables: the matrix products of the tiny preset's block at its
 training shapes ([16 x 128] tokens against the block's weights), in GFLOP/s, and one whole training step of the
-default recipe (forward, backward, AdamW; the byte vocabulary, random tokens; the preset's 2 differentiated steps
-after 0 or 6 graph-free ones, 6 being the default rule's mean), median of --repeats, the two formats alternating.
+default recipe's model and objective (`revdeq_cli.recipes`, `TrainingObjective`; forward, backward, AdamW; the
+byte vocabulary, random tokens; the preset's 2 differentiated steps after 0 or 6 graph-free ones, 6 being the
+default rule's mean), median of --repeats, the two formats alternating.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (rows, inner, columns) of the tiny block's products at [16, 128] tokens: qkv, attention output, MLP in, MLP out
 GEMM_SHAPES = ((2048, 128, 384), (2048, 128, 128), (2048, 128, 512), (2048, 512, 128))
@@ -47,22 +49,21 @@ def step_seconds(detached: int, repeats: int, vocab: int) -> dict[str, float]:
     """Median seconds of a training step of the tiny preset in float32 and under bf16 autocast (one model each,
     the same start, alternating)."""
     import torch
-
-    from revdeq_cli import RevDEQConfig, RevDEQForCausalLM
+    from _deq_bench import recipe_training
 
     ids = torch.randint(0, vocab, (16, 129), generator=torch.Generator().manual_seed(0))
     runs = {}
     for name in ("fp32", "bf16"):
         torch.manual_seed(0)
-        model = RevDEQForCausalLM(RevDEQConfig.from_preset("tiny", vocab_size=vocab)).train()
-        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        model, objective = recipe_training("tiny", config_fields={"vocab_size": vocab}, detached_steps=str(detached))
+        runs[name] = (model, objective, torch.optim.AdamW(model.parameters(), lr=1e-3))
 
     def step(name: str) -> float:
-        model, opt = runs[name]
+        model, objective, opt = runs[name]
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
-            out = model(input_ids=ids[:, :-1], shift_labels=ids[:, 1:], detached_steps=detached)
-        out.loss.backward()
+            terms = objective(model, ids[:, :-1], ids[:, 1:], step=0, total_steps=None)
+        terms.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - start
@@ -88,11 +89,10 @@ def main() -> int:
     from revdeq_cli.deq.precision import native_low_precision
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from recipe import machine
+    from _deq_bench import host
 
     native = native_low_precision(torch.device("cpu"))
-    print(f"{machine()}; {args.threads} torch threads; median of {args.repeats}")
+    print(f"{host()}; {args.threads} torch threads; median of {args.repeats}")
     # the probes are private torch API (guarded as in deq.precision): None where this torch lacks one
     probes = {name: getattr(torch.cpu, f"_is_{probe}_supported", lambda: None)()
               for name, probe in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16"))}

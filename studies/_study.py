@@ -1,5 +1,5 @@
-"""What the study scripts (recipe.py, equilibrium.py) share: a file of runs, one JSON object a line, and
-running the runs not in it yet, each in a fresh child process of the script (`script child SPEC`).
+"""What the study scripts (recipe.py, equilibrium.py) share: a file of runs, one JSON object a line, running the
+runs not in it yet, each in a fresh child process of the script (`script child SPEC`), and the choice of models.
 
 A run is keyed by (model, lr, steps, seed); a failed child is recorded with `failed` (its last stderr line)
 and val_ppl inf, so a study can be stopped and continued and its report leaves failures out."""
@@ -18,6 +18,21 @@ from pathlib import Path
 from typing import Any
 
 Job = tuple[str, float, int, int]  # model, lr, steps, seed
+RETIRED = None  # a study model's overrides when its option is no longer in revdeq: its runs stay in the report
+
+
+def chosen_models(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  models: dict[str, tuple[str, dict[str, Any] | None]], default: list[str]) -> list[str]:
+    """`--models` (comma-separated; default `default`), refusing unknown names, and retired ones (overrides
+    RETIRED) unless the action is `report`."""
+    chosen = args.models.split(",") if args.models else default
+    unknown = [m for m in chosen if m not in models]
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {', '.join(models)}")
+    retired = [m for m in chosen if models[m][1] is RETIRED]
+    if retired and args.action != "report":
+        parser.error(f"retired models {retired}: their options are no longer in revdeq (their runs stay in the report)")
+    return chosen
 
 
 def load_runs(runs_file: Path) -> list[dict[str, Any]]:

@@ -1,10 +1,10 @@
 """The training-recipe study: RevDEQ variants against explicit transformers and the unrolled looped block, at
 equal optimiser steps, each model at its own best learning rate.
 
-    python benchmarks/recipe.py screen                      # every model x the lr grid, 300 steps, seed 0
-    python benchmarks/recipe.py confirm --models a,b,...    # finalists: lr grid at 1200 steps, + seed 1 at the best
-    python benchmarks/recipe.py report                      # recipe.md and recipe_val_ppl.png from the runs so far
-    python benchmarks/recipe.py run --models revdeq-input --lrs 2e-3 --steps 300 --seeds 0   # any subset
+    python studies/recipe.py screen                      # every model x the lr grid, 300 steps, seed 0
+    python studies/recipe.py confirm --models a,b,...    # finalists: lr grid at 1200 steps, + seed 1 at the best
+    python studies/recipe.py report                      # recipe.md and recipe_val_ppl.png from the runs so far
+    python studies/recipe.py run --models revdeq-input --lrs 2e-3 --steps 300 --seeds 0   # any subset
 
 Every run trains with `revdeq_cli.training.Trainer` (what `revdeq train` runs) on pydoc with the byte
 tokenizer and the `tiny` width, 128-token sequences, in a fresh process with one torch thread (`--jobs`
@@ -13,7 +13,7 @@ defaults does not change a finished study; only the model options of each entry 
 seed differ. Validation perplexity is measured on the first --curve-batches batches every --curve-every steps
 (the curve) and on the whole validation split at the end (the table).
 
-Runs are appended to `benchmarks/results/recipe-runs.jsonl` (one JSON object a line) and skipped when
+Runs are appended to `studies/results/recipe-runs.jsonl` (one JSON object a line) and skipped when
 already there, so a study can be stopped and continued; `report` rebuilds the table and plot from that file.
 
 The fairness rule: every model gets the same learning-rate grid and seeds; the table reports each at its
@@ -43,6 +43,7 @@ RUNS_FILE = RESULTS_DIR / "recipe-runs.jsonl"
 
 # Training settings every run shares (dotted settings keys; see revdeq_cli/settings.py).
 RECIPE: dict[str, Any] = {
+    "train.recipe": "equilibrium",  # what the models' overrides start from (the recipe the presets carried then)
     "model.preset": "tiny",
     "model.max_position_embeddings": 128,
     "data.dataset": "pydoc",
@@ -66,16 +67,18 @@ RECIPE: dict[str, Any] = {
 WARMUP_FRACTION = 0.1  # of the run's steps, for every model
 
 # pinned: the DEQ defaults of the time of this study, before the presets took up the equilibrium recipe
-_PRE_EQUILIBRIUM = {"model.block_skip": "state", "solver.train_detached_steps": "0", "solver.fixed_point_penalty": 0.0,
-                    "solver.fixed_point_penalty_tail": 1.0, "solver.penalty_ramp": 0.0, "solver.next_iterate_loss": 0.0,
-                    "solver.inference_readout": "z"}
+_PRE_EQUILIBRIUM = {"model.block_skip": "state", "objective.detached_steps": "0",
+                    "objective.fixed_point_penalty": 0.0, "objective.penalty_tail": 1.0, "objective.penalty_ramp": 0.0,
+                    "objective.next_iterate_loss": 0.0, "solver.inference_readout": "z"}
 _REV = {"solver.solver": "reversible", "solver.adjoint": "reversible", "solver.tol": 0.0,
         "solver.state_dtype": "float64", **_PRE_EQUILIBRIUM}
 _INPUT = {**_REV, "model.init_state": "input"}
 
 # name -> (label, settings overrides). DEQs run exactly max_steps solver steps (tol 0 = no early stop), so
-# every model's compute per step is fixed and known.
-MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+# every model's compute per step is fixed and known. RETIRED (no overrides): a model whose option revdeq no longer
+# has (model.output_init_scale, issue 41); its recorded runs stay in the report, a new run of it is refused.
+RETIRED = _study.RETIRED
+MODELS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "revdeq-zeros": ("RevDEQ, z0 = 0 (paper), beta 0.5, 4 steps",
                      {**_REV, "model.init_state": "zeros", "solver.beta": 0.5, "solver.max_steps": 4}),
     "revdeq-input": ("RevDEQ, z0 = x, beta 0.5, 4 steps",
@@ -90,10 +93,8 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                         {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 2}),
     "revdeq-input-s6": ("RevDEQ, z0 = x, beta 0.5, 6 steps",
                         {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 6}),
-    "revdeq-input-o2": ("RevDEQ, z0 = x, beta 0.5, 4 steps, output init x2",
-                        {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 4, "model.output_init_scale": 2.0}),
-    "revdeq-input-o0.5": ("RevDEQ, z0 = x, beta 0.5, 4 steps, output init x0.5",
-                          {**_INPUT, "solver.beta": 0.5, "solver.max_steps": 4, "model.output_init_scale": 0.5}),
+    "revdeq-input-o2": ("RevDEQ, z0 = x, beta 0.5, 4 steps, output init x2", RETIRED),
+    "revdeq-input-o0.5": ("RevDEQ, z0 = x, beta 0.5, 4 steps, output init x0.5", RETIRED),
     "picard-input": ("Picard, z0 = x, 4 steps, unrolled gradient",
                      {"solver.solver": "picard", "solver.adjoint": "unrolled", "solver.tol": 0.0,
                       "solver.max_steps": 4, "model.init_state": "input", **_PRE_EQUILIBRIUM}),
@@ -105,7 +106,7 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "explicit-9": ("Transformer, 9 layers (the 4-step RevDEQ's forward evaluations)",
                    {"solver.solver": "explicit", "model.num_hidden_layers": 9}),
 }
-SCREEN_MODELS = list(MODELS)
+SCREEN_MODELS = [m for m, (_, overrides) in MODELS.items() if overrides is not RETIRED]
 LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
 
 
@@ -117,6 +118,7 @@ def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curv
     torch.set_num_threads(1)
     from revdeq_cli.settings import resolve_settings
     from revdeq_cli.training import loop
+    from revdeq_cli.training.callbacks import Callback
 
     out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"revdeq-recipe-{os.getpid()}"
     values = {**RECIPE, **MODELS[model][1], "train.lr": lr, "train.max_steps": steps, "train.seed": seed,
@@ -126,13 +128,13 @@ def run_one(model: str, lr: float, steps: int, seed: int, curve_every: int, curv
 
     curve: list[tuple[int, float]] = []
 
-    class CurveRecorder:  # a Trainer observer: the validation prefix's perplexity at each evaluation
+    class CurveRecorder(Callback):  # the validation prefix's perplexity at each evaluation
         def on_evaluation(self, trainer: Any, split: str, loss: float) -> None:
             if split == "validation-prefix":
                 curve.append((trainer.step, math.exp(loss)))
 
     t0 = time.perf_counter()
-    summary = loop.train(settings, observers=[CurveRecorder()])
+    summary = loop.train(settings, callbacks=[CurveRecorder()])
     wall = time.perf_counter() - t0
     import shutil
 
@@ -192,7 +194,7 @@ def report(args: argparse.Namespace) -> str:
     # failed runs (and runs stopped on purpose) are kept in the file for the record but not in the table
     runs = [r for r in load_runs() if "failed" not in r and math.isfinite(r.get("val_ppl", math.inf))]
     lines = ["# Recipe study", "", f"Machine: {machine()}.", "",
-             "`python benchmarks/recipe.py screen` / `confirm` / `run` / `report`; pydoc, byte tokenizer, tiny width "
+             "`python studies/recipe.py screen` / `confirm` / `run` / `report`; pydoc, byte tokenizer, tiny width "
              "(128, 4 heads, MLP 512, 128-token context), 128-token sequences, batch 16, AdamW (weight decay 0.1, "
              f"betas 0.9/0.99), cosine schedule to 0.1x with {WARMUP_FRACTION:.0%} warmup, gradient clipping 1.0, "
              "fp32, one torch thread per run. DEQs run exactly their solver steps (no early stop). Validation "
@@ -281,10 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(args.spec)
         print(json.dumps(run_one(**spec)))
         return 0
-    models = args.models.split(",") if args.models else SCREEN_MODELS
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        p.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    models = _study.chosen_models(p, args, MODELS, SCREEN_MODELS)
     lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else list(LR_GRID)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.action == "screen":

@@ -13,6 +13,7 @@ import torch
 from revdeq_cli.errors import CheckpointError
 from revdeq_cli.settings import Settings, resolve_settings
 from revdeq_cli.training import checkpoint as ckpt
+from revdeq_cli.training.callbacks import Callback
 from revdeq_cli.training.data_order import BlockOrder
 from revdeq_cli.training.loop import Trainer, TrainingDivergedError
 from revdeq_cli.training.optim import LRSchedule
@@ -327,12 +328,11 @@ def test_tensorboard_logs_the_last_step_whatever_log_every(tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 4, 6]
 
 
-class RecordsPositionGradients(Trainer):
-    """A Trainer that sums, per row of the position embedding, the norm of every gradient it receives."""
+class RecordsPositionGradients(Callback):
+    """Sums, per row of the position embedding, the norm of every gradient it receives in training."""
 
-    def _build_model(self) -> None:
-        super()._build_model()
-        wpe = self.model.wpe.weight
+    def on_start(self, trainer) -> None:
+        wpe = trainer.model.wpe.weight
         self.position_grad = torch.zeros(wpe.shape[0], dtype=torch.float64)
 
         def record(grad: torch.Tensor) -> None:
@@ -351,14 +351,14 @@ def test_a_default_runs_checkpoint_declares_exactly_the_positions_it_trained_on(
     lines: list[str] = []
     progress = PlainProgress(log_every=1)
     progress.log = lines.append
-    trainer = RecordsPositionGradients(settings, info=_single(), device=torch.device("cpu"), progress=progress)
-    trainer.run()
+    recorder = RecordsPositionGradients()
+    Trainer(settings, info=_single(), device=torch.device("cpu"), progress=progress, callbacks=[recorder]).run()
     model, tokenizer, saved, _ = ckpt.load_checkpoint(tmp_path / "run")
     context = model.config.max_position_embeddings
     assert context == saved.data.seq_len == 128 == model.wpe.weight.shape[0]
     assert tokenizer.model_max_length == context
     assert json.loads((tmp_path / "run" / "final" / "tokenizer_config.json").read_text())["model_max_length"] == 128
-    assert (trainer.position_grad > 0).all(), "a declared position row received no gradient"
+    assert (recorder.position_grad > 0).all(), "a declared position row received no gradient"
     assert "context: the saved model declares 128 positions, the sequence length it trains on" in lines
 
 
@@ -396,8 +396,6 @@ def test_a_callback_sets_the_lr_and_ends_the_run_early_as_a_finished_one(tmp_pat
     """`set_lr` replaces the schedule's rate for the next step only; `request_finish` from `on_step` makes the
     step just taken the last: no in-loop validation or save at it, then the usual end (full validation, test,
     final checkpoint at that step)."""
-    from revdeq_cli.training.callbacks import Callback
-
     events: list[tuple] = []
 
     class Budget(Callback):
@@ -415,7 +413,8 @@ def test_a_callback_sets_the_lr_and_ends_the_run_early_as_a_finished_one(tmp_pat
 
     settings = tiny_settings(tmp_path / "run", train__eval_every=1)
     summary = Trainer(settings, info=_single(), device=torch.device("cpu"), callbacks=[Budget()]).run()
-    assert events == [("start", 0), ("step", 1), ("validation-prefix", 1), ("step", 2), ("validation", 2)]
+    assert events == [("start", 0), ("step", 1), ("validation-prefix", 1), ("step", 2), ("validation", 2),
+                      ("test", 2)]
     assert summary.steps == 2 and summary.total_steps == 6 and [h["step"] for h in summary.history] == [1, 2]
     assert summary.history[0]["lr"] == pytest.approx(1e-3)
     assert summary.history[1]["lr"] == pytest.approx(1e-2)  # the schedule's again (warmup step 2 of 2)

@@ -31,6 +31,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from revdeq_cli import checkpoints as ckpt
 from revdeq_cli.checkpoints import atomic
 from revdeq_cli.errors import UserError
 from revdeq_cli.formatting import format_bytes
+from revdeq_cli.training.distributed import DistInfo, broadcast_object
 
 LOCK_NAME = ".revdeq.lock"
 RUN_ENTRIES = ("config.yaml", "logs", "best", "final")
@@ -263,3 +265,46 @@ def disk_full_message(run_dir: Path, *, writing: str | None, save_every: int, ke
     return (f"{run_dir}: the disk is full ({format_bytes(free)} free) while writing "
             f"{writing or 'into the run directory'}; nothing was left half-written and {kept}. "
             f"To go on: {', '.join(helps[:-1])} or {helps[-1]}")
+
+
+# --------------------------------------------------------------------------- what the trainer calls
+def claim(run_dir: Path, info: DistInfo, *, continuing: bool, overwrite: bool,
+          log: Callable[[str], None]) -> RunLock | None:
+    """Rank 0 locks and claims `run_dir` (`RunLock`, `claim_run_dir`) and returns the held lock (None on other
+    ranks); if that fails every rank raises its error, so no rank trains into a directory it may not use."""
+    lock, removed, error = None, "", None
+    if info.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+            removed = claim_run_dir(run_dir, continuing=continuing, overwrite=overwrite)
+        except Exception as err:  # noqa: BLE001  (every rank raises it below)
+            if lock is not None:
+                lock.release()
+            error = err
+    error = broadcast_object(error, info)
+    if error is not None:
+        raise error
+    if lock is not None and lock.took_over is not None:
+        log(f"note: {run_dir}: took over the lock of {lock.took_over.describe()}, no longer running")
+    if removed:
+        log(f"overwrite: deleted the earlier run in {run_dir} ({removed})")
+    return lock
+
+
+def fills_run_dir(run_dir: Path, err: Exception) -> bool:
+    """Whether `err` is a write into `run_dir` that found the disk full."""
+    if isinstance(err, ckpt.DiskFullError) and err.directory is not None:
+        return Path(err.directory).resolve().is_relative_to(run_dir.resolve())
+    if not atomic.is_disk_full(err):
+        return False
+    name = getattr(err, "filename", None)
+    if name:
+        return Path(name).resolve().is_relative_to(run_dir.resolve())
+    return 0 <= atomic.free_bytes(run_dir) < atomic.LOW_SPACE_BYTES
+
+
+def disk_full_error(run_dir: Path, err: Exception, *, save_every: int, keep_last: int) -> ckpt.DiskFullError:
+    """The one-line `DiskFullError` for `err`, a write into `run_dir` that found no space."""
+    what = getattr(err, "what", None)
+    return ckpt.DiskFullError(disk_full_message(run_dir, writing=what, save_every=save_every, keep_last=keep_last),
+                              directory=run_dir, what=what)

@@ -31,63 +31,21 @@ Every solver setting is read from `self.config` at call time. State-dict names: 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Cache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from revdeq_cli import deq
 from revdeq_cli.deq.state import relative_residual
 from revdeq_cli.errors import UserError
 from revdeq_cli.model.block import MLP, AttentionMask, Block, CausalSelfAttention
-from revdeq_cli.model.cache import EvaluationKeyValues, PastKeyValues, RevDEQCache
+from revdeq_cli.model.cache import EvaluationKeyValues, RevDEQCache
 from revdeq_cli.model.config import INITIALIZER_RANGE, PER_POSITION_SOLVERS, RevDEQConfig
-from revdeq_cli.solver_facts import SOLVER_FACTS
-
-
-@dataclass
-class SolverStats:
-    """What the equilibrium solve of one forward call did (explicit model: `steps` = `nfe` = layers)."""
-
-    steps: int
-    residual: float  # max over the batch of the final relative residual; nan for the explicit model
-    nfe: int  # forward evaluations of f
-    position_steps: Tensor | None = None  # [B, T] long: the steps each position iterated (0: padding, or z0 itself)
-    backward: Any = None  # deq.BackwardStats, filled in when loss.backward() runs; None if not a DEQ
-
-
-@dataclass
-class EquilibriumProbe:
-    """Where a solve left each position (`RevDEQForCausalLM.probe_equilibrium`; no graph). `x` the input
-    injection, `z` the solver's output and `fz` = f(z, x), one more evaluation of the block, each [B, T, H] in the
-    model dtype; `residual` [B, T] float64, each position's ||z_t - f(z)_t|| / (1e-5 + ||f(z)_t||) (`revdeq
-    eval`'s residual is the same ratio over a whole window's positions); `logits` [B, T, V] read from z."""
-
-    x: Tensor
-    z: Tensor
-    fz: Tensor
-    residual: Tensor
-    logits: Tensor
-
-
-@dataclass
-class RevDEQCausalLMOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` (loss, logits, cache) plus the solver statistics of this call.
-
-    transformers v5 names the cache `cache`; `past_key_values` still reads it (with a deprecation warning)."""
-
-    solver_steps: int | None = None  # steps the solve ran (the most any position took)
-    solver_position_steps: Tensor | None = None  # [B, T] long: each position's steps (adaptive depth: its own)
-    solver_residual: float | None = None
-    solver_nfe: int | None = None
-    solver_backward: Any = None
-    state: Tensor | None = None  # with output_next_state: z [B, T, H], the state the logits read (with its graph)
-    next_state: Tensor | None = None  # ... and f(z) [B, T, H], one more evaluation of the block (with its graph)
+from revdeq_cli.model.decoding import solve_exact_cached, solve_fixed_point_cached
+from revdeq_cli.model.outputs import EquilibriumProbe, RevDEQCausalLMOutput, SolverStats, lm_loss
 
 
 class RevDEQPreTrainedModel(PreTrainedModel):
@@ -255,7 +213,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         out = RevDEQCausalLMOutput(
-            loss=_lm_loss(logits, labels, shift_labels), logits=logits, cache=cache, solver_steps=stats.steps,
+            loss=lm_loss(logits, labels, shift_labels), logits=logits, cache=cache, solver_steps=stats.steps,
             solver_position_steps=stats.position_steps, solver_residual=stats.residual, solver_nfe=stats.nfe,
             solver_backward=stats.backward, state=z if output_next_state else None, next_state=next_state,
         )
@@ -298,8 +256,8 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         if cache is None:
             return self._solve_full(x, mask, *steps, real=real)
         if cache.mode == "exact":
-            return self._solve_exact_cached(x, mask, cache, real)
-        return self._solve_fixed_point_cached(x, mask, cache, real)
+            return solve_exact_cached(self, x, mask, cache, real)
+        return solve_fixed_point_cached(self, x, mask, cache, real)
 
     def _positions(self, input_ids: Tensor, past: int, attention_mask: Tensor | None,
                    position_ids: Tensor | None) -> Tensor:
@@ -379,57 +337,6 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
         return z, SolverStats(steps=0, residual=float(residual), nfe=1,
                               position_steps=torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
 
-    def _solve_exact_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache,
-                            real: Tensor | None = None) -> tuple[Tensor, SolverStats]:
-        """`inference_max_steps` steps (adaptive depth: each new position until it freezes); evaluation k reads
-        and extends cache layer k. Layers a solve that ended early (every new position frozen) did not reach are
-        completed by the next solve that does, with the held keys/values (`EvaluationKeyValues`): what those
-        evaluations would have computed, since a frozen state does not change."""
-        config = self.config
-        steps, tol = config.eval_max_steps, config.inference_tol
-        readout = self._reads_midpoint() and steps > 0
-        cache.claim(("exact", config.solver, config.beta, steps, config.state_dtype, tol, readout))
-        per_step = SOLVER_FACTS[config.solver].evaluations_per_step
-        hook = EvaluationKeyValues(cache, past=cache.get_seq_length(), per_step=per_step)
-        if steps == 0:  # z = z0; f's one evaluation (the residual) fills layer 0
-            z, stats = self._bypass(x, mask, hook)
-        else:
-            # Unrolled: if gradients are wanted, autograd follows the cached evaluations as they happened.
-            # the readout's evaluation has the last layer, wherever the solve stopped (adaptive depth)
-            z, stats = self._solve(x, mask, hook, tol=tol, max_steps=steps, adjoint=deq.UnrolledAdjoint(),
-                                   per_position=tol is not None, real=real, readout=readout,
-                                   readout_layer=per_step * steps + 1)
-        total = 1 + per_step * steps + int(readout)  # evaluations of a solve that runs every step (+ the readout's)
-        if cache.num_evaluations is None:
-            cache.num_evaluations = total
-        elif hook.calls > total or total != cache.num_evaluations or (tol is None and hook.calls != total):
-            raise RuntimeError(
-                f"cache: this solve evaluated f {hook.calls} times (of {total}) but the cache holds "
-                f"{cache.num_evaluations} evaluations; the cached keys/values no longer match"
-            )
-        return z, stats
-
-    def _solve_fixed_point_cached(self, x: Tensor, mask: AttentionMask, cache: RevDEQCache,
-                                  real: Tensor | None = None) -> tuple[Tensor, SolverStats]:
-        """Solve the new positions to tolerance against the cached final-state keys/values, then cache theirs."""
-        config = self.config
-        tol = config.inference_tol if config.inference_tol is not None else config.tol
-        readout = self._reads_midpoint()
-        cache.claim(("fixed_point", config.solver, readout))
-        past = cache.past_keys_values()
-        hook = PastKeyValues(*past) if past is not None else None
-        if config.eval_max_steps == 0:  # z = z0 (no attention needed); its keys/values are cached below
-            z = self._z0(x)
-            stats = SolverStats(steps=0, residual=math.nan, nfe=0,
-                                position_steps=torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
-        else:
-            z, stats = self._solve(x, mask, hook, tol=tol, max_steps=config.eval_max_steps,
-                                   adjoint=deq.UnrolledAdjoint(), per_position=True, real=real, readout=readout)
-        block = self.blocks[0]
-        keys, values = block.attn.keys_values(block.attention_input(z, x))
-        cache.update(keys, values, 0)
-        return z, stats
-
     def _solve(self, x: Tensor, mask: AttentionMask, hook: Any, *, tol: float | None, max_steps: int,
                adjoint: deq.Adjoint, detached_steps: int = 0, per_position: bool = False,
                real: Tensor | None = None, z0: Tensor | None = None, readout: bool = False,
@@ -499,17 +406,3 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
 
     def _adjoint(self) -> deq.Adjoint:
         return deq.make_adjoint(self.config.adjoint, **self.config.adjoint_kwargs())
-
-
-def _lm_loss(logits: Tensor, labels: Tensor | None, shift_labels: Tensor | None) -> Tensor | None:
-    """Mean next-token cross-entropy (float32) over targets != -100; None without targets."""
-    if labels is not None:
-        logits, targets = logits[:, :-1], labels[:, 1:]
-    elif shift_labels is not None:
-        targets = shift_labels
-    else:
-        return None
-    if targets.shape != logits.shape[:2]:
-        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match logits {tuple(logits.shape[:2])}")
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
-                           ignore_index=-100)

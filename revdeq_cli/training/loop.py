@@ -51,8 +51,7 @@ from revdeq_cli.training.report import TrainSummary, header_lines
 from revdeq_cli.training.rng import capture_rng_state
 from revdeq_cli.training.signals import STOP_SIGNALS, StopSignals, TrainingStopped
 
-__all__ = ["STOP_SIGNALS", "Trainer", "TrainingDivergedError", "TrainingStopped", "TrainSummary",
-           "find_resume_checkpoint", "train"]
+__all__ = ["STOP_SIGNALS", "Trainer", "TrainSummary", "TrainingDivergedError", "TrainingStopped", "train"]
 
 # Above this max-abs error in rebuilding z0, the reversed iteration has left the forward one and the "exact"
 # gradient is no longer exact (rounding grows ~((1 + beta Lip f) / |1 - beta|) per step).
@@ -110,14 +109,11 @@ class Trainer:
         hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the progress display
         self._autocast_dtype = autocast_dtype(self.precision)
         # The run's state: set up here, continued by a resume (checkpointing.restore), advanced by the loop.
-        self.step = self.epoch = self.micro_index = 0  # micro_index: micro-batches of this epoch consumed
-        self.tokens_seen = 0
+        self.step = self.epoch = self.micro_index = self.tokens_seen = 0  # micro_index: this epoch's micro-batches
         self._session_start_tokens = 0  # tokens_seen when this session started (after a resume)
-        self.best_val_loss: float | None = None
-        self.best_val_step: int | None = None
+        self.best_val_loss, self.best_val_step = None, None
         self.history: list[dict[str, float]] = []  # one record per optimiser step of this session
-        self.final_val_loss: float | None = None
-        self.test_loss: float | None = None
+        self.final_val_loss = self.test_loss = None
         self.final_checkpoint: Path | None = None
         self.checkpoints: checkpointing.RunCheckpoints | None = None
         self.tb: Any = None  # TensorBoardLog on rank 0 with log.tensorboard

@@ -2,9 +2,8 @@
 
     dtype = native_low_precision(torch.device("cpu"))   # torch.bfloat16 on AMX / AVX512-BF16 CPUs, else None
 
-Two users: `train.precision: auto` (the default: a run trains under bfloat16 autocast where the device multiplies
-bfloat16 natively, in float32 elsewhere) and `train_detached_precision: auto` (only the graph-free steps of a
-training solve). Where the hardware has bfloat16 matrix instructions they run faster in bfloat16; elsewhere
+Its user: `train.precision: auto` (the default: a run trains under bfloat16 autocast where the device multiplies
+bfloat16 natively, in float32 elsewhere; training/precision.py). Where the hardware has bfloat16 matrix instructions they run faster in bfloat16; elsewhere
 bfloat16 is emulated and slower than float32, so the answer there is None (keep float32).
 """
 
@@ -15,17 +14,14 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=16)  # asked per training forward
+@functools.lru_cache(maxsize=16)  # a capability of the machine: asked once per device
 def native_low_precision(device: torch.device | str) -> torch.dtype | None:
     """torch.bfloat16 where `device` multiplies bfloat16 matrices in hardware, else None.
 
     CUDA: compute capability >= 8.0 (Ampere and later: bf16 tensor cores). CPU: Intel AMX tiles (Sapphire
-    Rapids and later; a detached step of the tiny preset's block about 11 ms against 20 ms in float32, README
-    "Round 10") or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake; on a 2-core AMD EPYC VM the tiny
-    preset's matrix products run at about 400 GFLOP/s in bfloat16 against 190 in float32, and its training step
-    takes 207 ms against 329 ms: the first round-13 session's measurement, README "Round 13", whose table it did
-    not commit). Other CPUs, Apple GPUs (mps) and other devices: None
-    (emulated, or not measured)."""
+    Rapids and later) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake); their speed against float32 is in
+    docs/performance.md §bf16 and fp32 speed. Other CPUs, Apple GPUs (mps) and other devices: None (emulated,
+    or not measured)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0) \

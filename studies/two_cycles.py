@@ -46,7 +46,7 @@ def measure(checkpoint: str, steps: list[int], batch_size: int) -> None:
 
     from revdeq_cli.checkpoints import load_checkpoint
     from revdeq_cli.data import prepare_corpus
-    from revdeq_cli.model.modeling import AttentionMask
+    from revdeq_cli.model.block import AttentionMask
 
     model, _, settings, meta = load_checkpoint(checkpoint, device=torch.device("cpu"))
     model.eval()
@@ -82,7 +82,7 @@ def measure(checkpoint: str, steps: list[int], batch_size: int) -> None:
                 if n not in steps:
                     continue
                 for name, state in (("z", z), ("m", (y + z) / 2)):
-                    logits = model.lm_head(model.ln_f(state.to(x.dtype)))
+                    logits = model.read_out(state.to(x.dtype))
                     total = totals[(n, name)]
                     total[0] += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
                     total[1] = max(total[1], float(window_residual(state, f(state)).max()))

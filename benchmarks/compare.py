@@ -10,7 +10,8 @@ Writes `<out-dir>/<name>.md` (tables, machine), `<name>.json` (everything, curve
 matplotlib is installed (`pip install -e ".[bench]"`), `<name>_val_ppl.png`, `<name>_memory.png` and
 `<name>_inference_steps.png`.
 
-The models (`--models`, all built with `RevDEQConfig.from_preset(--preset)` at the corpus's vocabulary):
+The models (`--models`, each trained as `revdeq train` resolves --preset under the default recipe, at the
+corpus's vocabulary):
 
     revdeq             the preset's RevDEQ as `revdeq train` builds it (tiny: beta 0.5, float64 states, z0 = x, the
                        equilibrium recipe: a graph-free Poisson-lognormal start, mean 6, then 2 differentiated steps,
@@ -93,7 +94,7 @@ class ModelSpec:
 _ANDERSON = {"solver": "anderson", "anderson_m": 5, "beta": 1.0, "max_steps": 8}
 
 MODELS: dict[str, ModelSpec] = {
-    # the preset's own solver settings: `revdeq train`'s default model (tiny: beta 0.5, 2 steps, z0 = x)
+    # the default recipe's solver settings, as `revdeq train` resolves them (tiny: beta 0.5, 2 steps, z0 = x)
     "revdeq": ModelSpec("RevDEQ (reversible, exact grad)", {"solver": "reversible", "adjoint": "reversible"}),
     "deq-implicit": ModelSpec("DEQ (Anderson, implicit grad)", {**_ANDERSON, "adjoint": "implicit"}),
     "deq-phantom": ModelSpec("DEQ (Anderson, phantom 1 step)", {**_ANDERSON, "adjoint": "phantom",

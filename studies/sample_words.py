@@ -1,7 +1,7 @@
 """Does a checkpoint write words? The share of generated words that occur in the training corpus.
 
-    python benchmarks/sample_words.py runs/pydoc-20261129-120000           # revdeq generate's defaults
-    python benchmarks/sample_words.py CKPT --temperature 0.6 --seeds 0,1,2,3,4 --max-new-tokens 300
+    python studies/sample_words.py runs/pydoc-20261129-120000           # revdeq generate's defaults
+    python studies/sample_words.py CKPT --temperature 0.6 --seeds 0,1,2,3,4 --max-new-tokens 300
 
 Runs `revdeq generate PROMPT -c CKPT --seed S --max-new-tokens N` (the command a user runs, with its default
 sampling unless options are given) for every seed, splits the generated text (prompt excluded) on

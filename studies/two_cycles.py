@@ -1,7 +1,7 @@
 """Why a trained model's residual stalls at 32 steps: the reversible pair (y, z) can settle on a 2-cycle of f.
 
-    python benchmarks/two_cycles.py CKPT [CKPT ...] --steps 8 16 32 64
-    python benchmarks/two_cycles.py CKPT --steps 32 64 --variants reversible:0.3 relaxed:0.5 picard:1
+    python studies/two_cycles.py CKPT [CKPT ...] --steps 8 16 32 64
+    python studies/two_cycles.py CKPT --steps 32 64 --variants reversible:0.3 relaxed:0.5 picard:1
 
 The reversible iteration (docs/DESIGN.md §1)
 

@@ -320,3 +320,58 @@ def test_an_unset_lr_follows_the_preset_and_a_given_one_is_kept(tmp_path):
     assert resolve_settings(sets=["train.lr=5e-4"], environ={}).train.lr == 5e-4
     stored = resolve_settings(flags={"train.lr": 1e-3}, environ={}).model_dump()
     assert resolve_settings(base=stored, environ={}).train.lr == 1e-3  # a resumed run keeps its own
+
+
+# --------------------------------------------------------------------------- the environment layer (pydantic-settings)
+def test_an_env_value_that_fails_validation_names_the_variable(capsys, monkeypatch, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        resolve_settings(environ={"REVDEQ_TRAIN__BATCH_SIZE": "0"})
+    assert str(err.value).startswith("train.batch_size: ") and "from REVDEQ_TRAIN__BATCH_SIZE" in str(err.value)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REVDEQ_TRAIN__LR", "-1")
+    code, out, err_text = _cli(["--print-config"], capsys)
+    assert code == 2 and out == "" and err_text.count("\n") == 1
+    assert err_text.startswith("revdeq: error: train.lr: ") and "REVDEQ_TRAIN__LR" in err_text
+
+
+def test_env_values_parse_as_yaml_and_other_revdeq_variables_are_not_settings():
+    s = resolve_settings(environ={"REVDEQ_TRAIN__LR": "3e-4", "REVDEQ_DATA__OFFLINE": "true",
+                                  "REVDEQ_TRAIN__EVAL_BATCHES": "null", "REVDEQ_CACHE_DIR": "/x",
+                                  "REVDEQ_STDLIB_DIR": "/y", "REVDEQ_TRAIN": "{lr: 5}", "OTHER__LR": "1"})
+    assert (s.train.lr, s.data.offline, s.train.eval_batches) == (3e-4, True, None)
+    with pytest.raises(ConfigError, match=r"^train\.seed: .*got \[1, 2\], from REVDEQ_TRAIN__SEED"):
+        resolve_settings(environ={"REVDEQ_TRAIN__SEED": "[1, 2]"})
+
+
+@pytest.mark.parametrize(("name", "needle"), [("REVDEQ_TRAINING__LR", "did you mean train.lr"),
+                                              ("REVDEQ_TRAIN__LRATE", "did you mean train.lr"),
+                                              ("REVDEQ_TRAIN__LR__X", "train.lr__x: unknown setting")])
+def test_an_unknown_env_setting_is_refused_naming_the_variable(name, needle):
+    with pytest.raises(ConfigError) as err:
+        resolve_settings(environ={name: "1"})
+    assert needle in str(err.value) and f"(from {name})" in str(err.value)
+
+
+def test_the_layers_merge_key_by_key_and_each_key_names_its_layer(tmp_path):
+    from revdeq_cli.settings import merge_layers
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train: {lr: 0.1, seed: 1}\nlearning_rate: 0.15\nsolver.fixed_point_penalty: 3\n")
+    merged, sources = merge_layers(config_file=cfg, environ={"REVDEQ_TRAIN__SEED": "2"},
+                                   sets=["train.batch_size=3", "train.batch_size=4"], flags={"data.seq_len": 64},
+                                   flag_names={"data.seq_len": "--seq-len"}, base={"train": {"grad_accum": 2}})
+    assert merged == {"train.lr": 0.15, "train.seed": 2, "objective.fixed_point_penalty": 3, "train.batch_size": 4,
+                      "data.seq_len": 64, "train.grad_accum": 2}
+    assert sources == {"train.lr": f"--config {cfg}", "train.seed": "REVDEQ_TRAIN__SEED",
+                       "objective.fixed_point_penalty": f"--config {cfg}",
+                       "train.batch_size": "--set train.batch_size=4", "data.seq_len": "--seq-len",
+                       "train.grad_accum": "the resumed checkpoint"}
+
+
+def test_every_setting_has_a_description_without_a_typed_default():
+    from revdeq_cli.settings import SECTIONS, shown_default
+
+    for section, model in SECTIONS.items():
+        for name, field in model.model_fields.items():
+            assert field.description and "default" not in field.description, f"{section}.{name}"
+            shown_default(f"{section}.{name}")  # every field has a rule for what its default reads

@@ -88,34 +88,34 @@ _revdeq() {
                 train)
                     _arguments \
                         '--config[YAML settings file (sectioned, dotted or the earlier port'\''s flat keys).]:config:_files' \
-                        '--preset[Model size\: tiny, small, base, paper (default tiny); the recipe is chosen apart (--recipe).]:preset: ' \
-                        '--recipe[How the model solves and trains\: equilibrium (revdeq'\''s, the default) or paper (the reference implementation'\''s method).]:recipe: ' \
-                        '--dataset[pydoc or stdlib (offline), wikitext, wikitext-103, a hub id or a local path (default pydoc).]:dataset:_files' \
+                        '--preset[Model size\: tiny, small, base or paper (revdeq_cli.model.presets); the recipe is chosen apart (train.recipe).]:preset: ' \
+                        '--recipe[How the model solves and trains (revdeq_cli.recipes)\: equilibrium (revdeq'\''s) or paper (the reference implementation'\''s method).]:recipe: ' \
+                        '--dataset[Corpus\: pydoc or stdlib (offline), wikitext, wikitext-103, a hub id or a local path.]:dataset:_files' \
                         '--dataset-config[Hub dataset configuration name.]:dataset_config: ' \
-                        '--tokenizer[byte, bpe\[\:SIZE\], a hub id or a path (default byte).]:tokenizer:_files' \
+                        '--tokenizer[Tokenizer\: byte, bpe\[\:SIZE\], a hub id or a path.]:tokenizer:_files' \
                         '(--offline --online)'{--offline,--online}'[Never touch the network.]' \
-                        '--seq-len[Tokens per training sequence (default 128).]:seq_len: ' \
-                        '--out-dir[The run directory (default runs/<dataset>-<timestamp>).]:out_dir:_files' \
-                        '--max-steps[Stop after N optimiser steps (default 1200 when no other limit is set).]:max_steps: ' \
+                        '--seq-len[Tokens per training sequence.]:seq_len: ' \
+                        '--out-dir[The run directory.]:out_dir:_files' \
+                        '--max-steps[Stop after this many optimiser steps.]:max_steps: ' \
                         '--epochs[Stop after this many passes over the data.]:epochs: ' \
                         '--max-tokens[Stop after this many training tokens.]:max_tokens: ' \
-                        '--batch-size[Sequences per micro-batch per process (default 16).]:batch_size: ' \
-                        '--grad-accum[Micro-batches per optimiser step (default 1).]:grad_accum: ' \
-                        '--lr[Peak learning rate (default\: 3e-3 for the tiny preset, 2e-3 otherwise).]:lr: ' \
-                        '--solver[reversible, picard, relaxed, anderson, broyden, explicit.]:solver: ' \
-                        '--adjoint[reversible, unrolled, implicit, phantom (default\: follows --solver; reversible -> reversible, picard/relaxed -> unrolled, anderson/broyden -> implicit).]:adjoint: ' \
-                        '--beta[Relaxation in (0, 2), not 1 for reversible.]:beta: ' \
-                        '--tol[Solver stop tolerance on the relative residual (0\: always --solver-steps).]:tol: ' \
-                        '--solver-steps[Maximum solver steps in training.]:solver_steps: ' \
-                        '--precision[auto, fp32, bf16 or fp16 (default auto\: bf16 where the CPU or GPU multiplies bfloat16 natively, else fp32).]:precision: ' \
-                        '(--compile --no-compile)'{--compile,--no-compile}'[torch.compile the solver'\''s block(s) f (default off; unavailable\: a warning, then eager).]' \
-                        '--device[auto, cpu, cuda, cuda\:N or mps (default auto).]:device: ' \
-                        '--eval-every[Validate every N steps (0\: only at the end) (default 100).]:eval_every: ' \
-                        '--save-every[Checkpoint every N steps (0\: only at the end) (default 200).]:save_every: ' \
-                        '--resume[auto (newest checkpoint of the run dir) or a checkpoint / run directory.]:resume:_files' \
-                        '--overwrite[Start afresh in an --out-dir that holds another run\: delete that run'\''s checkpoints, logs and config.yaml first (without it such a directory is refused).]' \
-                        '--seed[Random seed (default 0).]:seed: ' \
-                        '--progress[auto, rich or plain (default auto).]:progress: ' \
+                        '--batch-size[Sequences per micro-batch per process.]:batch_size: ' \
+                        '--grad-accum[Micro-batches per optimiser step.]:grad_accum: ' \
+                        '--lr[Peak learning rate.]:lr: ' \
+                        '--solver[Fixed-point solver; explicit = no solve (the non-DEQ baseline, no gradient method). One of\: reversible, picard, relaxed, anderson, broyden, explicit.]:solver: ' \
+                        '--adjoint[Gradient method through the solve. One of\: reversible, unrolled, implicit, phantom.]:adjoint: ' \
+                        '--beta[Relaxation in (0, 2); not 1 for the reversible solver.]:beta: ' \
+                        '--tol[Stop tolerance on the relative residual; 0 = never stop early (always solver.max_steps steps).]:tol: ' \
+                        '--solver-steps[Most solver steps in training.]:solver_steps: ' \
+                        '--precision[Autocast format; auto = bf16 where the device multiplies bfloat16 natively (CUDA >= 8.0, CPUs with AMX or AVX512-BF16), else fp32, and the run stores what auto chose (training.loop.resolve_precision). One of\: auto, fp32, bf16, fp16.]:precision: ' \
+                        '(--compile --no-compile)'{--compile,--no-compile}'[torch.compile the solver'\''s block(s) f (model/compile.py); unavailable or failing\: a warning, then eager.]' \
+                        '--device[Device\: auto, cpu, cuda, cuda\:N or mps.]:device: ' \
+                        '--eval-every[Validate every N optimiser steps; 0 = only at the end.]:eval_every: ' \
+                        '--save-every[Checkpoint every N optimiser steps; 0 = only at the end (and on Ctrl-C).]:save_every: ' \
+                        '--resume[Continue a run\: auto (the newest checkpoint of the run directory) or a checkpoint / run directory.]:resume:_files' \
+                        '--overwrite[Start afresh in a train.out_dir that holds another run\: delete that run'\''s checkpoints, logs and config.yaml first (without it such a directory is refused).]' \
+                        '--seed[Random seed.]:seed: ' \
+                        '--progress[Progress display; auto = rich on a terminal, plain lines otherwise.]:progress: ' \
                         '*--set[Any setting, e.g. --set train.weight_decay=0.05 (repeatable).]:set: ' \
                         '--print-config[Print the resolved settings as YAML and exit.]' \
                         '(--help -h)'{--help,-h}'[Show this message and exit.]'

@@ -181,3 +181,45 @@ def test_a_resume_on_a_machine_without_bf16_keeps_the_format_auto_chose_and_warn
     assert "resumed from" in out and "done: 4/4 steps" in out
     assert "device cpu, bf16\n" in out  # the stored format, not re-resolved to fp32
     assert sum("emulated" in line for line in out.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- options from the settings models
+def _train_params():
+    import typer
+
+    from revdeq_cli.cli.app import app
+
+    return {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+
+
+def test_a_flags_help_is_its_settings_description_and_no_default_is_typed():
+    from revdeq_cli.cli.train_cmd import FLAGS
+    from revdeq_cli.settings import TrainSettings, field_info, option_help, shown_default
+
+    params = _train_params()
+    assert set(FLAGS) <= set(params)
+    for name, (dotted, option, _) in FLAGS.items():
+        param = params[name]
+        assert option in param.opts
+        assert param.help == option_help(dotted) and field_info(dotted).description in param.help, name
+        assert "default" not in param.help.lower(), f"{option} types a default into its help: {param.help!r}"
+        assert param.default is None, f"{option}: an option left out must leave the setting to the layers beneath"
+        if not isinstance(field_info(dotted).default, bool):
+            assert param.show_default == (shown_default(dotted) or False), name
+    assert params["lr"].help.startswith(TrainSettings.model_fields["lr"].description)
+    assert params["lr"].show_default == "the recipe's"  # the tiny preset's 4e-3 comes from the recipe
+    assert params["grad_accum"].show_default == str(TrainSettings.model_fields["grad_accum"].default)
+    assert params["offline"].show_default == "online" and params["compile_"].show_default == "no-compile"
+
+
+def test_train_help_shows_the_models_descriptions():
+    from cli_helpers import invoke
+
+    from revdeq_cli.settings import field_info
+
+    result = invoke("train", "--help", env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    for dotted in ("train.lr", "solver.beta", "data.seq_len", "train.batch_size"):
+        assert field_info(dotted).description in text, dotted
+    assert "the recipe's" in text and "(default" not in text

@@ -8,115 +8,96 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from revdeq_cli.cli.app import app
+from revdeq_cli.settings import field_info, option_help, shown_default
 
-# CLI option -> dotted setting (docs/DESIGN.md §3); the option spelling is what error messages name.
-FLAGS: dict[str, tuple[str, str]] = {
-    "preset": ("model.preset", "--preset"),
-    "recipe": ("train.recipe", "--recipe"),
-    "dataset": ("data.dataset", "--dataset"),
-    "dataset_config": ("data.dataset_config", "--dataset-config"),
-    "tokenizer": ("data.tokenizer", "--tokenizer"),
-    "offline": ("data.offline", "--offline"),
-    "seq_len": ("data.seq_len", "--seq-len"),
-    "out_dir": ("train.out_dir", "--out-dir"),
-    "max_steps": ("train.max_steps", "--max-steps"),
-    "epochs": ("train.epochs", "--epochs"),
-    "max_tokens": ("train.max_tokens", "--max-tokens"),
-    "batch_size": ("train.batch_size", "--batch-size"),
-    "grad_accum": ("train.grad_accum", "--grad-accum"),
-    "lr": ("train.lr", "--lr"),
-    "precision": ("train.precision", "--precision"),
-    "compile_": ("train.compile", "--compile"),
-    "device": ("train.device", "--device"),
-    "eval_every": ("train.eval_every", "--eval-every"),
-    "save_every": ("train.save_every", "--save-every"),
-    "resume": ("train.resume", "--resume"),
-    "overwrite": ("train.overwrite", "--overwrite"),
-    "seed": ("train.seed", "--seed"),
-    "solver": ("solver.solver", "--solver"),
-    "adjoint": ("solver.adjoint", "--adjoint"),
-    "beta": ("solver.beta", "--beta"),
-    "tol": ("solver.tol", "--tol"),
-    "solver_steps": ("solver.max_steps", "--solver-steps"),
-    "progress": ("log.progress", "--progress"),
-}
-
+# CLI option -> (dotted setting, option, help panel); the option spelling is what error messages name. Help text
+# and shown default come from the settings models (`revdeq_cli.settings.option_help`, `shown_default`).
 _MODEL = "Model and solver"
 _DATA = "Data"
 _LOOP = "Training loop"
 _RUN = "Run"
+FLAGS: dict[str, tuple[str, str, str]] = {
+    "preset": ("model.preset", "--preset", _MODEL),
+    "recipe": ("train.recipe", "--recipe", _MODEL),
+    "dataset": ("data.dataset", "--dataset", _DATA),
+    "dataset_config": ("data.dataset_config", "--dataset-config", _DATA),
+    "tokenizer": ("data.tokenizer", "--tokenizer", _DATA),
+    "offline": ("data.offline", "--offline", _DATA),
+    "seq_len": ("data.seq_len", "--seq-len", _DATA),
+    "out_dir": ("train.out_dir", "--out-dir", _RUN),
+    "max_steps": ("train.max_steps", "--max-steps", _LOOP),
+    "epochs": ("train.epochs", "--epochs", _LOOP),
+    "max_tokens": ("train.max_tokens", "--max-tokens", _LOOP),
+    "batch_size": ("train.batch_size", "--batch-size", _LOOP),
+    "grad_accum": ("train.grad_accum", "--grad-accum", _LOOP),
+    "lr": ("train.lr", "--lr", _LOOP),
+    "precision": ("train.precision", "--precision", _LOOP),
+    "compile_": ("train.compile", "--compile", _LOOP),
+    "device": ("train.device", "--device", _LOOP),
+    "eval_every": ("train.eval_every", "--eval-every", _LOOP),
+    "save_every": ("train.save_every", "--save-every", _RUN),
+    "resume": ("train.resume", "--resume", _RUN),
+    "overwrite": ("train.overwrite", "--overwrite", _RUN),
+    "seed": ("train.seed", "--seed", _LOOP),
+    "solver": ("solver.solver", "--solver", _MODEL),
+    "adjoint": ("solver.adjoint", "--adjoint", _MODEL),
+    "beta": ("solver.beta", "--beta", _MODEL),
+    "tol": ("solver.tol", "--tol", _MODEL),
+    "solver_steps": ("solver.max_steps", "--solver-steps", _MODEL),
+    "progress": ("log.progress", "--progress", _RUN),
+}
+_OFF = {"offline": "--online", "compile_": "--no-compile"}  # the toggles' second spelling
+
+
+def _flag(name: str) -> Any:
+    """The Typer option of FLAGS[name]: unset (None) unless given, so the layers beneath it decide; its help
+    and shown default are the setting's."""
+    dotted, option, panel = FLAGS[name]
+    if name in _OFF:  # a toggle shows the spelling in force by default
+        decl, default = f"{option}/{_OFF[name]}", (option if field_info(dotted).default else _OFF[name])[2:]
+    else:
+        decl, default = option, shown_default(dotted)
+    return typer.Option(None, decl, help=option_help(dotted), show_default=default or False,
+                        rich_help_panel=panel)
 
 
 @app.command("train")
 def train_command(
     config: Path | None = typer.Option(None, "--config", help="YAML settings file (sectioned, dotted or the "
                                        "earlier port's flat keys).", rich_help_panel=_RUN),
-    preset: str | None = typer.Option(None, "--preset", help="Model size: tiny, small, base, paper "
-                                      "(default tiny); the recipe is chosen apart (--recipe).", rich_help_panel=_MODEL),
-    recipe: str | None = typer.Option(None, "--recipe", help="How the model solves and trains: equilibrium "
-                                      "(revdeq's, the default) or paper (the reference implementation's method).",
-                                      rich_help_panel=_MODEL),
-    dataset: str | None = typer.Option(None, "--dataset", help="pydoc or stdlib (offline), wikitext, "
-                                       "wikitext-103, a hub id or a local path (default pydoc).",
-                                       rich_help_panel=_DATA),
-    dataset_config: str | None = typer.Option(None, "--dataset-config", help="Hub dataset configuration name.",
-                                              rich_help_panel=_DATA),
-    tokenizer: str | None = typer.Option(None, "--tokenizer", help="byte, bpe[:SIZE], a hub id or a path "
-                                         "(default byte).", rich_help_panel=_DATA),
-    offline: bool | None = typer.Option(None, "--offline/--online", help="Never touch the network.",
-                                        show_default=False, rich_help_panel=_DATA),
-    seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per training sequence (default 128).",
-                                       rich_help_panel=_DATA),
-    out_dir: Path | None = typer.Option(None, "--out-dir", help="The run directory (default "
-                                        "runs/<dataset>-<timestamp>).", rich_help_panel=_RUN),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimiser steps (default 1200 "
-                                         "when no other limit is set).", rich_help_panel=_LOOP),
-    epochs: float | None = typer.Option(None, "--epochs", help="Stop after this many passes over the data.",
-                                        rich_help_panel=_LOOP),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop after this many training tokens.",
-                                          rich_help_panel=_LOOP),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per micro-batch per process "
-                                          "(default 16).", rich_help_panel=_LOOP),
-    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step "
-                                          "(default 1).", rich_help_panel=_LOOP),
-    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: 3e-3 for the tiny preset, "
-                                    "2e-3 otherwise).", rich_help_panel=_LOOP),
-    solver: str | None = typer.Option(None, "--solver", help="reversible, picard, relaxed, anderson, broyden, "
-                                      "explicit.", rich_help_panel=_MODEL),
-    adjoint: str | None = typer.Option(None, "--adjoint", help="reversible, unrolled, implicit, phantom "
-                                       "(default: follows --solver; reversible -> reversible, picard/relaxed -> "
-                                       "unrolled, anderson/broyden -> implicit).", rich_help_panel=_MODEL),
-    beta: float | None = typer.Option(None, "--beta", help="Relaxation in (0, 2), not 1 for reversible.",
-                                      rich_help_panel=_MODEL),
-    tol: float | None = typer.Option(None, "--tol", help="Solver stop tolerance on the relative residual "
-                                     "(0: always --solver-steps).", rich_help_panel=_MODEL),
-    solver_steps: int | None = typer.Option(None, "--solver-steps", help="Maximum solver steps in training.",
-                                            rich_help_panel=_MODEL),
-    precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16 (default auto: "
-                                         "bf16 where the CPU or GPU multiplies bfloat16 natively, else fp32).",
-                                         rich_help_panel=_LOOP),
-    compile_: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the solver's "
-                                         "block(s) f (default off; unavailable: a warning, then eager).",
-                                         rich_help_panel=_LOOP),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default auto).",
-                                      rich_help_panel=_LOOP),
-    eval_every: int | None = typer.Option(None, "--eval-every", help="Validate every N steps (0: only at the "
-                                          "end) (default 100).", rich_help_panel=_LOOP),
-    save_every: int | None = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: only at the "
-                                          "end) (default 200).", rich_help_panel=_RUN),
-    resume: str | None = typer.Option(None, "--resume", help="auto (newest checkpoint of the run dir) or a "
-                                      "checkpoint / run directory.", rich_help_panel=_RUN),
-    overwrite: bool | None = typer.Option(None, "--overwrite", help="Start afresh in an --out-dir that holds "
-                                          "another run: delete that run's checkpoints, logs and config.yaml "
-                                          "first (without it such a directory is refused).", show_default=False,
-                                          rich_help_panel=_RUN),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0).", rich_help_panel=_LOOP),
-    progress: str | None = typer.Option(None, "--progress", help="auto, rich or plain (default auto).",
-                                        rich_help_panel=_RUN),
+    preset: str | None = _flag("preset"),
+    recipe: str | None = _flag("recipe"),
+    dataset: str | None = _flag("dataset"),
+    dataset_config: str | None = _flag("dataset_config"),
+    tokenizer: str | None = _flag("tokenizer"),
+    offline: bool | None = _flag("offline"),
+    seq_len: int | None = _flag("seq_len"),
+    out_dir: Path | None = _flag("out_dir"),
+    max_steps: int | None = _flag("max_steps"),
+    epochs: float | None = _flag("epochs"),
+    max_tokens: int | None = _flag("max_tokens"),
+    batch_size: int | None = _flag("batch_size"),
+    grad_accum: int | None = _flag("grad_accum"),
+    lr: float | None = _flag("lr"),
+    solver: str | None = _flag("solver"),
+    adjoint: str | None = _flag("adjoint"),
+    beta: float | None = _flag("beta"),
+    tol: float | None = _flag("tol"),
+    solver_steps: int | None = _flag("solver_steps"),
+    precision: str | None = _flag("precision"),
+    compile_: bool | None = _flag("compile_"),
+    device: str | None = _flag("device"),
+    eval_every: int | None = _flag("eval_every"),
+    save_every: int | None = _flag("save_every"),
+    resume: str | None = _flag("resume"),
+    overwrite: bool | None = _flag("overwrite"),
+    seed: int | None = _flag("seed"),
+    progress: str | None = _flag("progress"),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Any setting, e.g. "
                                    "--set train.weight_decay=0.05 (repeatable).", rich_help_panel=_RUN),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved settings as YAML and "
@@ -126,8 +107,8 @@ def train_command(
     minutes on a laptop CPU."""
     values = locals()
     flags = {dotted: (str(values[name]) if isinstance(values[name], Path) else values[name])
-             for name, (dotted, _) in FLAGS.items()}
-    flag_names = {dotted: option for dotted, option in FLAGS.values()}
+             for name, (dotted, _, _) in FLAGS.items()}
+    flag_names = {dotted: option for dotted, option, _ in FLAGS.values()}
 
     from revdeq_cli.settings import DataSettings, SettingsWarning, merge_layers, resolve_settings
 

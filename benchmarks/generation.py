@@ -219,6 +219,8 @@ def main() -> int:
     parser.add_argument("--ppl-train-steps", type=int, default=80, help="0 skips the perplexity table")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--no-check", action="store_true", help="print the verdict but exit 0 (a smoke run at a "
+                        "size where the speed-up target does not apply: benchmarks/gpu.sh --smoke)")
     args = parser.parse_args()
 
     import torch
@@ -237,7 +239,7 @@ def main() -> int:
     ok = all(results.values())
     if args.ppl_train_steps > 0:
         perplexity_table(args)
-    return 0 if ok else 1
+    return 0 if ok or args.no_check else 1
 
 
 if __name__ == "__main__":

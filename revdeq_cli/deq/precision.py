@@ -3,8 +3,9 @@
     dtype = native_low_precision(torch.device("cpu"))   # torch.bfloat16 on AMX / AVX512-BF16 CPUs, else None
 
 Its user: `train.precision: auto` (the default: a run trains under bfloat16 autocast where the device multiplies
-bfloat16 natively, in float32 elsewhere; training/precision.py). Where the hardware has bfloat16 matrix instructions they run faster in bfloat16; elsewhere
-bfloat16 is emulated and slower than float32, so the answer there is None (keep float32).
+bfloat16 natively, in float32 elsewhere; training/precision.py). Where the hardware has bfloat16 matrix
+instructions they run faster in bfloat16; elsewhere bfloat16 is emulated and slower than float32, so the answer
+there is None (keep float32).
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ class RevDEQForCausalLM(RevDEQPreTrainedModel, GenerationMixin):
     def probe_equilibrium(self, input_ids: torch.LongTensor, solver_steps: int | None = None) -> EquilibriumProbe:
         """Solve `input_ids` [B, T] (long, no padding, no cache) as in eval mode, with `solver_steps` steps (None:
         the config's inference steps; 0: z0), and evaluate f once more at the result: the per-position picture
-        behind a window's residual (`benchmarks/residual_positions.py`). The train/eval mode is left as it was.
+        behind a window's residual (`revdeq inspect --probe`). The train/eval mode is left as it was.
         Raises ValueError for a model without a solver."""
         if not self.config.is_deq:
             raise ValueError("probe_equilibrium needs a DEQ model; this one stacks explicit blocks")

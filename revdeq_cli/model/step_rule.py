@@ -10,7 +10,7 @@ A rule is written as text, so it fits a config file, `--set` and `config.json`:
     "poisson-lognormal:8:24"     the same, clipped at 24
     "poisson-lognormal:8:48:1"   mean 8, clipped at 48, sigma = 1: a heavier tail at the same mean (more deep
                                  draws per step of average cost; P(k >= 24) 6.2% against 1.3% for sigma 0.5,
-                                 `python benchmarks/step_rule_tail.py`)
+                                 docs/equilibrium-study.md)
     "poisson-lognormal:0-18:48"  a depth curriculum: the mean grows linearly over the run, from 0 at the first
                                  optimiser step to 18 at the last (a mean of 0 gives 0 steps); the cap and
                                  sigma as above, the default cap 4 * 18. The same average cost as mean 9,

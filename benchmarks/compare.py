@@ -67,7 +67,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -84,11 +84,13 @@ MEMORY_METHODS = ("reversible", "unrolled", "implicit", "phantom")
 # ---------------------------------------------------------------------------------------------------- models
 @dataclass(frozen=True)
 class ModelSpec:
-    """One contender: a label for tables and the `RevDEQConfig` overrides on top of the preset."""
+    """One contender: a label for tables, the `RevDEQConfig` overrides on top of the preset and any further
+    `revdeq train` settings (dotted keys, e.g. {"train.recipe": "paper"}) over the comparison's own."""
 
     label: str
     overrides: dict[str, Any]
     match_params_layers: int | None = None  # narrow the width to match the DEQ's non-embedding parameters
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 _ANDERSON = {"solver": "anderson", "anderson_m": 5, "beta": 1.0, "max_steps": 8}
@@ -136,11 +138,11 @@ def _config_fields(overrides: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def build_config(name: str, args: argparse.Namespace, vocab_size: int):
-    """The `RevDEQConfig` of model `name` (see MODELS)."""
+def build_config(name: str, args: argparse.Namespace, vocab_size: int, spec: ModelSpec | None = None):
+    """The `RevDEQConfig` of model `name` (see MODELS), or of `spec` where given (another script's contender)."""
     from revdeq_cli.model import RevDEQConfig
 
-    spec = MODELS[name]
+    spec = spec or MODELS[name]
     shared = base_overrides(args, vocab_size)
     config = RevDEQConfig.from_preset(args.preset, **shared, **_config_fields(spec.overrides))
     if spec.match_params_layers:
@@ -257,16 +259,17 @@ def _prepare_corpus(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def train_settings(name: str, args: argparse.Namespace, vocab_size: int, out_dir: Path):
-    """The `revdeq train` settings of model `name`: its `build_config` fields and the comparison's training
-    settings. The schedule in training time and the budget are `BudgetRun`'s, so the trainer's own schedule
-    is a constant rate and its step limit out of reach."""
+def train_settings(name: str, args: argparse.Namespace, vocab_size: int, out_dir: Path,
+                   spec: ModelSpec | None = None):
+    """The `revdeq train` settings of model `name` (or `spec`): its `build_config` fields, the comparison's training
+    settings and the spec's own settings over them. The schedule in training time and the budget are
+    `BudgetRun`'s, so the trainer's own schedule is a constant rate and its step limit out of reach."""
     from revdeq_cli.settings import ModelSettings, resolve_settings
 
-    spec = MODELS[name]
+    spec = spec or MODELS[name]
     fields = {**base_overrides(args, vocab_size), **spec.overrides}
     if spec.match_params_layers:
-        config = build_config(name, args, vocab_size)
+        config = build_config(name, args, vocab_size, spec)
         fields.update(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size)
     values = {f"{'model' if k in ModelSettings.model_fields else 'solver'}.{k}": v for k, v in fields.items()}
     values.update({
@@ -279,32 +282,44 @@ def train_settings(name: str, args: argparse.Namespace, vocab_size: int, out_dir
         "train.eval_every": 0, "train.save_every": 0, "train.keep_last": 1, "train.out_dir": str(out_dir),
         "log.progress": "plain", "log.tensorboard": False,
     })
+    values.update(spec.settings)
     return resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
 
 
 class BudgetRun(Callback):
     """A Trainer observer that holds a model to the comparison's protocol (module docstring): `args.budget`
     seconds of training-step wall time (its own evaluations excluded), then `request_finish()`; the lr a function
-    of that time (`lr_at`); the validation-prefix curve; each step's solver figures; the peak memory of the steps."""
+    of that time (`lr_at`); the validation-prefix curve; each step's solver figures; the peak memory of the steps.
+
+    With `args.budget_steps` set (an attribute other scripts may add) the budget is that many optimiser steps
+    instead, and the schedule, the progress and the curve's points follow the step count; the time is still
+    measured the same way."""
 
     def __init__(self, args: argparse.Namespace, meter: MemoryMeter) -> None:
         self.args, self.meter = args, meter
         self.curve, self.fwd_nfe, self.bwd_nfe, self.residuals = [], [], [], []
         self.seconds = self.cpu_seconds = 0.0
-        self.next_eval = self.interval = args.budget / max(args.eval_points, 1)
+        self.budget_steps: int | None = getattr(args, "budget_steps", None)
+        self.total = float(self.budget_steps or args.budget)  # the budget, in steps or in seconds
+        self.next_eval = self.interval = self.total / max(args.eval_points, 1)
         self.final_loss: float | None = None  # the trainer's final validation (whole split)
         self.peak: int | None = None
         self.load_before = self.load_after = os.getloadavg()
         self._mark = (0.0, 0.0)
 
     def lr_at(self, elapsed: float) -> float:
-        """Warmup then cosine, both in training time (models take different numbers of steps per second)."""
+        """Warmup then cosine, both in training time (models take different numbers of steps per second), or in
+        steps under a step budget; `elapsed` is in the budget's unit."""
         args = self.args
-        warmup = args.warmup * args.budget
+        warmup = args.warmup * self.total
         if elapsed < warmup:
             return args.lr * max(elapsed / warmup, 0.02)
-        progress = min(1.0, (elapsed - warmup) / max(args.budget - warmup, 1e-9))
+        progress = min(1.0, (elapsed - warmup) / max(self.total - warmup, 1e-9))
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def spent(self, trainer) -> float:
+        """How much of the budget the steps so far used: optimiser steps under a step budget, else seconds."""
+        return float(trainer.step) if self.budget_steps else self.seconds
 
     def _clock(self, trainer) -> tuple[float, float]:
         import torch
@@ -344,16 +359,17 @@ class BudgetRun(Callback):
             self.bwd_nfe.append(int(record["backward_nfe"]))
         if trainer.model.config.is_deq:
             self.residuals.append(float(record["solver_residual"]))
-        if self.seconds >= self.args.budget:
+        spent = self.spent(trainer)
+        if spent >= self.total:
             self.stop_measuring()
             self._point(trainer)
             trainer.request_finish()
             return
-        if self.seconds >= self.next_eval:
+        if spent >= self.next_eval:
             self._point(trainer)
             self.next_eval += self.interval
-        trainer.set_lr(self.lr_at(self.seconds))
-        trainer.set_progress(self.seconds / self.args.budget)
+        trainer.set_lr(self.lr_at(spent))
+        trainer.set_progress(spent / self.total)
         self._mark = self._clock(trainer)
 
     def on_evaluation(self, trainer, split: str, loss: float) -> None:
@@ -361,10 +377,11 @@ class BudgetRun(Callback):
             self.final_loss = loss
 
 
-def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = False) -> dict[str, Any]:
-    """Train model `name` with `revdeq_cli.training.Trainer` for `args.budget` seconds of training-step wall time
-    (`BudgetRun`); return its record (see module docstring). Divergence ends the run early and is recorded, not
-    raised."""
+def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = False,
+              spec: ModelSpec | None = None) -> dict[str, Any]:
+    """Train model `name` (or `spec`, under that name) with `revdeq_cli.training.Trainer` for `args.budget`
+    seconds of training-step wall time, or `args.budget_steps` steps (`BudgetRun`); return its record (see module
+    docstring). Divergence ends the run early and is recorded, not raised."""
     import tempfile
 
     import numpy as np
@@ -380,7 +397,7 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
     budget = BudgetRun(args, MemoryMeter(device, fresh_process))
     diverged: str | None = None
     with tempfile.TemporaryDirectory(prefix="revdeq-compare-") as tmp:
-        settings = train_settings(name, args, _prepare_corpus(args).vocab_size, Path(tmp) / "run")
+        settings = train_settings(name, args, _prepare_corpus(args).vocab_size, Path(tmp) / "run", spec)
         trainer = Trainer(settings, info=DistInfo(), device=device, progress=NullProgress(), callbacks=[budget])
         try:
             trainer.run()
@@ -409,7 +426,7 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
     counts = model.num_parameters_split()
     seconds, tokens, curve = budget.seconds, trainer.tokens_seen, budget.curve
     return {
-        "name": name, "label": MODELS[name].label,
+        "name": name, "label": (spec or MODELS[name]).label,
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_attention_heads", "intermediate_size",
                                                   "num_hidden_layers", "solver", "adjoint", "beta", "tol",
                                                   "max_steps", "state_dtype", "solver_options", "adjoint_options")},
@@ -419,6 +436,7 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
         "fwd_nfe": float(np.mean(budget.fwd_nfe)) if budget.fwd_nfe else math.nan,
         "bwd_nfe": float(np.mean(budget.bwd_nfe)) if budget.bwd_nfe else None,
         "explicit_layers": config.num_hidden_layers if not config.is_deq else None,
+        "inference_nfe": inference_nfe(model, val, args.seq_len, device),
         "mean_train_residual": float(np.mean(budget.residuals)) if budget.residuals else None,
         "peak_memory_bytes": budget.peak,
         "memory_kind": ("CUDA max allocated increase over the allocation before the first step" if device.type == "cuda"
@@ -433,6 +451,23 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
         "diverged": diverged,
         "load_average": {"before": budget.load_before, "after": budget.load_after},
     }
+
+
+def inference_nfe(model, tokens, seq_len: int, device) -> int:
+    """Evaluations of the block per token at inference: one eval-mode forward of the first `seq_len` tokens of
+    `tokens` at the model's own inference settings (`out.solver_nfe`); an explicit model's layers."""
+    import numpy as np
+    import torch
+
+    if not model.config.is_deq:
+        return int(model.config.num_hidden_layers)
+    was_training = model.training
+    model.eval()
+    ids = torch.from_numpy(np.asarray(tokens[:seq_len], dtype=np.int64)).to(device)[None]
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    model.train(was_training)
+    return int(out.solver_nfe)
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -483,7 +518,8 @@ def _run_task(task: dict[str, Any], args: argparse.Namespace, fresh_process: boo
 
     torch.set_num_threads(args.threads)
     if task["kind"] == "train":
-        return train_one(task["name"], args, fresh_process=fresh_process)
+        spec = ModelSpec(**task["spec"]) if task.get("spec") else None  # another script's contender
+        return train_one(task["name"], args, fresh_process=fresh_process, spec=spec)
     return memory_one(task["method"], task["steps"], args, fresh_process=fresh_process)
 
 

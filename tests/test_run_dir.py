@@ -344,3 +344,13 @@ def test_resume_reads_the_checkpoints_training_state_once(tmp_path, small_corpus
     resumed = _in_process(corpus, cache, out, "--resume", "auto", "--max-steps", "3", "--eval-every", "0")
     assert resumed.exit_code == 0, resumed.output
     assert loads == [str(out / "checkpoint-000002" / ckpt.TRAINING_STATE)]
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_line_exit_2(tmp_path, small_corpus):  # noqa: F811
+    corpus, cache = small_corpus
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run directory's parent should be\n")
+    result = _in_process(corpus, cache, blocker / "run", "--max-steps", "2")
+    assert result.exit_code == 2
+    _error_line(result.stderr, str(blocker / "run"), "cannot create the run directory", "--out-dir")
+    assert blocker.read_text().startswith("a file")

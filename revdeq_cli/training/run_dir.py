@@ -151,7 +151,11 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self._made_dir = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirUsedError(f"{self.run_dir}: cannot create the run directory ({err.strerror or err}); give "
+                                  "a writable --out-dir") from None
         for _ in range(20):  # the file may be replaced between open() and flock(): then look again
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

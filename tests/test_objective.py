@@ -151,3 +151,36 @@ def test_an_old_runs_settings_map_to_the_objective_section():
             s.objective.penalty_ramp, s.objective.next_iterate_loss) == ("poisson-lognormal:6:24", 2.0, 0.1, 0.2, 1.0)
     with pytest.raises(ConfigError, match="^solver.jacobian_penalty: removed"):
         settings_from_dict({"solver": {"jacobian_penalty": 0.5}}, "an old run")
+
+
+# What revdeq 0.1 (commit 1e55d21, the objective inside the model's forward) computed for six steps of the default
+# recipe at width 32 on the small corpus, fp32, without early stops: the objective's own module must compute the
+# same run (bit for bit on the Intel Xeon that wrote these).
+REVDEQ_0_1 = {"losses": [5.570730686187744, 5.481925010681152, 5.27244758605957, 5.182815074920654,
+                         5.030362129211426, 5.009653091430664],
+              "grad_norms": [4.463527202606201, 3.8448421955108643, 3.075390338897705, 3.125211715698242,
+                             2.94696307182312, 2.746331214904785],
+              "steps": [15, 4, 9, 5, 12, 5], "val": 4.950796406243437}
+
+
+def test_the_default_recipe_trains_as_revdeq_0_1_did(tmp_path):
+    from cli_helpers import small_corpus as make_corpus
+
+    from revdeq_cli.training.distributed import DistInfo
+    from revdeq_cli.training.loop import Trainer
+    from revdeq_cli.training.progress import NullProgress
+
+    corpus = make_corpus(tmp_path / "c")
+    settings = resolve_settings(
+        sets=["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
+              "train.batch_size=4", "data.seq_len=32", "train.precision=fp32", "train.eval_every=0",
+              "train.save_every=0", "train.max_steps=6", "log.tensorboard=false",
+              "solver.tol=0"],  # every solve runs its steps: no early stop that rounding could move
+        flags={"data.dataset": str(corpus), "data.cache_dir": str(tmp_path / "cache"),
+               "train.out_dir": str(tmp_path / "run"), "train.device": "cpu", "data.offline": True}, environ={})
+    summary = Trainer(settings, info=DistInfo(), device=torch.device("cpu"), progress=NullProgress()).run()
+    assert [h["solver_steps"] for h in summary.history] == REVDEQ_0_1["steps"]  # the same depth draws
+    # bit for bit on the machine that wrote them; float32 kernels differ in the last bits between CPUs
+    assert [h["loss"] for h in summary.history] == pytest.approx(REVDEQ_0_1["losses"], rel=1e-5)
+    assert [h["grad_norm"] for h in summary.history] == pytest.approx(REVDEQ_0_1["grad_norms"], rel=1e-4)
+    assert summary.final_val_loss == pytest.approx(REVDEQ_0_1["val"], rel=1e-5)

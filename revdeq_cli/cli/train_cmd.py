@@ -1,4 +1,4 @@
-"""`revdeq train`: resolve the settings (preset < --config < REVDEQ_* env < --set < flags), then train.
+"""`revdeq train`: resolve the settings (preset < recipe < --config < REVDEQ_* env < --set < flags), then train.
 
 Also runs under torchrun (`torchrun --nproc_per_node N -m revdeq_cli train ...`): each process joins the
 group, rank 0 prints and saves. Heavy imports happen inside the command.

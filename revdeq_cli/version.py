@@ -1,3 +1,3 @@
 """The package version (a leaf: imports nothing), read by `revdeq --version` and the generated model code."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -57,6 +57,15 @@ LEGACY_FIELDS: dict[str, Any] = {
     "output_init_scale": 1.0, "block_output_norm": False,
     "anderson_m": 5, "implicit_tol": 1e-4, "implicit_max_steps": 20, "phantom_steps": 1, "phantom_beta": 1.0,
 }
+# The baselines' options under their flat names (revdeq 0.1's config fields, today's `solver.*` settings):
+# name -> (config field, the solver or gradient method that takes it, its key there).
+FLAT_OPTIONS: dict[str, tuple[str, str, str]] = {
+    "anderson_m": ("solver_options", "anderson", "m"),
+    "implicit_tol": ("adjoint_options", "implicit", "tol"),
+    "implicit_max_steps": ("adjoint_options", "implicit", "max_steps"),
+    "phantom_steps": ("adjoint_options", "phantom", "steps"),
+    "phantom_beta": ("adjoint_options", "phantom", "beta"),
+}
 _ARCHITECTURE_LEGACY = ("block_output_norm",)  # a non-default value changes the weights: cannot be mapped
 INITIALIZER_RANGE = 0.02  # GPT-2's initial standard deviation (`RevDEQPreTrainedModel._init_weights`)
 
@@ -157,16 +166,10 @@ class RevDEQConfig(PreTrainedConfig):
         if self.inference_max_steps is None and self.solver != EXPLICIT:
             self.inference_max_steps = legacy_training_depth(self.max_steps, legacy.get("train_steps"),
                                                              legacy.get("train_detached_steps", "0"))
-        moved = {"anderson_m": ("solver_options", "anderson", "m"),
-                 "implicit_tol": ("adjoint_options", "implicit", "tol"),
-                 "implicit_max_steps": ("adjoint_options", "implicit", "max_steps"),
-                 "phantom_steps": ("adjoint_options", "phantom", "steps"),
-                 "phantom_beta": ("adjoint_options", "phantom", "beta")}
-        for name, (field, owner, key) in moved.items():
-            if name in legacy and owner in (self.solver, self.adjoint) and legacy[name] != LEGACY_FIELDS[name]:
-                options = dict(getattr(self, field) or {})
-                options.setdefault(key, legacy[name])
-                setattr(self, field, options)
+        flat = {name: value for name, value in legacy.items()
+                if name in FLAT_OPTIONS and value != LEGACY_FIELDS[name]}
+        for field, options in options_from_flat(self.solver, self.adjoint, flat).items():
+            setattr(self, field, {**options, **(getattr(self, field) or {})})
         return kwargs
 
     # ------------------------------------------------------------------ presets
@@ -270,6 +273,17 @@ class RevDEQConfig(PreTrainedConfig):
             raise ConfigError(f"state_dtype: must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}")
         _check_options("solver_options", self.solver_options, SOLVER_OPTIONS.get(self.solver, {}), self.solver)
         _check_options("adjoint_options", self.adjoint_options, ADJOINT_OPTIONS.get(self.adjoint, {}), self.adjoint)
+
+
+def options_from_flat(solver: str, adjoint: str | None, flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`solver_options` / `adjoint_options` from flat-named values (`FLAT_OPTIONS`, None = unset); a value whose
+    solver or gradient method is not the one configured is dropped (it would configure nothing)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in flat.items():
+        field, owner, key = FLAT_OPTIONS[name]
+        if value is not None and owner == (solver if field == "solver_options" else adjoint):
+            out.setdefault(field, {})[key] = value
+    return out
 
 
 def legacy_training_depth(max_steps: int, train_steps: Any, train_detached_steps: Any) -> int:

@@ -246,30 +246,20 @@ class Settings(_Section):
 
     def model_config_overrides(self) -> dict[str, Any]:
         """Keyword arguments for `RevDEQConfig.from_preset(self.model.preset, vocab_size=..., **kw)`:
-        every model and solver field that is set (vocab_size and preset excluded)."""
+        every model and solver field that is set (vocab_size and preset excluded); the baselines' flat-named
+        settings (anderson_m, implicit_*, phantom_steps) become the config's options."""
+        from revdeq_cli.model.config import FLAT_OPTIONS, options_from_flat
+
         out = {k: v for k, v in self.model.model_dump().items()
                if k not in ("preset", "vocab_size") and v is not None}
         solver = {k: v for k, v in self.solver.model_dump().items() if v is not None}
-        options = {"anderson_m": ("solver_options", "m"), "implicit_tol": ("adjoint_options", "tol"),
-                   "implicit_max_steps": ("adjoint_options", "max_steps"),
-                   "phantom_steps": ("adjoint_options", "steps")}
-        for name, (field, key) in options.items():
-            value = solver.pop(name, None)
-            owner = solver.get("solver" if field == "solver_options" else "adjoint")
-            if value is not None and key in _OPTION_OWNERS[field].get(owner, ()):
-                out.setdefault(field, {})[key] = value
+        flat = {name: solver.pop(name) for name in list(solver) if name in FLAT_OPTIONS}
+        out.update(options_from_flat(solver.get("solver"), solver.get("adjoint"), flat))
         out.update(solver)
         if out.get("tol") == 0:
             out["tol"] = None  # the model's spelling of "never stop early"
         return out
 
-
-# Which solver / gradient method takes which option (RevDEQConfig.SOLVER_OPTIONS / ADJOINT_OPTIONS): the settings'
-# anderson_m, implicit_* and phantom_steps apply to theirs only.
-_OPTION_OWNERS: dict[str, dict[str, tuple[str, ...]]] = {
-    "solver_options": {"anderson": ("m",)},
-    "adjoint_options": {"implicit": ("tol", "max_steps"), "phantom": ("steps",)},
-}
 
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSettings, "solver": SolverSettings, "objective": ObjectiveSettings, "data": DataSettings,

@@ -27,7 +27,7 @@ from transformers import PreTrainedConfig
 from revdeq_cli import deq
 from revdeq_cli.errors import ConfigError
 from revdeq_cli.model.presets import PRESETS
-from revdeq_cli.model.step_rule import StepRule
+from revdeq_cli.model.step_rule import StepRule, mean_depth
 from revdeq_cli.solver_facts import BETA_HIGH, BETA_LOW, EXPLICIT, SOLVER_FACTS
 
 SOLVERS = (*deq.SOLVERS, EXPLICIT)  # the names and each solver's beta rule: revdeq_cli.solver_facts
@@ -292,7 +292,7 @@ def legacy_training_depth(max_steps: int, train_steps: Any, train_detached_steps
     ended the run at). What such a config's eval mode ran when `inference_max_steps` was unset."""
     steps = StepRule.parse(max_steps if train_steps is None else train_steps, field="train_steps", minimum=1)
     detached = StepRule.parse(train_detached_steps, field="train_detached_steps", minimum=0)
-    return max(1, math.ceil(steps.mean_value + detached.mean_value - 1e-9))
+    return mean_depth(steps, detached)
 
 
 def _check_options(field: str, options: Any, allowed: dict[str, Any], owner: str) -> None:

@@ -132,6 +132,12 @@ class StepRule:
         return text if self.sigma == _SIGMA else f"{text}:{self.sigma:g}"
 
 
+def mean_depth(steps: StepRule, detached: StepRule) -> int:
+    """The solver steps a training batch takes on average, rounded up: the differentiated `steps` plus the
+    graph-free `detached` (a curriculum's mean at the end of the run): the depth a trained model reads at."""
+    return max(1, math.ceil(steps.mean_value + detached.mean_value - 1e-9))
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator the trainer draws optimiser step `step`'s counts from: a pure function of (seed, step)."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**63))

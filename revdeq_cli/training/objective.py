@@ -29,7 +29,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from revdeq_cli.model.step_rule import StepRule, draw_depth
+from revdeq_cli.model.step_rule import StepRule, draw_depth, mean_depth
 
 
 @dataclass
@@ -62,10 +62,7 @@ class TrainingObjective:
         """The solver steps a training batch takes on average, rounded up (differentiated + the graph-free
         start's mean; a curriculum's at its end): the inference depth a run stores in the model it saves. None for
         the explicit model."""
-        if self.rules is None:
-            return None
-        steps, detached = self.rules
-        return max(1, math.ceil(steps.mean_value + detached.mean_value - 1e-9))
+        return None if self.rules is None else mean_depth(*self.rules)
 
     def depth(self, step: int, total_steps: int | None, progress: float | None = None) -> dict[str, int]:
         """The forward's `solver_steps` / `detached_steps` for optimiser step `step` (0-based) of `total_steps`

@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from revdeq_cli.settings import resolve_settings
     from revdeq_cli.training import loop
+    from revdeq_cli.training.callbacks import Callback
     from revdeq_cli.training.distributed import DistInfo
-    from revdeq_cli.training.progress import PlainProgress
+    from revdeq_cli.training.progress import NullProgress
 
     torch.set_num_threads(1)
     libc = ctypes.CDLL("libc.so.6")
@@ -51,23 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     print("| step | RSS MiB | heap MiB | in use MiB | freed, kept MiB |")
     print("|---:|---:|---:|---:|---:|")
 
-    class Record(PlainProgress):
-        def update(self, stats) -> None:  # noqa: ANN001
-            if stats.step == 1 or stats.step % args.every == 0:
+    class Record(Callback):
+        def on_step(self, trainer, record) -> None:  # noqa: ANN001
+            step = int(record["step"])
+            if step == 1 or step % args.every == 0:
                 info = libc.mallinfo2()
-                print(f"| {stats.step} | {process.memory_info().rss / mib:.0f} | {info.arena / mib:.0f} | "
+                print(f"| {step} | {process.memory_info().rss / mib:.0f} | {info.arena / mib:.0f} | "
                       f"{info.uordblks / mib:.0f} | {info.fordblks / mib:.0f} |", flush=True)
-
-        def log(self, message: str) -> None:
-            pass
 
     with tempfile.TemporaryDirectory() as out:
         sets = ["log.progress=plain", "log.tensorboard=false", "train.device=cpu", f"train.max_steps={args.steps}",
                 "train.eval_every=0", "train.save_every=0", f"train.out_dir={os.path.join(out, 'run')}", *args.set]
         settings = resolve_settings(sets=sets, environ={})
-        trainer = loop.Trainer(settings, info=DistInfo(), device=torch.device("cpu"), progress=Record(log_every=10**9))
-        trainer._finish = lambda: None  # no final validation / test / checkpoint: not what is measured
-        trainer.run()
+        # the run's final validation, test and checkpoint follow the last row; they are not what is measured
+        loop.Trainer(settings, info=DistInfo(), device=torch.device("cpu"), progress=NullProgress(),
+                     callbacks=[Record()]).run()
     return 0
 
 

@@ -89,11 +89,11 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         settings = resolve_settings(sets=sets, environ={})
         clock = StepClock(device)
         trainer = Trainer(settings, info=DistInfo(), device=device, progress=NullProgress(), callbacks=[clock])
-        trainer.run()
+        summary = trainer.run()
     timed = clock.times[args.warmup:]
     seconds = timed[-1] - timed[0]
     steady = clock.records[args.warmup:]
-    peak = (trainer._peak if device.type == "cuda" else
+    peak = (summary.peak_memory_bytes if device.type == "cuda" else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - clock.rss_before)
     is_deq = trainer.model.config.is_deq
     return {

@@ -16,9 +16,10 @@ A rule is written as text, so it fits a config file, `--set` and `config.json`:
                                  sigma as above, the default cap 4 * 18. The same average cost as mean 9,
                                  with the deep draws late in training.
 
-The model reads two rules (`RevDEQConfig.train_steps`, the differentiated steps, and `train_detached_steps`,
-steps run first without a graph); the trainer draws both once per optimiser step from a generator seeded by
-(seed, step), so every rank draws the same counts and a resumed run draws what the uninterrupted run drew. A
+The training objective holds two rules (`training/objective.py`: the differentiated steps, `solver.max_steps`,
+and `objective.detached_steps`, steps run first without a graph); it draws both once per optimiser step from a
+generator seeded by (seed, step), so every rank draws the same counts and a resumed run draws what the
+uninterrupted run drew. A
 curriculum also reads the run's planned length (the trainer's `total_steps`, from the settings): a run resumed
 with another length continues on the new ramp, as its learning-rate schedule does, and a run with no planned
 end (e.g. to a time budget) would sit at START, so give one.
@@ -146,10 +147,10 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def draw_depth(rules: tuple[StepRule, StepRule] | None, seed: int, step: int,
                total_steps: int | None = None, progress: float | None = None) -> dict[str, int]:
     """The forward keyword arguments (`solver_steps`, `detached_steps`) for optimiser step `step` (0-based) of
-    a run with `seed` and `total_steps` steps (None: a curriculum is at its end), from a config's
-    `step_rules()`; {} for a model without a solver (rules None). `progress` in [0, 1], if given, places a
-    curriculum's draw in the run instead of step / (total_steps - 1) (a run on a clock of its own, e.g. a time
-    budget); the draw itself still comes from the (seed, step) generator."""
+    a run with `seed` and `total_steps` steps (None: a curriculum is at its end), from the rules (differentiated,
+    graph-free; `training.objective.TrainingObjective.rules`); {} for a model without a solver (rules None).
+    `progress` in [0, 1], if given, places a curriculum's draw in the run instead of step / (total_steps - 1) (a
+    run on a clock of its own, e.g. a time budget); the draw itself still comes from the (seed, step) generator."""
     if rules is None:
         return {}
     if progress is None:

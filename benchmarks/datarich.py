@@ -166,11 +166,14 @@ def run_args(opts: argparse.Namespace, lr: float, seed: int, steps: int | None, 
 class Study:
     """The runs of one study: those in the runs file under this protocol, and running the missing ones."""
 
-    def __init__(self, opts: argparse.Namespace, log=print) -> None:
+    def __init__(self, opts: argparse.Namespace, log=print, *, specs: dict[str, compare.ModelSpec] | None = None,
+                 runs_file: str = RUNS_FILE) -> None:
+        """`specs`, `runs_file`: another study's models and runs file under this protocol (studies/datarich_recipe.py);
+        default: the six models and `datarich-runs.jsonl` in `opts.out_dir`."""
         self.opts, self.log = opts, log
-        self.path = Path(opts.out_dir) / RUNS_FILE
+        self.path = Path(opts.out_dir) / runs_file
         self.proto = protocol(opts)
-        self.specs = model_specs(opts.preset)
+        self.specs = model_specs(opts.preset) if specs is None else specs
         self.runs = load_runs(self.path, self.proto)
         self.machine = compare.machine_description(opts.device)
 
@@ -212,11 +215,21 @@ def ppl_of(record: dict[str, Any] | None) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- stages
-def best_lr(study: Study, model: str) -> float | None:
-    """The grid's lr with the lowest final validation perplexity in the screen (None: not screened yet)."""
+def screened(study: Study, model: str) -> dict[float, float]:
+    """lr -> final validation perplexity of the model's screen runs (the grid and any extension of it)."""
     o = study.opts
-    scored = [(ppl_of(study.find("screen", model, lr, o.seeds[0], o.screen_steps)), lr) for lr in o.lrs]
-    scored = [s for s in scored if math.isfinite(s[0])]
+    return {r["lr"]: ppl_of(r) for r in study.runs if r["stage"] == "screen" and r["model"] == model
+            and r["seed"] == o.seeds[0] and r["steps"] == o.screen_steps}
+
+
+def screen_lrs(study: Study) -> list[float]:
+    """The grid and every extension any model was screened at, ascending."""
+    return sorted(set(study.opts.lrs).union(*(screened(study, m) for m in MODEL_NAMES)))
+
+
+def best_lr(study: Study, model: str) -> float | None:
+    """The screened lr with the lowest final validation perplexity (None: not screened yet)."""
+    scored = [(ppl, lr) for lr, ppl in screened(study, model).items() if math.isfinite(ppl)]
     return min(scored)[1] if scored else None
 
 
@@ -228,10 +241,17 @@ def _need_lr(study: Study, model: str) -> float:
 
 
 def stage_screen(study: Study) -> None:
+    """Every model at every lr of the grid; a model whose best lr is at an end of what it was screened at is
+    screened a factor 2 further out, until its best is inside (the same rule for every model)."""
     o = study.opts
     for model in o.models:
         for lr in o.lrs:
             study.run("screen", model, lr, o.seeds[0], steps=o.screen_steps)
+        for _ in range(4):
+            best, tried = best_lr(study, model), sorted(screened(study, model))
+            if best is None or len(tried) < 2 or tried[0] < best < tried[-1]:
+                break
+            study.run("screen", model, best * 2 if best == tried[-1] else best / 2, o.seeds[0], steps=o.screen_steps)
 
 
 def confirm_runs(study: Study, model: str) -> list[dict[str, Any]]:
@@ -297,10 +317,10 @@ def _mean(values: list[float]) -> float:
 def model_summary(study: Study, model: str) -> dict[str, Any]:
     """One model's record in datarich.json: its screen, its confirm runs (figures of the first seed, perplexity
     over all seeds) and its equal-time run. Missing figures are None."""
-    o = study.opts
     confirms, timed = confirm_runs(study, model), equal_time_run(study, model)
     first = confirms[0]["result"] if confirms else None
-    screen = {f"{lr:g}": _finite(ppl_of(study.find("screen", model, lr, o.seeds[0], o.screen_steps))) for lr in o.lrs}
+    ppl = screened(study, model)
+    screen = {f"{lr:g}": _finite(ppl.get(lr, math.inf)) for lr in screen_lrs(study)}
     out: dict[str, Any] = {"model": model, "label": study.specs[model].label, "best_lr": best_lr(study, model),
                            "screen_val_ppl": screen}
     seeds_ppl = [ppl_of(r) for r in confirms]
@@ -396,10 +416,12 @@ def _f(value: float | None, spec: str = ".2f") -> str:
 
 
 def _stage_tables(study: Study, records: dict[str, dict[str, Any]]) -> list[str]:
-    o = study.opts
+    o, lrs = study.opts, screen_lrs(study)
     lines = ["", f"## Screen: final validation perplexity after {o.screen_steps} steps (seed {o.seeds[0]})", "",
-             "| model | " + " | ".join(f"lr {lr:g}" for lr in o.lrs) + " | best lr |",
-             "|---|" + "---:|" * (len(o.lrs) + 1)]
+             "The grid is shared; a model whose best lr is at the grid's end is screened a factor 2 further out "
+             "(— : not run).", "",
+             "| model | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |",
+             "|---|" + "---:|" * (len(lrs) + 1)]
     for m, rec in records.items():
         lines.append(f"| `{m}` | " + " | ".join(_f(v) for v in rec["screen_val_ppl"].values())
                      + f" | {_f(rec['best_lr'], 'g')} |")

@@ -288,3 +288,34 @@ def test_reversible_solve_leaves_no_tensor_for_the_cycle_collector(backward):
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+@pytest.mark.parametrize("adjoint", [deq.ImplicitAdjoint(), deq.PhantomAdjoint(), deq.UnrolledAdjoint(),
+                                     deq.ReversibleAdjoint()], ids=lambda a: type(a).__name__)
+def test_no_graph_outlives_its_backward(adjoint):
+    """Every evaluation of f is freed once the solution is: a gradient method that left a reference cycle
+    through autograd (a hook whose closure holds the tensor it hooks) kept each step's graph alive, and a long
+    training run ran out of memory."""
+    import gc
+    import weakref
+
+    outputs = []
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, z, x):
+            out = torch.tanh(self.lin(z)) * 0.5 + x
+            outputs.append(weakref.ref(out))
+            return out
+
+    f, x = F().double(), torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    solver = deq.Reversible(beta=0.5) if isinstance(adjoint, deq.ReversibleAdjoint) else deq.Anderson()
+    sol = deq.solve(f, torch.zeros(4, 8, dtype=torch.float64), x, solver=solver, adjoint=adjoint, tol=1e-8,
+                    max_steps=12)
+    sol.z.sum().backward()
+    del sol
+    gc.collect()
+    assert outputs and [r for r in outputs if r() is not None] == []

@@ -127,7 +127,9 @@ def test_run_directory_layout_and_load_checkpoint(tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     # The run learned something: final validation loss well under the untrained ln(vocab).
     assert summary.final_val_loss < math.log(257) - 1.0
-    assert summary.best_val_loss <= summary.final_val_loss
+    # best/ is chosen among the validations on the split's prefix (train.eval_batches=1), like with like; the
+    # final figure reads the whole split (test_validation_reads_a_prefix_during_training_and_the_whole_at_the_end)
+    assert summary.best_val_step in (3, 6) and math.isfinite(summary.best_val_loss)
     assert summary.unigram_val_loss > 0
 
 
@@ -413,8 +415,8 @@ def test_a_callback_sets_the_lr_and_ends_the_run_early_as_a_finished_one(tmp_pat
 
     settings = tiny_settings(tmp_path / "run", train__eval_every=1)
     summary = Trainer(settings, info=_single(), device=torch.device("cpu"), callbacks=[Budget()]).run()
-    assert events == [("start", 0), ("step", 1), ("validation-prefix", 1), ("step", 2), ("validation", 2),
-                      ("test", 2)]
+    assert events == [("start", 0), ("step", 1), ("validation-prefix", 1), ("step", 2), ("validation-prefix", 2),
+                      ("validation", 2), ("test", 2)]
     assert summary.steps == 2 and summary.total_steps == 6 and [h["step"] for h in summary.history] == [1, 2]
     assert summary.history[0]["lr"] == pytest.approx(1e-3)
     assert summary.history[1]["lr"] == pytest.approx(1e-2)  # the schedule's again (warmup step 2 of 2)
@@ -463,3 +465,30 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_about_once(tmp_path, monkeypat
         assert warned[0].startswith("warning: train.precision bf16") and "--precision auto" in warned[0]
     # never on another device type: a CUDA device without bf16 is the user's explicit choice, and is not emulated
     assert train_precision.emulated_precision_warning("bf16", torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("cap", [1, 10_000])
+def test_validation_reads_a_prefix_during_training_and_the_whole_at_the_end(small_corpus, tmp_path, cap):
+    """train.eval_batches caps the validations during training (and the one at the end that competes for
+    best/); the final figure always reads the whole split. A cap the split does not reach is the whole split."""
+    from revdeq_cli.training.callbacks import Callback
+
+    losses = []
+
+    class Record(Callback):
+        def on_evaluation(self, trainer, split, loss) -> None:
+            losses.append((split, trainer.step, loss))
+
+    settings = tiny_settings(tmp_path / "run", f"train.eval_batches={cap}", train__max_steps=2, train__eval_every=1)
+    trainer = Trainer(settings, info=_single(), device=torch.device("cpu"), callbacks=[Record()])
+    summary = trainer.run()
+    whole = trainer.evaluate("validation")
+    if cap == 1:
+        assert [(s, n) for s, n, _ in losses] == [("validation-prefix", 1), ("validation-prefix", 2),
+                                                  ("validation", 2), ("test", 2)]
+        assert losses[1][2] == trainer.evaluate("validation", 1) != whole
+        assert summary.best_val_loss == min(losses[0][2], losses[1][2])
+    else:
+        assert [(s, n) for s, n, _ in losses] == [("validation", 1), ("validation", 2), ("test", 2)]
+        assert summary.best_val_loss == min(losses[0][2], losses[1][2])
+    assert summary.final_val_loss == whole

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -180,25 +180,33 @@ class ImplicitAdjoint(GradientMethod):
         if not fz.requires_grad:
             return AdjointOutput(z=z_star.detach(), iteration=iteration, backward=stats)
         backward_solver = self.solver or Broyden()  # solver_facts: Broyden for every solver
-        inside = [False]
 
         def implicit_grad(g: Tensor) -> Tensor:
-            # The VJPs below re-enter fz's graph and would fire this hook again: pass those through.
-            if inside[0]:
-                return g
-            inside[0] = True
-            try:
-                linear = _BackwardProblem(fz=fz, z=z_star, g=g, problem=problem)
-                with torch.enable_grad():
-                    solved = iterate(backward_solver, linear, g, self.tol, self.max_steps,  # type: ignore[arg-type]
-                                     where="backward")
-            finally:
-                inside[0] = False
+            linear = _BackwardProblem(fz=fz, z=z_star, g=g, problem=problem)
+            with torch.enable_grad():
+                solved = iterate(backward_solver, linear, g, self.tol, self.max_steps,  # type: ignore[arg-type]
+                                 where="backward")
             stats.nfe += linear.nfe
             return solved.z
 
-        fz.register_hook(implicit_grad)
-        return AdjointOutput(z=_value_of(z_star, carrying=fz, problem=problem), iteration=iteration, backward=stats)
+        # An identity Function, not a hook on fz: a hook's closure holds fz, and fz's graph holds the hook, a
+        # cycle through C++ that Python's garbage collector cannot see, which kept every step's graph alive.
+        carrying = _ReplaceGradient.apply(fz, implicit_grad)
+        return AdjointOutput(z=_value_of(z_star, carrying=carrying, problem=problem), iteration=iteration,
+                             backward=stats)
+
+
+class _ReplaceGradient(torch.autograd.Function):
+    """Identity forward; backward passes `new_grad(g)` on in place of the incoming gradient g."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, new_grad: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        ctx.new_grad = new_grad
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.new_grad(grad), None
 
 
 def _value_of(z: Tensor, carrying: Tensor, problem: Problem) -> Tensor:

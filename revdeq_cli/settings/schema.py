@@ -189,7 +189,8 @@ class TrainSettings(_Section):
     device: str = _d("Device: auto, cpu, cuda, cuda:N or mps", "auto")
     seed: int = _d("Random seed", 0)
     eval_every: int = _d("Validate every N optimiser steps; 0 = only at the end", 100, ge=0)
-    eval_batches: int | None = _d("Cap on validation batches during training", gt=0)
+    eval_batches: int | None = _d("Validation during training reads the split's first N batches (none: all of it); "
+                                  "the final validation and the test read their whole splits", 64, gt=0)
     eval_batch_size: int | None = _d("Sequences per evaluation batch", gt=0)
     save_every: int = _d("Checkpoint every N optimiser steps; 0 = only at the end (and on Ctrl-C)", 200, ge=0)
     keep_last: int = _d("Checkpoints kept in the run directory (the oldest go first)", 3, gt=0)
@@ -285,7 +286,6 @@ FOLLOWS: dict[str, str] = {
     "train.out_dir": "runs/<dataset>-<timestamp>",
     "train.max_steps": f"{DEFAULT_MAX_STEPS} when no other limit is set",
     "train.warmup_steps": f"{WARMUP_FRACTION:g} of the run's steps, at most {WARMUP_MAX_STEPS}",
-    "train.eval_batches": "all",
     "train.eval_batch_size": "train.batch_size",
 }
 

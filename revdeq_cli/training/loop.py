@@ -31,7 +31,8 @@ import torch
 from revdeq_cli import checkpoints as ckpt
 from revdeq_cli.checkpoints.layout import default_run_dir, find_resume_checkpoint
 from revdeq_cli.checkpoints.verify import CheckpointFiles, open_checkpoint
-from revdeq_cli.errors import ConfigError, UserError
+from revdeq_cli.data import num_eval_batches
+from revdeq_cli.errors import ConfigError
 from revdeq_cli.settings import Settings
 from revdeq_cli.training import checkpointing, run_dir, setup
 from revdeq_cli.training.callbacks import Callback
@@ -46,7 +47,7 @@ from revdeq_cli.training.distributed import (
 from revdeq_cli.training.metrics import memory_kind, peak_memory_bytes, perplexity, reset_peak_memory
 from revdeq_cli.training.precision import autocast_dtype, resolve_precision
 from revdeq_cli.training.progress import Progress, StepStats, Throughput, make_progress
-from revdeq_cli.training.remedies import backward_divergence_remedies, divergence_remedies, join_or
+from revdeq_cli.training.remedies import TrainingDivergedError, diverged_error
 from revdeq_cli.training.report import TrainSummary, header_lines
 from revdeq_cli.training.rng import capture_rng_state
 from revdeq_cli.training.signals import STOP_SIGNALS, StopSignals, TrainingStopped
@@ -56,14 +57,6 @@ __all__ = ["STOP_SIGNALS", "Trainer", "TrainSummary", "TrainingDivergedError", "
 # Above this max-abs error in rebuilding z0, the reversed iteration has left the forward one and the "exact"
 # gradient is no longer exact (rounding grows ~((1 + beta Lip f) / |1 - beta|) per step).
 RECONSTRUCTION_WARNING = 1e-3
-
-
-class TrainingDivergedError(UserError):
-    """The loss, gradient norm or solver residual became NaN/inf; the message names the step and remedies."""
-
-    def __init__(self, message: str, step: int) -> None:
-        super().__init__(message)
-        self.step = step
 
 
 class Trainer:
@@ -304,14 +297,8 @@ class Trainer:
 
     def _diverged(self, what: str, value: float, *, backward: bool = False) -> TrainingDivergedError:
         saved = self.checkpoints.last_saved if self.checkpoints is not None else None
-        kept = (f"the last good checkpoint is {saved[1]} (step {saved[0]})" if saved is not None
-                else "no checkpoint had been saved yet")
-        return TrainingDivergedError(
-            f"training diverged at step {self.step + 1}: {what} is {value}; {kept}. Try "
-            + join_or(backward_divergence_remedies(self.settings) if backward
-                      else divergence_remedies(self.settings, is_deq=self.model.config.is_deq)),
-            step=self.step + 1,
-        )
+        return diverged_error(self.settings, self.step + 1, what, value, saved=saved,
+                              is_deq=self.model.config.is_deq, backward=backward)
 
     def _state(self) -> dict[str, Any]:
         """The training state at the last completed step (checkpointing.training_state)."""
@@ -334,7 +321,14 @@ class Trainer:
         all_reduce_sum(sums, self.info)
         return float(sums[0] / sums[1].clamp(min=1))
 
+    def _prefix(self, max_batches: int | None) -> int | None:
+        """`max_batches` if it is fewer batches than the validation split has, else None (the whole split)."""
+        tr, seq_len = self.settings.train, self.settings.data.seq_len
+        n = num_eval_batches(self.corpus.splits["validation"], seq_len, tr.eval_batch_size or tr.batch_size)
+        return max_batches if max_batches is not None and max_batches < n else None
+
     def _validate(self, max_batches: int | None, *, save_best: bool = True) -> float:
+        max_batches = self._prefix(max_batches)
         loss = self.evaluate("validation", max_batches)
         self._notify("on_evaluation", "validation" if max_batches is None else "validation-prefix", loss)
         improved = self.best_val_loss is None or loss < self.best_val_loss
@@ -352,7 +346,14 @@ class Trainer:
         return loss
 
     def _finish(self) -> None:
-        self.final_val_loss = self._validate(None, save_best=False)
+        prefix = self._prefix(self.settings.train.eval_batches)
+        self.final_val_loss = self._validate(prefix, save_best=False)  # best/ compares like with like
+        if prefix is not None:  # the figure reported covers the whole split
+            self.final_val_loss = self.evaluate("validation")
+            self._notify("on_evaluation", "validation", self.final_val_loss)
+            if self.info.is_main:
+                self.log(f"validation loss {self.final_val_loss:.4f} | ppl {perplexity(self.final_val_loss):.2f} "
+                         "(the whole split)")
         self.test_loss = self.evaluate("test")
         self._notify("on_evaluation", "test", self.test_loss)
         if self.info.is_main:

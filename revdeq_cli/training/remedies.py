@@ -3,10 +3,14 @@
     divergence_remedies(settings, is_deq=True)   # forward divergence (the loss or the solve)
     backward_divergence_remedies(settings)       # the implicit gradient's backward solve
     join_or(["a", "b", "c"])                     # "a, b or c"
+    diverged_error(settings, step, "the loss", nan, saved=(200, path), is_deq=True)   # -> TrainingDivergedError
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from revdeq_cli.errors import UserError
 from revdeq_cli.settings import Settings
 from revdeq_cli.solver_facts import BETA_SOLVERS  # the solvers whose step uses solver.beta
 
@@ -48,3 +52,22 @@ def backward_divergence_remedies(s: Settings) -> list[str]:
 
 def join_or(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+class TrainingDivergedError(UserError):
+    """The loss, gradient norm or solver residual became NaN/inf; the message names the step and remedies."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def diverged_error(s: Settings, step: int, what: str, value: float, *, saved: tuple[int, Path] | None,
+                   is_deq: bool, backward: bool = False) -> TrainingDivergedError:
+    """The error for `what` (e.g. "the loss") becoming `value` at optimiser step `step`, naming the last saved
+    checkpoint `saved` ((step, path) or None) and the remedies for a forward or a `backward` divergence."""
+    kept = (f"the last good checkpoint is {saved[1]} (step {saved[0]})" if saved is not None
+            else "no checkpoint had been saved yet")
+    remedies = backward_divergence_remedies(s) if backward else divergence_remedies(s, is_deq=is_deq)
+    return TrainingDivergedError(f"training diverged at step {step}: {what} is {value}; {kept}. Try "
+                                 + join_or(remedies), step=step)

@@ -63,6 +63,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -279,8 +280,9 @@ def train_settings(name: str, args: argparse.Namespace, vocab_size: int, out_dir
         "train.adam_beta1": 0.9, "train.adam_beta2": 0.99, "train.adam_eps": 1e-8, "train.grad_clip": 1.0,
         "train.schedule": "constant", "train.warmup_steps": 0, "train.max_steps": 10**9,
         "train.precision": args.precision, "train.device": args.device, "train.seed": args.seed,
-        "train.eval_every": 0, "train.save_every": 0, "train.keep_last": 1, "train.out_dir": str(out_dir),
-        "log.progress": "plain", "log.tensorboard": False,
+        "train.eval_every": 0, "train.eval_batches": None,  # the run's one validation, at its end: the whole split
+        "train.save_every": 0, "train.keep_last": 1, "train.out_dir": str(out_dir), "log.progress": "plain",
+        "log.tensorboard": False,
     })
     values.update(spec.settings)
     return resolve_settings(sets=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={})
@@ -377,11 +379,15 @@ class BudgetRun(Callback):
             self.final_loss = loss
 
 
+KEEP_ENV = "REVDEQ_COMPARE_KEEP"  # a folder: each trained run's directory is copied into it
+
+
 def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = False,
               spec: ModelSpec | None = None) -> dict[str, Any]:
     """Train model `name` (or `spec`, under that name) with `revdeq_cli.training.Trainer` for `args.budget`
     seconds of training-step wall time, or `args.budget_steps` steps (`BudgetRun`); return its record (see module
-    docstring). Divergence ends the run early and is recorded, not raised."""
+    docstring). Divergence ends the run early and is recorded, not raised. With $REVDEQ_COMPARE_KEEP=DIR the run's
+    directory (final checkpoint, settings) is copied to DIR/<name>-lr<lr>-seed<seed>-<steps>steps."""
     import tempfile
 
     import numpy as np
@@ -404,6 +410,9 @@ def train_one(name: str, args: argparse.Namespace, *, fresh_process: bool = Fals
         except TrainingDivergedError as err:
             diverged = str(err).split("; ")[0]  # "training diverged at step N: <what> is nan"
         budget.stop_measuring()
+        if os.environ.get(KEEP_ENV) and diverged is None:  # the run directory, for checkpoint benchmarks
+            kept = Path(os.environ[KEEP_ENV]) / f"{name}-lr{args.lr:g}-seed{args.seed}-{trainer.step}steps"
+            shutil.copytree(Path(tmp) / "run", kept, symlinks=True, dirs_exist_ok=True)
     model, corpus = trainer.model, trainer.corpus
     val, config = corpus.splits["validation"], model.config
     eval_kwargs = {"split_bytes": corpus.split_bytes["validation"], "seq_len": args.seq_len,

@@ -242,12 +242,13 @@ def _need_lr(study: Study, model: str) -> float:
 
 def stage_screen(study: Study) -> None:
     """Every model at every lr of the grid; a model whose best lr is at an end of what it was screened at is
-    screened a factor 2 further out, until its best is inside (the same rule for every model)."""
+    screened a factor 2 further out, until its best is inside (the same rule for every model), at most
+    --grid-extensions times."""
     o = study.opts
     for model in o.models:
         for lr in o.lrs:
             study.run("screen", model, lr, o.seeds[0], steps=o.screen_steps)
-        for _ in range(4):
+        for _ in range(o.grid_extensions):
             best, tried = best_lr(study, model), sorted(screened(study, model))
             if best is None or len(tried) < 2 or tried[0] < best < tried[-1]:
                 break
@@ -568,7 +569,7 @@ def make_fake_stdlib(root: Path, per_split: int = 3, train_files: int = 24) -> P
 
 SMOKE = {"dataset": "stdlib", "hidden_size": 32, "heads": 2, "seq_len": 32, "batch_size": 4, "lrs": [2e-3, 8e-3],
          "screen_steps": 3, "steps": 5, "seeds": [0, 1], "top": 2, "eval_points": 2, "eval_batches": 1,
-         "in_process": ["screen", "equal-time"]}  # the confirm runs in fresh processes, as in the study
+         "in_process": ["screen", "equal-time"], "grid_extensions": 0}  # confirm runs: fresh processes, as in the study
 
 
 def set_up_smoke(opts: argparse.Namespace) -> None:
@@ -588,6 +589,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
                    help="models to run (the report always lists all six)")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3], help="the screen's grid")
+    p.add_argument("--grid-extensions", type=int, default=4,
+                   help="a best lr at the grid's end is screened a factor 2 further out, at most this many times")
     p.add_argument("--screen-steps", type=int, default=1200)
     p.add_argument("--steps", type=int, default=3000, help="confirm: optimiser steps (equal tokens)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the first for every model, all for --top")

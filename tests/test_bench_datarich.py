@@ -5,6 +5,7 @@ file alone."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,35 @@ def test_datarich_smoke_runs_the_protocol_and_rebuilds_its_report(tmp_path):
     _datarich("report", "--smoke", "--out-dir", str(out))
     assert {name: (out / name).read_text() for name in saved} == saved
     assert len(runs_file.read_text().splitlines()) == len(lines)
+
+
+def test_a_best_lr_at_the_grids_end_is_screened_further_out(tmp_path):
+    """The screen's rule, the same for every model: a best lr at an end of what was screened is screened a
+    factor 2 further out until the best is inside, at most --grid-extensions times."""
+    sys.path.insert(0, str(BENCH))
+    import datarich
+
+    class Screened(datarich.Study):  # perplexity a function of the lr, no training
+        def __init__(self, opts, best_at):
+            super().__init__(opts, log=lambda _: None)
+            self.best_at, self.asked = best_at, []
+
+        def run(self, stage, model, lr, seed, *, steps=None, seconds=None):
+            self.asked.append(lr)
+            record = {"stage": stage, "model": model, "lr": lr, "seed": seed, "steps": steps,
+                      "budget_seconds": seconds, "protocol": self.proto,
+                      "result": {"diverged": None, "final_val_ppl": 5 + abs(math.log2(lr / self.best_at))}}
+            self.runs.append(record)
+            return record
+
+    def screen(best_at, extensions=4):
+        opts = datarich.parse_args(["screen", "--models", "transformer-1", "--out-dir", str(tmp_path),
+                                    "--grid-extensions", str(extensions)])
+        study = Screened(opts, best_at)
+        datarich.stage_screen(study)
+        return study.asked, datarich.best_lr(study, "transformer-1")
+
+    assert screen(2e-3) == ([1e-3, 2e-3, 4e-3, 8e-3], 2e-3)
+    assert screen(3.2e-2) == ([1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2], 3.2e-2)
+    assert screen(2.5e-4) == ([1e-3, 2e-3, 4e-3, 8e-3, 5e-4, 2.5e-4, 1.25e-4], 2.5e-4)
+    assert screen(1, extensions=2) == ([1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2], 3.2e-2)

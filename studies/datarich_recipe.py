@@ -74,7 +74,10 @@ def row(name: str, what: str, screen: dict | None, confirm: dict | None) -> str:
     sweep = "–"
     if confirm is not None and confirm["result"].get("inference_sweep"):
         sweep = " / ".join(f"{s['ppl']:.2f}" for s in confirm["result"]["inference_sweep"])
-    return (f"| `{name}` | {what} | {ppl(screen)} | {res(screen, 'fwd_nfe', '.1f')} / {res(screen, 'bwd_nfe', '.1f')} "
+    bwd = res(screen, "bwd_nfe", ".1f")
+    if screen is not None and screen["result"]["config"]["adjoint"] == "unrolled":  # autograd: no count of its own
+        bwd = f"{res(screen, 'fwd_nfe', '.0f')} (autograd)"
+    return (f"| `{name}` | {what} | {ppl(screen)} | {res(screen, 'fwd_nfe', '.1f')} / {bwd} "
             f"| {res(screen, 'train_seconds', '.0f')} | {ppl(confirm)} | {sweep} |")
 
 

@@ -110,7 +110,7 @@ def test_bf16_eval_equals_the_trainers_validation_loss(tmp_path):
     inspected = json.loads(invoke("inspect", run, "--json").stdout)
     assert inspected["settings"]["train"]["precision"] == "bf16"  # stored as what it trained in
     state = inspected["training"]
-    assert row["loss"] == pytest.approx(state["best_val_loss"], abs=1e-5)
+    assert row["loss"] == pytest.approx(state["final_val_loss"], abs=1e-5)
 
 
 # --------------------------------------------------------------------------- refused inputs write nothing

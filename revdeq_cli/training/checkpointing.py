@@ -90,6 +90,7 @@ def training_state(trainer: Any, rng: dict[str, Any]) -> dict[str, Any]:
         "format": STATE_FORMAT, "step": trainer.step, "epoch": trainer.epoch, "micro_index": trainer.micro_index,
         "tokens_seen": trainer.tokens_seen, "total_steps": trainer.total_steps,
         "best_val_loss": trainer.best_val_loss, "best_val_step": trainer.best_val_step,
+        "final_val_loss": trainer.final_val_loss,  # the whole validation split, at the run's end (else None)
         "world_size": trainer.info.world_size, "corpus": trainer.corpus.fingerprint,
         "settings": trainer.settings.model_dump(),
         "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict(),

@@ -223,8 +223,8 @@ def screened(study: Study, model: str) -> dict[float, float]:
 
 
 def screen_lrs(study: Study) -> list[float]:
-    """The grid and every extension any model was screened at, ascending."""
-    return sorted(set(study.opts.lrs).union(*(screened(study, m) for m in MODEL_NAMES)))
+    """The grid and every extension any of the study's models was screened at, ascending."""
+    return sorted(set(study.opts.lrs).union(*(screened(study, m) for m in study.specs)))
 
 
 def best_lr(study: Study, model: str) -> float | None:

@@ -196,14 +196,13 @@ def _summary_lines(report) -> list[str]:
                  f"{p['non_embedding']:,} non-embedding")
     lines.append("dtypes       " + ", ".join(f"{d} ({n:,})" for d, n in report.dtypes.items()))
     if t:
-        best = t.get("best_val_loss")
-        best_text = (f", best val loss {best:.4f} (ppl {perplexity(best):.2f}) at step {t.get('best_val_step')}"
-                     if isinstance(best, float) else "")
-        final = t.get("final_val_loss")
-        best_text += (f", final val loss {final:.4f} (ppl {perplexity(final):.2f}, the whole split)"
-                      if isinstance(final, float) else "")
+        best, final = t.get("best_val_loss"), t.get("final_val_loss")
+        val_text = (f", best val loss {best:.4f} (ppl {perplexity(best):.2f}) at step {t.get('best_val_step')}"
+                    if isinstance(best, float) else "")
+        val_text += (f", final val loss {final:.4f} (ppl {perplexity(final):.2f}, the whole split)"
+                     if isinstance(final, float) else "")
         lines.append(f"training     step {t.get('step')} / {t.get('total_steps')}, epoch {t.get('epoch')}, "
-                     f"tokens seen {t.get('tokens_seen', 0):,}{best_text}")
+                     f"tokens seen {t.get('tokens_seen', 0):,}{val_text}")
     else:
         lines.append("training     no training_state.pt (a converted or exported model)")
     if s:

@@ -347,8 +347,9 @@ class Trainer:
 
     def _finish(self) -> None:
         prefix = self._prefix(self.settings.train.eval_batches)
-        self.final_val_loss = self._validate(prefix, save_best=False)  # best/ compares like with like
-        if prefix is not None:  # the figure reported covers the whole split
+        loss = self._validate(prefix, save_best=False)  # competes for best/ as the validations before it did
+        self.final_val_loss = loss
+        if prefix is not None:  # they read a prefix; the figure reported reads the whole split
             self.final_val_loss = self.evaluate("validation")
             self._notify("on_evaluation", "validation", self.final_val_loss)
             if self.info.is_main:
